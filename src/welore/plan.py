@@ -1,0 +1,251 @@
+"""Rank plans and the allocation policies that produce them.
+
+A *rank plan* is data: for every target matrix (by module name) its (out, in) shape and the
+rank it keeps, or `None` when it stays dense. It is saved as JSON and can be replayed on the
+same model without recomputing anything. A matrix of shape m×n kept at rank r costs r·(m+n)
+parameters instead of m·n; a plan never factorizes a matrix at a rank where r·(m+n) ≥ m·n.
+
+Allocation policies live in a registry (`POLICIES`) and share one signature:
+`policy(spectra, shapes, ratio) -> {name: rank or None}`, where `ratio` is the fraction of
+the target matrices' parameters to remove.
+
+- `uniform`: every matrix at r ≈ (1 − ratio)·m·n/(m+n) (the plain SVD baseline).
+- `welore`: Jaiswal et al. 2024 ("From GaLore to WeLore"): min–max normalise each spectrum
+  and drop the components below ONE global threshold, found here by search for any model.
+- `energy`: minimise Σ_i (truncated energy of matrix i / its total energy) for the budget:
+  each component is worth σ²/(E·(m+n)) per parameter and ranks decrease in σ, so keeping
+  every component above one global value of that score is the optimal greedy allocation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from welore._io import atomic_file
+from welore.errors import WeloreError
+from welore.spectrum import normalized
+
+PLAN_FORMAT_VERSION = 1
+
+Shape = tuple[int, int]  # (out_features, in_features)
+Policy = Callable[[dict[str, torch.Tensor], dict[str, Shape], float], dict[str, "int | None"]]
+
+
+def factorized_cost(shape: Shape, rank: int | None) -> int:
+    """Parameters of a matrix kept at `rank` (None = dense)."""
+    m, n = shape
+    return m * n if rank is None else rank * (m + n)
+
+
+def settle(shape: Shape, rank: int) -> int | None:
+    """`rank`, or None where factorizing at that rank would not save parameters."""
+    m, n = shape
+    return None if rank * (m + n) >= m * n else max(1, rank)
+
+
+def max_ratio(shapes: dict[str, Shape]) -> float:
+    """The largest reachable ratio: every matrix at rank 1."""
+    total = sum(m * n for m, n in shapes.values())
+    return 1 - sum(min(m + n, m * n) for m, n in shapes.values()) / total
+
+
+@dataclass
+class RankPlan:
+    ranks: dict[str, int | None]  # module name -> kept rank; None = stays dense
+    shapes: dict[str, Shape]  # module name -> (out_features, in_features)
+    method: str = "manual"  # the policy that made the plan
+    requested_ratio: float | None = None  # the ratio asked for, if any
+    meta: dict = field(default_factory=dict)  # free-form provenance (model, threshold, ...)
+    version: int = PLAN_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if set(self.ranks) != set(self.shapes):
+            raise WeloreError("The rank plan's ranks and shapes name different matrices; regenerate the plan.")
+        for name, rank in self.ranks.items():
+            m, n = self.shapes[name]
+            if rank is not None and not (1 <= rank and rank * (m + n) < m * n):
+                raise WeloreError(
+                    f"The rank plan keeps {name} ({m}x{n}) at rank {rank}, which saves no parameters "
+                    f"(use a rank between 1 and {(m * n - 1) // (m + n)} or null for dense)."
+                )
+
+    @property
+    def total_params(self) -> int:
+        return sum(m * n for m, n in self.shapes.values())
+
+    @property
+    def kept_params(self) -> int:
+        return sum(factorized_cost(self.shapes[n], r) for n, r in self.ranks.items())
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Fraction of the target matrices' parameters removed."""
+        return 1 - self.kept_params / self.total_params
+
+    @property
+    def factorized(self) -> list[str]:
+        return [n for n, r in self.ranks.items() if r is not None]
+
+    def kept_fraction(self, name: str) -> float:
+        """Kept rank / full rank (1.0 for a dense matrix)."""
+        rank, full = self.ranks[name], min(self.shapes[name])
+        return 1.0 if rank is None else rank / full
+
+    def lrc(self, min_cut: float = 0.5) -> list[str]:
+        """WeLore's low-rank components: matrices whose rank is cut by at least `min_cut`."""
+        return [n for n in self.ranks if 1 - self.kept_fraction(n) >= min_cut]
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "welore-rank-plan",
+            "version": self.version,
+            "method": self.method,
+            "requested_ratio": self.requested_ratio,
+            "achieved_ratio": self.achieved_ratio,
+            "meta": self.meta,
+            "matrices": {
+                n: {"shape": list(self.shapes[n]), "rank": r} for n, r in self.ranks.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RankPlan:
+        if not isinstance(data, dict) or data.get("format") != "welore-rank-plan":
+            raise WeloreError("This JSON is not a welore rank plan (no \"format\": \"welore-rank-plan\"); pass a plan written by welore.")
+        if data.get("version", 0) > PLAN_FORMAT_VERSION:
+            raise WeloreError(f"The rank plan has format version {data['version']}, newer than this welore understands ({PLAN_FORMAT_VERSION}); upgrade welore.")
+        try:
+            matrices = data["matrices"]
+            return cls(
+                ranks={n: (None if e["rank"] is None else int(e["rank"])) for n, e in matrices.items()},
+                shapes={n: (int(e["shape"][0]), int(e["shape"][1])) for n, e in matrices.items()},
+                method=data.get("method", "manual"),
+                requested_ratio=data.get("requested_ratio"),
+                meta=data.get("meta", {}),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise WeloreError(f"The rank plan is malformed ({err!r}); regenerate it with welore.") from None
+
+    def save(self, path: str | Path) -> None:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise WeloreError(f"Rank plan file {path} does not exist; check the path.")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WeloreError(f"Cannot read rank plan {path} as JSON ({err}); pass a plan written by welore.") from None
+        return cls.from_dict(data)
+
+
+POLICIES: dict[str, Policy] = {}
+
+
+def register_policy(name: str) -> Callable[[Policy], Policy]:
+    def register(fn: Policy) -> Policy:
+        POLICIES[name] = fn
+        return fn
+
+    return register
+
+
+def check_ratio(ratio: float, shapes: dict[str, Shape]) -> None:
+    if not 0 < ratio < 1:
+        raise WeloreError(f"Ratio {ratio} is outside (0, 1); it is the fraction of target parameters to remove, e.g. 0.2.")
+    reachable = max_ratio(shapes)
+    if ratio > reachable:
+        raise WeloreError(f"Ratio {ratio} is unreachable: even rank 1 everywhere removes only {reachable:.4f} of the target parameters; ask for less.")
+
+
+@register_policy("uniform")
+def uniform_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float) -> dict[str, int | None]:
+    """Every matrix at the rank r* = (1 − ratio)·m·n/(m+n), rounded so the total stays within budget.
+
+    Flooring every r* alone overshoots the ratio by up to (m+n)/Σm·n per matrix; the parameters
+    that flooring frees are handed back one rank at a time, largest fractional part first.
+    """
+    budget = (1 - ratio) * sum(m * n for m, n in shapes.values())
+    ideal = {name: (1 - ratio) * m * n / (m + n) for name, (m, n) in shapes.items()}
+    ranks = {name: max(1, int(r)) for name, r in ideal.items()}
+    spent = sum(r * sum(shapes[name]) for name, r in ranks.items())
+    for name in sorted(ideal, key=lambda k: ideal[k] - int(ideal[k]), reverse=True):
+        step = sum(shapes[name])
+        if ideal[name] > ranks[name] and spent + step <= budget:
+            ranks[name] += 1
+            spent += step
+    return {name: settle(shapes[name], r) for name, r in ranks.items()}
+
+
+def threshold_allocation(
+    scores: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float
+) -> tuple[dict[str, int | None], float]:
+    """Keep, in every matrix, the components whose score is ≥ one global threshold t.
+
+    Scores must be non-increasing along each spectrum so that "score ≥ t" keeps a top-r
+    prefix. The total cost is non-increasing in t, so bisection over the sorted scores finds
+    the smallest t whose plan removes at least `ratio` of the parameters. Returns the ranks
+    and t.
+    """
+    budget = (1 - ratio) * sum(m * n for m, n in shapes.values())
+    ascending = {n: s.flip(0).contiguous() for n, s in scores.items()}
+
+    def ranks_at(t: float) -> dict[str, int | None]:
+        ranks = {}
+        for n, s in ascending.items():
+            kept = len(s) - int(torch.searchsorted(s, torch.tensor([t], dtype=s.dtype)).item())
+            ranks[n] = settle(shapes[n], max(1, kept))
+        return ranks
+
+    def cost(t: float) -> int:
+        return sum(factorized_cost(shapes[n], r) for n, r in ranks_at(t).items())
+
+    candidates = torch.unique(torch.cat([s for s in scores.values()]))  # ascending
+    lo, hi = 0, len(candidates) - 1
+    if cost(candidates[hi].item()) > budget:  # even the strictest threshold keeps too much
+        hi_t = float("inf")
+        return ranks_at(hi_t), hi_t
+    while lo < hi:  # smallest index whose cost fits the budget
+        mid = (lo + hi) // 2
+        if cost(candidates[mid].item()) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    t = candidates[lo].item()
+    return ranks_at(t), t
+
+
+@register_policy("welore")
+def welore_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float) -> dict[str, int | None]:
+    ranks, _ = threshold_allocation({n: normalized(s) for n, s in spectra.items()}, shapes, ratio)
+    return ranks
+
+
+@register_policy("energy")
+def energy_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float) -> dict[str, int | None]:
+    scores = {}
+    for n, s in spectra.items():
+        m, k = shapes[n]
+        energy = (s**2).sum().clamp_min(torch.finfo(s.dtype).tiny)
+        scores[n] = s**2 / energy / (m + k)  # relative energy kept per parameter spent
+    ranks, _ = threshold_allocation(scores, shapes, ratio)
+    return ranks
+
+
+def allocate(
+    method: str, spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float
+) -> RankPlan:
+    """Run the allocation policy `method` and return its rank plan."""
+    if method not in POLICIES:
+        raise WeloreError(f"Unknown method {method!r}; choose one of {', '.join(sorted(POLICIES))}.")
+    check_ratio(ratio, shapes)
+    ranks = POLICIES[method](spectra, shapes, ratio)
+    return RankPlan(ranks=ranks, shapes=dict(shapes), method=method, requested_ratio=ratio)

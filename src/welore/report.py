@@ -1,0 +1,62 @@
+"""Plots: spectra by matrix type, and a layer × matrix-type heatmap of kept-rank fractions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed or assumed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from welore.analyze import Analysis
+
+
+def plot_spectra(analysis: Analysis, path: Path) -> None:
+    """One panel per matrix type: normalised singular values σ/σ_max against rank fraction,
+    one line per layer, coloured from first (dark) to last (light) layer."""
+    groups = analysis.by_type()
+    cols = min(4, len(groups))
+    rows = (len(groups) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, (kind, members) in zip(axes.flat, groups.items(), strict=False):
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(members)))
+        for color, row in zip(colors, members, strict=True):
+            s = analysis.spectra[row["name"]].numpy()
+            ax.semilogy(np.arange(len(s)) / len(s), s / s[0], color=color, lw=0.8)
+        ax.set_title(f"{kind} ({members[0]['out_features']}x{members[0]['in_features']})", fontsize=9)
+        ax.set_xlabel("rank / full rank", fontsize=8)
+        ax.set_ylabel("σ / σ_max", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(f"Singular-value spectra of {analysis.model} (dark = first layer)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
+    """Kept rank / full rank for every (layer, matrix type) under the analysis's rank plan."""
+    assert analysis.plan is not None, "a heatmap of kept ranks needs a rank plan"
+    types = list(analysis.by_type())
+    layers = sorted({r["layer"] for r in analysis.rows if r["layer"] is not None})
+    grid = np.full((len(types), max(len(layers), 1)), np.nan)
+    for row in analysis.rows:
+        if row["layer"] is not None:
+            grid[types.index(row["type"]), layers.index(row["layer"])] = row["kept_fraction"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(layers) + 2), 0.45 * len(types) + 1.6))
+    image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_yticks(range(len(types)), types, fontsize=8)
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("layer")
+    plan = analysis.plan
+    ax.set_title(f"kept rank fraction — {plan.method}, ratio {plan.requested_ratio} "
+                 f"(achieved {plan.achieved_ratio:.3f}); 1 = dense", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
