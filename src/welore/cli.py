@@ -194,11 +194,11 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lrc-min-cut", type=float, default=0.5, help="a matrix whose rank is cut by at least this fraction is an LRC")
 
 
-def _add_eval_options(p: argparse.ArgumentParser, text_default: str = DEFAULT_TEXT) -> None:
-    p.add_argument("--text", default=text_default,
+def _add_eval_options(p: argparse.ArgumentParser, max_tokens: int = 32768) -> None:
+    p.add_argument("--text", default=DEFAULT_TEXT,
                    help="evaluation text: wiki or news (built-in, eval split), a text file, or hf:DATASET (default: wiki)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per perplexity window (default 512)")
-    p.add_argument("--max-tokens", type=int, default=32768, help="evaluate on at most this many tokens (default 32768)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"evaluate on at most this many tokens (default {max_tokens})")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--no-speed", action="store_true", help="skip the prefill/generation speed measurement")
 
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo)
     p.add_argument("--ratio", type=float, default=0.02, help="fraction of target parameters to remove (default 0.02)")
     p.add_argument("--out", default="out/demo", help="folder for the demo's outputs (replaced each run; default out/demo)")
-    _add_eval_options(p)
+    _add_eval_options(p, max_tokens=8192)
     return parser
 
 

@@ -1,0 +1,639 @@
+"""Text for calibration and evaluation: built-in corpora, local files, Hugging Face datasets.
+
+A text is named by one *spec* string, the same everywhere in welore (API and CLI):
+
+    wiki                        built-in: 101 English Wikipedia articles, 2.8 M characters
+    news                        built-in: 300 Australian news articles (the Lee corpus), 0.36 M
+    path/to/file.txt            any readable UTF-8 text file (a built-in name wins over a file
+                                of the same name; write ./wiki for the file)
+    hf:DATASET[:CONFIG[:SPLIT[:COLUMN]]]
+                                a Hugging Face dataset, e.g. ``hf:wikitext:wikitext-2-raw-v1:test``;
+                                CONFIG may be left empty (``hf:DATASET::validation``), SPLIT
+                                defaults to ``train`` and COLUMN to ``text``.
+
+The built-in texts need no network: they are data files that ship inside the gensim 4.4.0
+wheel (``pip install --no-deps gensim==4.4.0``), found without importing gensim. The Wikipedia
+sample is a MediaWiki XML dump; its markup is stripped by `strip_wikitext` below. Each built-in
+is extracted once and cached as plain text at ``cache_dir()/texts/<name>.txt``.
+
+Built-ins are split by document, deterministically: ``calib`` is the first half of the
+documents, ``eval`` the second half, ``all`` everything, so calibration and evaluation never
+share a document. Local files and datasets have no such split: the whole text is used.
+
+`token_windows` turns a text into non-overlapping windows of token ids, shape (N, seq_len).
+"""
+
+from __future__ import annotations
+
+import bz2
+import html
+import importlib.util
+import itertools
+import logging
+import re
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from welore._io import atomic_file, cache_dir
+from welore.errors import WeloreError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("calib", "eval", "all")
+
+HF_PREFIX = "hf:"
+HF_DEFAULT_SPLIT = "train"
+HF_DEFAULT_COLUMN = "text"
+
+# Documents are separated by two blank lines in the cache file; inside a document there is
+# never more than one blank line in a row, so the separator is unambiguous.
+_DOC_SEPARATOR = "\n\n\n"
+# First line of a cache file; bump the version when extraction changes so old caches are redone.
+_CACHE_HEADER = "#welore-text v1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in texts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    """A text shipped as a data file inside the gensim wheel."""
+
+    description: str  # one line for --help and listings
+    label: str  # short phrase for reports: "built-in Wikipedia excerpt"
+    filename: str  # path inside the gensim package
+    extract: Callable[[Path], list[str]]  # data file -> list of documents (plain text)
+
+
+def _extract_wiki(path: Path) -> list[str]:
+    """Plain-text articles of a bz2-compressed MediaWiki XML dump."""
+    docs = []
+    for title, markup in _iter_wiki_articles(path):
+        text = strip_wikitext(markup)
+        if len(text) >= 200:  # skip stubs and near-empty pages; they are mostly leftovers
+            docs.append(text)
+        else:
+            logger.debug("Skipping %r: only %d characters after stripping markup", title, len(text))
+    return docs
+
+
+def _extract_lines(path: Path) -> list[str]:
+    """One document per non-empty line (the Lee corpus format)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+_BUILTINS: dict[str, _Builtin] = {
+    "wiki": _Builtin(
+        description="101 English Wikipedia articles (2016 dump sample shipped with gensim)",
+        label="built-in Wikipedia excerpt",
+        filename="test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        extract=_extract_wiki,
+    ),
+    "news": _Builtin(
+        description="300 Australian news articles (Lee background corpus shipped with gensim)",
+        label="built-in news articles",
+        filename="test/test_data/lee_background.cor",
+        extract=_extract_lines,
+    ),
+}
+
+BUILTIN_TEXTS: dict[str, str] = {name: b.description for name, b in _BUILTINS.items()}
+
+
+def _builtin_names() -> str:
+    return ", ".join(BUILTIN_TEXTS)
+
+
+def _gensim_data_file(builtin: _Builtin) -> Path:
+    """Locate a data file inside the installed gensim package without importing gensim."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeloreError(
+            "The built-in texts come from the gensim package, which is not installed; "
+            "run `pip install --no-deps gensim==4.4.0`."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / builtin.filename
+    if not path.is_file():
+        raise WeloreError(
+            f"The gensim installation lacks the data file {path}; "
+            "run `pip install --no-deps --force-reinstall gensim==4.4.0`."
+        )
+    return path
+
+
+def _cache_path(name: str) -> Path:
+    return cache_dir() / "texts" / f"{name}.txt"
+
+
+def _read_cache(path: Path) -> list[str] | None:
+    """Documents from a cache file, or None if it is missing or from another welore version."""
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    header, _, body = content.partition("\n")
+    if header.strip() != _CACHE_HEADER:
+        return None
+    docs = [doc.strip() for doc in body.split(_DOC_SEPARATOR)]
+    return [doc for doc in docs if doc] or None
+
+
+def _write_cache(path: Path, docs: list[str]) -> None:
+    # Squeeze blank-line runs so no document can contain the separator.
+    docs = [re.sub(r"\n{3,}", "\n\n", doc.strip()) for doc in docs]
+    with atomic_file(path) as tmp:
+        tmp.write_text(_CACHE_HEADER + "\n" + _DOC_SEPARATOR.join(docs) + "\n", encoding="utf-8")
+
+
+def _builtin_documents(name: str) -> list[str]:
+    """The documents of a built-in text, extracted on first use and cached afterwards."""
+    cache = _cache_path(name)
+    docs = _read_cache(cache)
+    if docs is not None:
+        return docs
+    builtin = _BUILTINS[name]
+    source = _gensim_data_file(builtin)
+    logger.info("Extracting built-in text %r from %s (once; cached at %s)", name, source, cache)
+    start = time.perf_counter()
+    docs = builtin.extract(source)
+    _write_cache(cache, docs)
+    logger.info(
+        "Extracted %d documents, %d characters of %r in %.1f s",
+        len(docs),
+        sum(map(len, docs)),
+        name,
+        time.perf_counter() - start,
+    )
+    return docs
+
+
+def _split_documents(docs: list[str], split: str) -> list[str]:
+    """First half of the documents for calib, second half for eval, all of them for all."""
+    half = len(docs) // 2
+    if split == "calib":
+        return docs[:half]
+    if split == "eval":
+        return docs[half:]
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# MediaWiki dump reading and markup stripping
+# ---------------------------------------------------------------------------------------------
+
+# Title prefixes of pages that are not articles (namespace names of English Wikipedia).
+_NON_ARTICLE_PREFIXES = (
+    "Media", "Special", "Talk", "User", "Wikipedia", "File", "Image", "MediaWiki", "Template",
+    "Help", "Category", "Portal", "Book", "Draft", "Education Program", "TimedText", "Module",
+    "Gadget", "Topic",
+)  # fmt: skip
+
+
+def _local(tag: str) -> str:
+    """Tag name without its XML namespace: '{http://...}page' -> 'page'."""
+    return tag.rpartition("}")[2]
+
+
+def _is_article(title: str, ns: str | None, redirect: bool, markup: str) -> bool:
+    if redirect or markup.lstrip()[:9].upper() == "#REDIRECT":
+        return False
+    if ns is not None and ns.strip() != "0":
+        return False
+    prefix = title.partition(":")[0]
+    return not (":" in title and (prefix in _NON_ARTICLE_PREFIXES or prefix.endswith(" talk")))
+
+
+def _iter_wiki_articles(path: Path) -> Iterator[tuple[str, str]]:
+    """(title, wikitext) of every article page, in dump order; redirects and other pages skipped."""
+    with bz2.open(path, "rb") as f:
+        for _, elem in ET.iterparse(f, events=("end",)):
+            if _local(elem.tag) != "page":
+                continue
+            title, ns, markup, redirect = "", None, "", False
+            for child in elem.iter():
+                tag = _local(child.tag)
+                if tag == "title":
+                    title = child.text or ""
+                elif tag == "ns":
+                    ns = child.text or ""
+                elif tag == "redirect":
+                    redirect = True
+                elif tag == "text":
+                    markup = child.text or ""
+            elem.clear()  # keep memory flat while streaming
+            if _is_article(title, ns, redirect, markup) and "(disambiguation)" not in title:
+                yield title, markup
+
+
+# Tags whose content is not prose (citations, formulas, galleries, ...): dropped with content.
+_DROP_TAGS = (
+    "ref", "references", "math", "gallery", "timeline", "imagemap", "score", "syntaxhighlight",
+    "source", "hiero", "chem", "ce", "graph", "mapframe", "templatedata", "noinclude",
+)  # fmt: skip
+_DROP_TAG_RE = "|".join(_DROP_TAGS)
+_SELF_CLOSING_RE = re.compile(rf"<(?:{_DROP_TAG_RE})\b[^>]*/\s*>", re.IGNORECASE)
+_PAIRED_TAG_RE = re.compile(rf"<({_DROP_TAG_RE})\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_COMMENT_RE = re.compile(r"<!--.*?(?:-->|\Z)", re.DOTALL)  # an unclosed comment runs to the end
+_HTML_TAG_RE = re.compile(r"</?[a-zA-Z][^<>]*>")
+_HEADING_RE = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.MULTILINE)
+_EXTERNAL_LINK_RE = re.compile(r"\[(?:(?:https?|ftp)://|//|mailto:)[^\s\]]*\s*([^\]]*)\]")
+_INTERNAL_LINK_RE = re.compile(r"\[\[([^\[\]]*)\]\]")  # innermost links only
+_FILE_LINK_RE = re.compile(r"\[\[\s*(?:file|image|category|media)\s*:", re.IGNORECASE)
+_LANGUAGE_CODE_RE = re.compile(r"^[a-z]{2,3}(?:-[a-z]+)*$")
+_HEADING_MARK = "\x01"  # stands for each "=" of a heading while the markup is stripped
+
+# Sections that hold lists of sources and links rather than prose.
+_DROP_SECTIONS = {
+    "references", "external links", "external link", "see also", "notes", "further reading",
+    "bibliography", "sources", "footnotes", "citations", "notes and references",
+    "references and notes", "works cited", "related articles", "other websites",
+}  # fmt: skip
+# Link namespaces whose links are not part of the running text.
+_DROP_LINK_PREFIXES = {"file", "image", "category", "media"}
+
+
+def _remove_nested(text: str, opener: str, closer: str) -> str:
+    """Remove every outermost `opener ... closer` span, honouring nesting.
+
+    An unclosed opener removes the rest of the text (what follows is inside it); a stray closer
+    is removed on its own.
+    """
+    pieces, depth, start, kept_from = [], 0, 0, 0
+    for m in re.finditer(f"{re.escape(opener)}|{re.escape(closer)}", text):
+        if m.group() == opener:
+            if depth == 0:
+                start = m.start()
+            depth += 1
+        elif depth == 0:  # stray closer
+            pieces.append(text[kept_from : m.start()])
+            kept_from = m.end()
+        else:
+            depth -= 1
+            if depth == 0:
+                pieces.append(text[kept_from:start])
+                kept_from = m.end()
+    pieces.append(text[kept_from:start] if depth else text[kept_from:])
+    return "".join(pieces)
+
+
+def _mark_headings(text: str) -> str:
+    """Turn "== Title ==" into a marked line, "\x01\x01Title", that survives the stripping."""
+    return _HEADING_RE.sub(lambda m: _HEADING_MARK * len(m.group(1)) + m.group(2), text)
+
+
+def _bracket_end(text: str, start: int) -> int:
+    """Index just past the link opened at `start`, counting single brackets too.
+
+    Image captions hold links and plain brackets ("Bicyclo[1.1.0]butane"); an unclosed link
+    ends at the end of its paragraph.
+    """
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+            if depth <= 0:
+                return i + 1
+        elif c == "\n" and text.startswith("\n\n", i):
+            return i
+    return len(text)
+
+
+def _remove_file_links(text: str) -> str:
+    """Remove [[File:...]], [[Image:...]], [[Category:...]] links with their whole caption."""
+    out, pos = [], 0
+    while m := _FILE_LINK_RE.search(text, pos):
+        out.append(text[pos : m.start()])
+        pos = _bracket_end(text, m.start())
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _link_text(m: re.Match[str]) -> str:
+    """What an internal link shows in the text: its label, its target, or nothing."""
+    inner = m.group(1)
+    target, _, label = inner.partition("|")
+    target = target.strip()
+    if target.startswith(":"):  # [[:Category:X]] is a visible link, not a categorisation
+        target = target[1:]
+    elif ":" in target:
+        prefix = target.partition(":")[0].strip().lower()
+        if prefix in _DROP_LINK_PREFIXES or (not label and _LANGUAGE_CODE_RE.match(prefix)):
+            return ""  # images, categories, interlanguage links
+    if not label and inner.endswith("|"):  # pipe trick: [[Paris (France)|]] shows "Paris"
+        return re.sub(r"\s*\(.*\)$", "", target.partition(":")[2] or target)
+    return label.strip() or target.lstrip("#")
+
+
+def _replace_links(text: str) -> str:
+    """Resolve [[...]] links from the inside out, so links inside image captions go too."""
+    while True:
+        new = _INTERNAL_LINK_RE.sub(_link_text, text)
+        if new == text:
+            return new
+        text = new
+
+
+def _clean_line(line: str) -> str:
+    """One line of text without list markers, stray spaces and punctuation left by removals."""
+    line = re.sub(r"^[*#:;]+", "", line.strip())  # list and indent markers
+    if re.fullmatch(r"-{4,}|[|!].*", line):  # horizontal rules, table leftovers
+        return ""
+    line = re.sub(r"[ \t]{2,}", " ", line).strip()
+    line = re.sub(r"\(\s*[,;]?\s*\)", "", line)  # "()" left by removed templates
+    line = re.sub(r" +([,.;:!?)])", r"\1", line)  # "word ," -> "word,"
+    line = re.sub(r"([(]) +", r"\1", line)
+    line = re.sub(r"^[,;.]\s*", "", line)  # "{{As of|2010}}, ..." leaves a leading comma
+    if not re.search(r"\w", line) or re.fullmatch(r"\([^()]*\)", line):
+        return ""  # punctuation only, or "(UK)" left by a removed flag template
+    return line.strip()
+
+
+def _has_prose(blocks: list[tuple[int, str]], i: int) -> bool:
+    """Whether the section whose heading is blocks[i] holds any text, subsections included."""
+    level = blocks[i][0]
+    for lv, line in blocks[i + 1 :]:
+        if lv and lv <= level:
+            return False
+        if not lv and line:
+            return True
+    return False
+
+
+def _prune_sections(blocks: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Drop source sections ("References", ...) with their subsections, and empty sections."""
+    out, skip_level = [], 0  # skip_level > 0: inside a dropped section of that level
+    for i, (level, line) in enumerate(blocks):
+        if skip_level and (not level or level > skip_level):
+            continue
+        skip_level = level if line.lower() in _DROP_SECTIONS else 0
+        if level and (skip_level or not _has_prose(blocks, i)):
+            continue
+        out.append((level, line))
+    return out
+
+
+def _clean_lines(text: str) -> str:
+    """Tidied lines, headings as paragraphs of their own, blank-line runs collapsed."""
+    blocks = []  # (heading level or 0 for text, line)
+    for line in text.split("\n"):
+        level = len(line) - len(line.lstrip(_HEADING_MARK))
+        blocks.append((level, _clean_line(line[level:])))
+    lines = []
+    for level, line in _prune_sections(blocks):
+        lines += ["", line, ""] if level else [line]
+    return re.sub(r"\n\s*\n\s*", "\n\n", "\n".join(lines)).strip()
+
+
+def strip_wikitext(markup: str) -> str:
+    """Plain prose from MediaWiki markup.
+
+    Drops comments, references, templates ``{{...}}`` (nested), tables ``{|...|}``, images,
+    categories, source sections ("References", "External links", ...) and sections left
+    empty; keeps the visible text of links, headings and lists.
+    """
+    text = _COMMENT_RE.sub("", markup)
+    text = _SELF_CLOSING_RE.sub("", text)  # <ref name="x"/> before <ref>...</ref>
+    text = _PAIRED_TAG_RE.sub("", text)
+    text = _mark_headings(text)
+    text = _remove_nested(text, "{{", "}}")
+    text = _remove_nested(text, "{|", "|}")
+    text = _remove_file_links(text)
+    text = _EXTERNAL_LINK_RE.sub(lambda m: m.group(1).strip(), text)
+    text = _replace_links(text)
+    text = _HTML_TAG_RE.sub("", text)
+    text = re.sub(r"'{2,}", "", text)  # ''italic'', '''bold'''
+    text = re.sub(r"__[A-Z]+__", "", text)  # __NOTOC__ and other magic words
+    text = html.unescape(text).replace("\xa0", " ")
+    text = re.sub(r"\[\[|\]\]|\{\{|\}\}", "", text)  # unbalanced leftovers
+    return _clean_lines(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files and Hugging Face datasets
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_not_empty(text: str, where: str) -> str:
+    if not text.strip():
+        raise WeloreError(f"{where} is empty or only whitespace; give a text with some content.")
+    return text
+
+
+def _read_text_file(path: Path) -> str:
+    """The content of a UTF-8 text file, with every user mistake turned into a WeloreError."""
+    if not path.exists():
+        raise WeloreError(
+            f"Text file {path} does not exist; check the path or use a built-in text "
+            f"({_builtin_names()})."
+        )
+    if path.is_dir():
+        raise WeloreError(
+            f"{path} is a folder, not a text file; give the path of a UTF-8 text file."
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise WeloreError(
+            f"Cannot read text file {path} ({e.strerror}); check its permissions."
+        ) from e
+    try:
+        text = raw.decode("utf-8-sig")  # tolerates a byte-order mark
+    except UnicodeDecodeError as e:
+        raise WeloreError(
+            f"Text file {path} is not valid UTF-8 (bad byte at offset {e.start}); "
+            "convert it to UTF-8, e.g. with `iconv -t UTF-8`."
+        ) from e
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return _check_not_empty(text, f"Text file {path}")
+
+
+@dataclass(frozen=True)
+class HFTextSpec:
+    """A parsed ``hf:DATASET[:CONFIG[:SPLIT[:COLUMN]]]`` spec."""
+
+    dataset: str  # Hub id, e.g. "wikitext" or "allenai/c4"
+    config: str | None = None  # dataset configuration, e.g. "wikitext-2-raw-v1"
+    split: str = HF_DEFAULT_SPLIT  # dataset split, e.g. "test"
+    column: str = HF_DEFAULT_COLUMN  # column holding the text
+
+    @classmethod
+    def parse(cls, spec: str) -> HFTextSpec:
+        fields = spec[len(HF_PREFIX) :].split(":")
+        if len(fields) > 4 or not fields[0].strip():
+            raise WeloreError(
+                f"Bad dataset spec {spec!r}; write hf:DATASET[:CONFIG[:SPLIT[:COLUMN]]], "
+                "e.g. hf:wikitext:wikitext-2-raw-v1:test."
+            )
+        fields = [f.strip() for f in fields] + [""] * (4 - len(fields))
+        dataset, config, split, column = fields
+        return cls(dataset, config or None, split or HF_DEFAULT_SPLIT, column or HF_DEFAULT_COLUMN)
+
+    def describe(self) -> str:
+        config = f", config {self.config}" if self.config else ""
+        return (
+            f"Hugging Face dataset {self.dataset}{config}, split {self.split}, column {self.column}"
+        )
+
+
+def _load_hf_text(spec: HFTextSpec) -> str:
+    """Rows of one dataset column joined by blank lines (the usual perplexity recipe)."""
+    try:
+        import datasets  # optional dependency: pip install welore[datasets]
+    except ImportError as e:
+        raise WeloreError(
+            f"Reading {spec.dataset} needs the `datasets` package; run `pip install datasets`."
+        ) from e
+    logger.info("Loading %s", spec.describe())
+    try:
+        ds = datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
+    except Exception as e:  # offline, unknown dataset, bad config or split: all user-fixable
+        raise WeloreError(
+            f"Could not load Hugging Face dataset {spec.dataset} ({type(e).__name__}: {e}); "
+            "it needs network access or a local copy in the Hugging Face cache."
+        ) from e
+    if spec.column not in ds.column_names:
+        raise WeloreError(
+            f"Dataset {spec.dataset} has no column {spec.column!r}; name one of "
+            f"{', '.join(ds.column_names)} as the last field of the hf: spec."
+        )
+    rows = [row for row in ds[spec.column] if row]
+    return _check_not_empty("\n\n".join(str(r) for r in rows), f"Dataset {spec.dataset}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise WeloreError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+
+
+def _resolve(spec: str) -> tuple[str, str | Path | HFTextSpec]:
+    """Classify a spec as ("builtin", name), ("file", path) or ("hf", HFTextSpec)."""
+    if spec.startswith(HF_PREFIX):
+        return "hf", HFTextSpec.parse(spec)
+    if not spec.strip():
+        raise WeloreError(
+            f"No text given; use a built-in text ({_builtin_names()}) or a file path."
+        )
+    if spec in _BUILTINS:
+        return "builtin", spec
+    path = Path(spec).expanduser()
+    looks_like_path = path.suffix or "/" in spec or "\\" in spec
+    if path.exists() or looks_like_path:
+        return "file", path
+    raise WeloreError(
+        f"Unknown text {spec!r}; use a built-in text ({_builtin_names()}), the path of a UTF-8 "
+        "text file, or hf:DATASET[:CONFIG[:SPLIT[:COLUMN]]]."
+    )
+
+
+def load_text(spec: str, split: str = "eval") -> str:
+    """The text named by `spec` (see the module docstring for the spec syntax).
+
+    `split` ("calib", "eval" or "all") picks documents of a built-in text; calib and eval share
+    no document. Local files and datasets are used whole and ignore `split`. Documents are
+    joined by a blank line.
+    """
+    _check_split(split)
+    kind, target = _resolve(spec)
+    if kind == "builtin":
+        return "\n\n".join(_split_documents(_builtin_documents(target), split))
+    if kind == "hf":
+        return _load_hf_text(target)
+    return _read_text_file(target)
+
+
+def describe_text(spec: str, split: str = "eval") -> str:
+    """A short description for reports, e.g. "wiki (built-in Wikipedia excerpt, eval split)"."""
+    _check_split(split)
+    kind, target = _resolve(spec)
+    if kind == "builtin":
+        return f"{spec} ({_BUILTINS[target].label}, {split} split)"
+    if kind == "hf":
+        return f"{spec} ({target.describe()})"
+    return f"{spec} (local text file)"
+
+
+def _chunks(text: str, size: int) -> Iterator[str]:
+    """Pieces of at most `size` characters, cut before a line break or else before a space.
+
+    Cutting *before* whitespace keeps pieces tokenizing like the whole text does, since BPE
+    tokenizers attach a leading space to the following word.
+    """
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = text.rfind("\n", start + 1, end)
+            if cut <= start:
+                cut = text.rfind(" ", start + 1, end)
+            if cut > start:
+                end = cut
+        yield text[start:end]
+        start = end
+
+
+def _chunk_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters per tokenizer call, small enough never to exceed the model's max length.
+
+    A character is at most 4 tokens (UTF-8 bytes, for byte-level tokenizers).
+    """
+    max_len = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(max_len, int) or max_len <= 0:
+        return 4000
+    return max(16, min(4000, max_len // 4))
+
+
+def token_windows(
+    tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, max_tokens: int | None = None
+) -> torch.Tensor:
+    """Non-overlapping windows of token ids, a LongTensor of shape (N, seq_len).
+
+    The text is tokenized piece by piece without special tokens (no BOS/EOS, not even between
+    documents) and read as one stream; the last partial window is dropped. With `max_tokens`, at most `max_tokens // seq_len` windows
+    are kept (and tokenizing stops once they are filled). Deterministic.
+    """
+    if seq_len < 2:
+        raise WeloreError(f"seq_len must be at least 2 (got {seq_len}); pass a larger --seq-len.")
+    if max_tokens is not None and max_tokens < seq_len:
+        raise WeloreError(
+            f"max_tokens ({max_tokens}) is smaller than one window of seq_len ({seq_len}); "
+            "raise --max-tokens or use a smaller --seq-len."
+        )
+    needed = None if max_tokens is None else (max_tokens // seq_len) * seq_len
+    ids: list[int] = []
+    chunks = _chunks(text, _chunk_size(tokenizer))
+    while needed is None or len(ids) < needed:
+        batch = list(itertools.islice(chunks, 64))
+        if not batch:
+            break
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        ids.extend(itertools.chain.from_iterable(encoded))
+    n_windows = len(ids) // seq_len
+    if needed is not None:
+        n_windows = min(n_windows, needed // seq_len)
+    if n_windows == 0:
+        raise WeloreError(
+            f"The text has only {len(ids)} tokens, fewer than one window of {seq_len}; "
+            "use a longer text or a smaller --seq-len."
+        )
+    windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long)
+    return windows.view(n_windows, seq_len)  # (N, seq_len)
