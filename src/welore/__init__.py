@@ -1,3 +1,26 @@
-"""welore: find, measure and exploit the low-rank structure of language-model weights."""
+"""welore: find, measure and exploit the low-rank structure of language-model weights.
 
-__version__ = "0.1.0"
+    import welore
+    loaded = welore.load_model("smollm2-135m")              # or a folder, .gguf file, hub id
+    analysis = welore.analyze(loaded.model, ratio=0.1)      # spectra, metrics, rank plan
+    report = welore.compress_(loaded.model, welore.CompressConfig(ratio=0.1, method="welore"))
+    welore.save(loaded.model, "out/smollm2-welore", tokenizer=loaded.tokenizer)
+    model = welore.load("out/smollm2-welore")              # no SVD recomputed
+"""
+
+__version__ = "0.1.0"  # before the imports: checkpoint.py records it
+
+from welore.analyze import Analysis, analyze
+from welore.checkpoint import densify_, export_dense, load, save
+from welore.compress import CompressConfig, CompressReport, apply_plan_, compress_
+from welore.errors import WeloreError
+from welore.evaluate import EvalResult, evaluate, perplexity
+from welore.models import load_model
+from welore.modules import LowRankLinear
+from welore.plan import POLICIES, RankPlan, allocate
+
+__all__ = [
+    "POLICIES", "Analysis", "CompressConfig", "CompressReport", "EvalResult", "LowRankLinear",
+    "RankPlan", "WeloreError", "allocate", "analyze", "apply_plan_", "compress_", "densify_",
+    "evaluate", "export_dense", "load", "load_model", "perplexity", "save",
+]

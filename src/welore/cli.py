@@ -39,7 +39,9 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     """Measure the singular-value spectrum of every target matrix (and, with --ratio, plan ranks)."""
     from welore._io import check_output_dir
     from welore.analyze import analyze
+    from welore.compress import CompressConfig
 
+    CompressConfig(ratio=args.ratio, method=args.method, lrc_min_cut=args.lrc_min_cut)  # fail before loading
     if args.out:
         check_output_dir(args.out, args.overwrite)
     loaded = _load(args.model, args.dtype)
@@ -204,13 +206,14 @@ def _add_eval_options(p: argparse.ArgumentParser, max_tokens: int = 32768) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log what welore does")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser = argparse.ArgumentParser(prog="welore", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what welore does")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
+        p = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__, parents=[common])
         p.set_defaults(func=fn)
         return p
 

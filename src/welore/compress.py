@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore.errors import WeloreError
+from welore.evaluate import count_parameters
 from welore.factorize import FACTORIZERS
 from welore.modules import LowRankLinear
 from welore.plan import POLICIES, RankPlan, allocate
@@ -68,10 +69,6 @@ class CompressReport:
     def model_reduction(self) -> float:
         """Fraction of the whole model's parameters removed (embeddings included)."""
         return 1 - self.params_after / self.params_before
-
-
-def unique_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def plan_ranks(model: nn.Module, config: CompressConfig, progress: bool = True) -> RankPlan:
@@ -135,11 +132,11 @@ def compress_(
     progress: bool = True,
 ) -> CompressReport:
     """Compress `model` in place; returns the plan, the replaced modules and parameter counts."""
-    before = unique_parameters(model)
+    before = count_parameters(model)
     with torch.no_grad():
         if plan is None:
             plan = plan_ranks(model, config, progress=progress)
         replaced = apply_plan_(model, plan, factorizer=config.factorizer, progress=progress)
     model.welore_plan = plan  # so that save() finds it
     model.welore_config = config
-    return CompressReport(plan=plan, replaced=replaced, params_before=before, params_after=unique_parameters(model))
+    return CompressReport(plan=plan, replaced=replaced, params_before=before, params_after=count_parameters(model))

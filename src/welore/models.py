@@ -66,8 +66,11 @@ def _package_dir(package: str) -> Path | None:
 
 
 def _from_gguf(folder: Path, gguf: str) -> tuple[PreTrainedModel, object]:
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise WeloreError(f"Cannot read {folder / gguf} as a GGUF causal language model ({str(err).splitlines()[0]}); check the file.") from None
     # The weights are now plain floats: forget the GGUF quantizer so save_pretrained works.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -92,12 +95,23 @@ def builtin_model_dir(name: str) -> Path:
     return folder
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
 def _tokenizer(source: str | Path):
+    """The source's tokenizer, or None when it has none (a folder without tokenizer files)."""
+    if isinstance(source, Path) and not any((source / f).is_file() for f in TOKENIZER_FILES):
+        log.info("no tokenizer files in %s", source)
+        return None
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
         log.info("no tokenizer at %s: %s", source, err)
         return None
+    if not tokenizer("a tokenizer test", add_special_tokens=False)["input_ids"]:
+        log.info("the tokenizer at %s turns text into no tokens; ignoring it", source)
+        return None
+    return tokenizer
 
 
 def _pretrained(source: str | Path, dtype: torch.dtype | None) -> PreTrainedModel:

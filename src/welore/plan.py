@@ -117,19 +117,30 @@ class RankPlan:
     def from_dict(cls, data: dict) -> RankPlan:
         if not isinstance(data, dict) or data.get("format") != "welore-rank-plan":
             raise WeloreError("This JSON is not a welore rank plan (no \"format\": \"welore-rank-plan\"); pass a plan written by welore.")
-        if data.get("version", 0) > PLAN_FORMAT_VERSION:
-            raise WeloreError(f"The rank plan has format version {data['version']}, newer than this welore understands ({PLAN_FORMAT_VERSION}); upgrade welore.")
-        try:
-            matrices = data["matrices"]
-            return cls(
-                ranks={n: (None if e["rank"] is None else int(e["rank"])) for n, e in matrices.items()},
-                shapes={n: (int(e["shape"][0]), int(e["shape"][1])) for n, e in matrices.items()},
-                method=data.get("method", "manual"),
-                requested_ratio=data.get("requested_ratio"),
-                meta=data.get("meta", {}),
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise WeloreError(f"The rank plan is malformed ({err!r}); regenerate it with welore.") from None
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise WeloreError(f"The rank plan's version {version!r} is not an integer; regenerate the plan with welore.")
+        if version > PLAN_FORMAT_VERSION:
+            raise WeloreError(f"The rank plan has format version {version}, newer than this welore understands ({PLAN_FORMAT_VERSION}); upgrade welore.")
+        matrices = data.get("matrices")
+        if not isinstance(matrices, dict) or not matrices:
+            raise WeloreError("The rank plan has no \"matrices\" object naming modules; regenerate it with welore.")
+        ranks: dict[str, int | None] = {}
+        shapes: dict[str, Shape] = {}
+        for name, entry in matrices.items():
+            rank = entry.get("rank") if isinstance(entry, dict) else None
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            valid_rank = rank is None or (isinstance(rank, int) and not isinstance(rank, bool))
+            valid_shape = (isinstance(shape, list) and len(shape) == 2
+                           and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape))
+            if not isinstance(entry, dict) or "rank" not in entry or not valid_rank or not valid_shape:
+                raise WeloreError(
+                    f"The rank plan's entry for {name} must be {{\"shape\": [out, in], \"rank\": integer or null}}, "
+                    f"got {entry!r}; fix or regenerate the plan."
+                )
+            ranks[name], shapes[name] = rank, (shape[0], shape[1])
+        return cls(ranks=ranks, shapes=shapes, method=data.get("method", "manual"),
+                   requested_ratio=data.get("requested_ratio"), meta=data.get("meta", {}))
 
     def save(self, path: str | Path) -> None:
         with atomic_file(path) as tmp:

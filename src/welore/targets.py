@@ -60,6 +60,10 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[st
     With `patterns`, every `Linear`/`Conv1D` whose name matches one of them is a target (and a
     pattern that matches no dense layer is an error); without, the decoder blocks' dense layers.
     """
+    from welore.modules import LowRankLinear
+
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise WeloreError("This model is already compressed by welore; compress or analyze its dense original instead.")
     excluded = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     dense = {
         name: module

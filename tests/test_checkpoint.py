@@ -1,0 +1,336 @@
+"""Tests for welore.checkpoint: save/load of compressed models and export to dense folders."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MODEL_CLASSES, build_tiny, give_decaying_spectra_, logits_of, token_ids
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from welore import checkpoint
+from welore.checkpoint import FORMAT_VERSION, WEIGHTS, export_dense, is_checkpoint, load, save
+from welore.compress import CompressConfig, compress_
+from welore.errors import WeloreError
+from welore.evaluate import count_parameters
+from welore.factorize import FACTORIZERS
+from welore.modules import LowRankLinear
+from welore.plan import RankPlan
+
+
+def _compressed(family: str, ratio: float = 0.3, method: str = "welore", dtype: torch.dtype = torch.float32):
+    model = build_tiny(family)
+    give_decaying_spectra_(model)
+    model = model.to(dtype)
+    report = compress_(model, CompressConfig(ratio=ratio, method=method), progress=False)
+    assert report.replaced
+    return model, report
+
+
+def _listing(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()}
+
+
+def _data_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file (file size minus its JSON header)."""
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+    return path.stat().st_size - 8 - header_len
+
+
+@pytest.fixture
+def saved(tmp_path: Path, family: str):
+    """(compressed model, its checkpoint folder) for each family."""
+    model, _ = _compressed(family)
+    return model, save(model, tmp_path / "ckpt")
+
+
+# --- round trip ------------------------------------------------------------------------------
+
+
+def test_save_load_gives_identical_logits(saved, family: str) -> None:
+    model, path = saved
+    loaded = load(path)
+    ids = token_ids()
+    assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
+    assert not loaded.training
+    assert type(loaded) is MODEL_CLASSES[family]
+    assert loaded.welore_plan == model.welore_plan
+    assert loaded.welore_config == model.welore_config
+    assert count_parameters(loaded) == count_parameters(model)
+    low_rank = {n for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
+    assert low_rank == set(model.welore_plan.factorized)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert all(b.device.type == "cpu" for b in loaded.buffers())
+
+
+def test_tied_embeddings_stay_tied(saved, family: str) -> None:
+    model, path = saved
+    loaded = load(path)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert tied == (family in ("llama", "gpt2"))
+    assert (loaded.get_input_embeddings().weight is loaded.get_output_embeddings().weight) == tied
+    if tied:  # stored once, and a change to one is a change to the other
+        assert "lm_head.weight" not in load_file(path / WEIGHTS)
+        with torch.no_grad():
+            loaded.get_input_embeddings().weight[0, 0] += 1
+        assert loaded.get_output_embeddings().weight[0, 0] == loaded.get_input_embeddings().weight[0, 0]
+
+
+def test_save_load_keeps_bfloat16(tmp_path: Path) -> None:
+    model, _ = _compressed("llama", dtype=torch.bfloat16)
+    loaded = load(save(model, tmp_path / "ckpt"))
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_saved_model_saves_again(tmp_path: Path) -> None:
+    model, _ = _compressed("gpt2")
+    once = load(save(model, tmp_path / "once"))
+    twice = load(save(once, tmp_path / "twice"))
+    ids = token_ids()
+    assert torch.equal(logits_of(twice, ids), logits_of(model, ids))
+    assert twice.welore_plan == model.welore_plan
+
+
+def test_load_computes_no_svd(saved, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, path = saved
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("load must not factorize or compute spectra")
+
+    monkeypatch.setitem(FACTORIZERS, "svd", forbidden)
+    monkeypatch.setattr("welore.factorize.svd_factors", forbidden)
+    monkeypatch.setattr(torch.linalg, "svd", forbidden)
+    monkeypatch.setattr(torch.linalg, "svdvals", forbidden)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", forbidden)
+    loaded = load(path)
+    ids = token_ids()
+    assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
+
+
+# --- what is on disk ---------------------------------------------------------------------------
+
+
+def test_checkpoint_folder_contents(saved) -> None:
+    model, path = saved
+    names = _listing(path)
+    assert {"config.json", "welore.json", "rank_plan.json", WEIGHTS} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle")) for n in names)
+    assert not any(n.startswith(".") for n in names)
+    assert not any(p.name.startswith(".") for p in path.parent.iterdir()), "a temporary folder was left behind"
+    meta = json.loads((path / "welore.json").read_text())
+    assert meta["format"] == "welore-checkpoint"
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["achieved_ratio"] == pytest.approx(model.welore_plan.achieved_ratio)
+    assert RankPlan.load(path / "rank_plan.json") == model.welore_plan
+    assert is_checkpoint(path)
+    stored = load_file(path / WEIGHTS)
+    for name in model.welore_plan.factorized:
+        assert f"{name}.up.weight" in stored and f"{name}.down.weight" in stored
+        assert f"{name}.weight" not in stored
+
+
+def test_weights_shrink_with_the_parameters(tmp_path: Path, family: str) -> None:
+    model, report = _compressed(family, ratio=0.4, method="uniform")
+    dense = build_tiny(family)
+    dense.save_pretrained(tmp_path / "dense")
+    path = save(model, tmp_path / "ckpt")
+    dense_file, compressed_file = tmp_path / "dense" / "model.safetensors", path / WEIGHTS
+    # the tensor data is exactly the unique parameters (float32), tied weights stored once
+    assert _data_bytes(dense_file) == 4 * report.params_before
+    assert _data_bytes(compressed_file) == 4 * report.params_after
+    # and the whole files shrink in proportion to the parameters removed
+    size_ratio = compressed_file.stat().st_size / dense_file.stat().st_size
+    assert size_ratio == pytest.approx(report.params_after / report.params_before, abs=0.03)
+    assert size_ratio < 1 - 0.5 * report.model_reduction
+
+
+# --- dense export --------------------------------------------------------------------------------
+
+
+def test_export_dense_loads_with_transformers(saved, tmp_path: Path, family: str) -> None:
+    model, path = saved
+    out = export_dense(path, tmp_path / "dense")
+    assert not is_checkpoint(out)
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in _listing(out))
+    dense = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(dense) is MODEL_CLASSES[family]
+    assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
+    fresh = dict(build_tiny(family).named_modules())
+    for name, module in dense.named_modules():  # same layer types as the architecture (Conv1D for GPT-2)
+        assert type(module) is type(fresh[name]), name
+    if family == "gpt2":
+        assert isinstance(dense.get_submodule(model.welore_plan.factorized[0]), Conv1D)
+    ids = token_ids()
+    assert torch.allclose(logits_of(dense, ids), logits_of(model, ids), atol=1e-4)
+    assert count_parameters(dense) == count_parameters(build_tiny(family))
+
+
+def test_export_into_existing_folder(saved, tmp_path: Path) -> None:
+    _, path = saved
+    out = tmp_path / "dense"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(WeloreError, match="already exists"):
+        export_dense(path, out)
+    assert _listing(out) == {"keep.txt"}
+    export_dense(path, out, overwrite=True)
+    assert "keep.txt" not in _listing(out)
+    assert (out / "config.json").is_file()
+
+
+def test_export_of_a_non_checkpoint(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    build_tiny("llama").save_pretrained(folder)
+    with pytest.raises(WeloreError, match="not a welore checkpoint"):
+        export_dense(folder, tmp_path / "dense")
+    assert not (tmp_path / "dense").exists()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+# --- saving safely -------------------------------------------------------------------------------
+
+
+def test_save_refuses_existing_folder(tmp_path: Path) -> None:
+    model, _ = _compressed("llama")
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(WeloreError, match="already exists"):
+        save(model, out)
+    assert _listing(out) == {"keep.txt"}
+    save(model, out, overwrite=True)
+    assert "keep.txt" not in _listing(out)
+    ids = token_ids()
+    assert torch.equal(logits_of(load(out), ids), logits_of(model, ids))
+    assert _listing(tmp_path) == {"ckpt"}
+
+
+def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = _compressed("llama")
+
+    def broken_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        save(model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = _compressed("gpt2")
+    out = save(model, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    with pytest.raises(OSError):
+        save(model, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _listing(tmp_path) == {"ckpt"}
+
+
+def test_save_of_an_uncompressed_model(tmp_path: Path) -> None:
+    with pytest.raises(WeloreError, match="not compressed"):
+        save(build_tiny("llama"), tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- loading what is not a (valid) checkpoint -----------------------------------------------------
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_load_folder_without_welore_json(tmp_path: Path) -> None:
+    folder = tmp_path / "plain"
+    build_tiny("llama").save_pretrained(folder)
+    with pytest.raises(WeloreError, match="not a welore checkpoint"):
+        load(folder)
+
+
+def test_load_missing_path_or_file(tmp_path: Path) -> None:
+    with pytest.raises(WeloreError):
+        load(tmp_path / "nope")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(WeloreError):
+        load(tmp_path / "file.txt")
+
+
+def test_load_without_weights(saved) -> None:
+    _, path = saved
+    (path / WEIGHTS).unlink()
+    with pytest.raises(WeloreError, match=WEIGHTS):
+        load(path)
+
+
+def test_load_damaged_weights(saved) -> None:
+    _, path = saved
+    (path / WEIGHTS).write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WeloreError):
+        load(path)
+
+
+def test_load_weights_that_do_not_match_the_plan(saved) -> None:
+    model, path = saved
+    name = model.welore_plan.factorized[0]
+
+    def lower_rank(data: dict) -> None:
+        entry = data["matrices"][name]
+        entry["rank"] = entry["rank"] - 1
+
+    _edit_json(path / "rank_plan.json", lower_rank)
+    with pytest.raises(WeloreError, match="do not match the rank plan"):
+        load(path)
+
+
+def test_load_plan_that_factorizes_a_dense_matrix(tmp_path: Path) -> None:
+    model, _ = _compressed("llama", ratio=0.05, method="welore")
+    dense = [n for n, r in model.welore_plan.ranks.items() if r is None]
+    assert dense, "the test needs a plan with a dense matrix"
+    path = save(model, tmp_path / "ckpt")
+    _edit_json(path / "rank_plan.json", lambda d: d["matrices"][dense[0]].update(rank=1))
+    with pytest.raises(WeloreError, match="do not match the rank plan"):
+        load(path)
+
+
+def test_load_newer_format(saved) -> None:
+    _, path = saved
+    _edit_json(path / "welore.json", lambda d: d.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(WeloreError, match="upgrade welore"):
+        load(path)
+
+
+@pytest.mark.parametrize("content", ["{broken", json.dumps({"format": "something-else", "format_version": 1})])
+def test_load_bad_welore_json(saved, content: str) -> None:
+    _, path = saved
+    (path / "welore.json").write_text(content)
+    with pytest.raises(WeloreError):
+        load(path)
+
+
+def test_load_without_config(saved) -> None:
+    _, path = saved
+    (path / "config.json").unlink()
+    with pytest.raises(WeloreError):
+        load(path)
+
+
+def test_load_without_plan(saved) -> None:
+    _, path = saved
+    (path / "rank_plan.json").unlink()
+    with pytest.raises(WeloreError):
+        load(path)

@@ -1,0 +1,331 @@
+"""Tests for welore.plan: rank plans, their JSON form, and the allocation policies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, build_tiny, give_decaying_spectra_
+
+from welore.errors import WeloreError
+from welore.plan import POLICIES, RankPlan, allocate, max_ratio
+from welore.spectrum import compute_spectra
+from welore.targets import find_targets, matrix_shape
+
+RATIOS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
+METHODS = ("uniform", "welore", "energy")
+
+
+def _spectra_and_shapes(family: str, decaying: bool = True):
+    model = build_tiny(family)
+    if decaying:
+        give_decaying_spectra_(model)
+    targets = find_targets(model)
+    spectra = compute_spectra(targets, progress=False)
+    shapes = {n: matrix_shape(m) for n, m in targets.items()}
+    return spectra, shapes
+
+
+@pytest.fixture(scope="module")
+def model_spectra() -> dict[str, tuple[dict, dict]]:
+    """family -> (spectra, shapes) of the tiny models, random init and with decaying spectra."""
+    return {
+        **{(f, False): _spectra_and_shapes(f, decaying=False) for f in FAMILIES},
+        **{(f, True): _spectra_and_shapes(f, decaying=True) for f in FAMILIES},
+    }
+
+
+def truncated_energy(plan: RankPlan, spectra: dict[str, torch.Tensor]) -> float:
+    """Σ over matrices of (energy of the dropped components / the matrix's energy)."""
+    total = 0.0
+    for name, rank in plan.ranks.items():
+        if rank is None:
+            continue
+        energy = spectra[name] ** 2
+        total += (energy[rank:].sum() / energy.sum()).item()
+    return total
+
+
+# --- allocation hits the requested ratio --------------------------------------------------------
+
+
+@pytest.mark.parametrize("decaying", [False, True], ids=["random", "decaying"])
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("method", METHODS)
+def test_achieved_ratio_is_close_and_never_below(model_spectra, family, method, ratio, decaying) -> None:
+    spectra, shapes = model_spectra[(family, decaying)]
+    plan = allocate(method, spectra, shapes, ratio)
+    assert plan.method == method
+    assert plan.requested_ratio == ratio
+    assert set(plan.ranks) == set(shapes)
+    assert plan.achieved_ratio >= ratio - 1e-9
+    assert plan.achieved_ratio - ratio <= 0.005
+    for name, rank in plan.ranks.items():
+        m, n = shapes[name]
+        if rank is not None:
+            assert 1 <= rank <= min(m, n)
+            assert rank * (m + n) < m * n, f"{name} factorized at rank {rank} saves nothing"
+
+
+def test_plan_counts_parameters() -> None:
+    shapes = {"a": (8, 4), "b": (6, 6)}
+    plan = RankPlan(ranks={"a": 1, "b": None}, shapes=shapes)
+    assert plan.total_params == 32 + 36
+    assert plan.kept_params == 12 + 36
+    assert plan.achieved_ratio == pytest.approx(1 - 48 / 68)
+    assert plan.factorized == ["a"]
+    assert plan.kept_fraction("a") == 0.25
+    assert plan.kept_fraction("b") == 1.0
+
+
+def test_uniform_matches_formula_on_equal_matrices() -> None:
+    shapes = {f"m{i}": (100, 50) for i in range(4)}
+    spectra = {n: torch.linspace(2, 1, 50, dtype=torch.float64) for n in shapes}
+    plan = allocate("uniform", spectra, shapes, 0.4)
+    ideal = 0.6 * 100 * 50 / 150  # = 20
+    assert set(plan.ranks.values()) == {int(ideal)}
+
+
+def test_max_ratio_is_reachable_and_beyond_is_not() -> None:
+    spectra, shapes = _spectra_and_shapes("llama", decaying=False)
+    top = max_ratio(shapes)
+    for method in METHODS:
+        plan = allocate(method, spectra, shapes, top)
+        assert all(r == 1 for r in plan.ranks.values())
+        with pytest.raises(WeloreError, match="unreachable"):
+            allocate(method, spectra, shapes, (top + 1) / 2)
+
+
+@pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5])
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_outside_unit_interval(model_spectra, method: str, ratio: float) -> None:
+    spectra, shapes = model_spectra[("llama", False)]
+    with pytest.raises(WeloreError, match="outside"):
+        allocate(method, spectra, shapes, ratio)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unreachable_ratio(model_spectra, method: str) -> None:
+    spectra, shapes = model_spectra[("gpt2", False)]
+    with pytest.raises(WeloreError, match="unreachable"):
+        allocate(method, spectra, shapes, 0.999)
+
+
+def test_unknown_method(model_spectra) -> None:
+    spectra, shapes = model_spectra[("llama", False)]
+    with pytest.raises(WeloreError, match="Unknown method 'svd-llm'"):
+        allocate("svd-llm", spectra, shapes, 0.2)
+
+
+def test_registry_has_the_documented_policies() -> None:
+    assert set(METHODS) <= set(POLICIES)
+
+
+# --- RankPlan validation and JSON ----------------------------------------------------------------
+
+
+def test_plan_rejects_ranks_that_save_nothing() -> None:
+    with pytest.raises(WeloreError, match="saves no parameters"):
+        RankPlan(ranks={"a": 4}, shapes={"a": (8, 8)})  # 4·16 = 64 = 8·8
+    with pytest.raises(WeloreError, match="saves no parameters"):
+        RankPlan(ranks={"a": 0}, shapes={"a": (8, 8)})
+    with pytest.raises(WeloreError):
+        RankPlan(ranks={"a": 1}, shapes={"b": (8, 8)})
+    RankPlan(ranks={"a": 3}, shapes={"a": (8, 8)})  # 3·16 = 48 < 64: fine
+
+
+def test_json_round_trip(tmp_path: Path, model_spectra) -> None:
+    spectra, shapes = model_spectra[("llama", True)]
+    ranks = allocate("uniform", spectra, shapes, 0.2).ranks
+    ranks[next(iter(ranks))] = None  # one dense matrix
+    plan = RankPlan(ranks=ranks, shapes=shapes, method="uniform", requested_ratio=0.2, meta={"model": "tiny"})
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = RankPlan.load(path)
+    assert loaded == plan
+    assert loaded.ranks == plan.ranks  # None (dense) included
+    assert list(loaded.ranks) == list(plan.ranks)  # model order kept
+    assert loaded.achieved_ratio == plan.achieved_ratio
+    data = json.loads(path.read_text())
+    assert data["format"] == "welore-rank-plan"
+    assert data["version"] == 1
+    assert any(entry["rank"] is None for entry in data["matrices"].values())
+
+
+def test_save_leaves_no_temporary_files(tmp_path: Path) -> None:
+    RankPlan(ranks={"a": 1}, shapes={"a": (8, 8)}).save(tmp_path / "plan.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+VALID = {
+    "format": "welore-rank-plan",
+    "version": 1,
+    "method": "manual",
+    "matrices": {"a": {"shape": [8, 8], "rank": 2}, "b": {"shape": [4, 8], "rank": None}},
+}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {**VALID, "format": "something-else"},
+        {k: v for k, v in VALID.items() if k != "format"},
+        {**VALID, "version": 99},
+        {k: v for k, v in VALID.items() if k != "matrices"},
+        {**VALID, "matrices": {"a": {"shape": [8, 8]}}},
+        {**VALID, "matrices": {"a": {"rank": 2}}},
+        {**VALID, "matrices": {"a": {"shape": [8], "rank": 2}}},
+        {**VALID, "matrices": {"a": {"shape": [8, 8], "rank": "two"}}},
+        {**VALID, "matrices": {"a": {"shape": [8, 8], "rank": 4}}},
+        {**VALID, "matrices": {"a": {"shape": [8, 8], "rank": 0}}},
+        {**VALID, "matrices": {"a": {"shape": [8, 8], "rank": -1}}},
+        {**VALID, "matrices": {"a": 3}},
+        [VALID],
+        "plan",
+    ],
+    ids=[
+        "wrong-format", "no-format", "newer-version", "no-matrices", "no-rank", "no-shape",
+        "short-shape", "rank-not-int", "rank-saves-nothing", "rank-zero", "rank-negative",
+        "entry-not-object", "top-level-list", "top-level-string",
+    ],
+)
+def test_malformed_plan_is_a_user_error(tmp_path: Path, data) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(WeloreError):
+        RankPlan.load(path)
+
+
+def test_matrices_not_an_object_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**VALID, "matrices": [["a", 2]]}))
+    with pytest.raises(WeloreError):
+        RankPlan.load(path)
+
+
+def test_version_not_a_number_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**VALID, "version": "1"}))
+    with pytest.raises(WeloreError):
+        RankPlan.load(path)
+
+
+def test_fractional_rank_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**VALID, "matrices": {"a": {"shape": [8, 8], "rank": 2.5}}}))
+    with pytest.raises(WeloreError):
+        RankPlan.load(path)
+
+
+def test_valid_handwritten_plan_loads(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(VALID))
+    plan = RankPlan.load(path)
+    assert plan.ranks == {"a": 2, "b": None}
+    assert plan.shapes == {"a": (8, 8), "b": (4, 8)}
+
+
+@pytest.mark.parametrize("content", ["{not json", "", "\xff\xfe"])
+def test_unreadable_plan_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(WeloreError):
+        RankPlan.load(path)
+
+
+def test_missing_plan_file(tmp_path: Path) -> None:
+    with pytest.raises(WeloreError, match="does not exist"):
+        RankPlan.load(tmp_path / "nope.json")
+    with pytest.raises(WeloreError):
+        RankPlan.load(tmp_path)  # a folder
+
+
+# --- LRC -------------------------------------------------------------------------------------------
+
+
+def test_lrc_respects_min_cut() -> None:
+    shapes = {"a": (100, 100), "b": (100, 100), "c": (100, 100), "d": (100, 100)}
+    plan = RankPlan(ranks={"a": 10, "b": 40, "c": 49, "d": None}, shapes=shapes)  # cuts 90%, 60%, 51%, 0%
+    assert plan.lrc() == ["a", "b", "c"]
+    assert plan.lrc(0.5) == ["a", "b", "c"]
+    assert plan.lrc(0.6) == ["a", "b"]
+    assert plan.lrc(0.9) == ["a"]
+    assert plan.lrc(0.95) == []
+    assert plan.lrc(0.01) == ["a", "b", "c"]  # a dense matrix is never an LRC
+
+
+# --- what the policies prefer --------------------------------------------------------------------
+
+
+def _steep_and_flat(k: int = 64) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+    i = torch.arange(k, dtype=torch.float64)
+    spectra = {
+        "steep": 1 + 9 * torch.exp(-i / 4),  # normalised profile falls fast: a heavy-tailed matrix
+        "medium": 1 + 9 * torch.exp(-i / 16),
+        "flat": 10 - 0.05 * i,  # normalised profile falls slowly
+    }
+    return spectra, {n: (k, k) for n in spectra}
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_welore_cuts_steep_spectra_more(ratio: float) -> None:
+    spectra, shapes = _steep_and_flat()
+    plan = allocate("welore", spectra, shapes, ratio)
+    kept = {n: plan.kept_fraction(n) for n in spectra}
+    assert kept["steep"] <= kept["medium"] <= kept["flat"]
+    assert kept["steep"] < kept["flat"]
+
+
+def test_welore_threshold_is_global() -> None:
+    """Every kept component's normalised value is at least every dropped component's."""
+    spectra, shapes = _steep_and_flat()
+    plan = allocate("welore", spectra, shapes, 0.3)
+    kept, dropped = [], []
+    for name, s in spectra.items():
+        rank = plan.ranks[name]
+        if rank is None:  # dense: kept whole because factorizing it would save nothing
+            continue
+        profile = (s - s.min()) / (s.max() - s.min())
+        kept.append(profile[:rank].min())
+        dropped.append(profile[rank:].max())
+    assert len(kept) >= 2
+    assert min(kept) >= max(dropped)
+
+
+def test_welore_on_model_cuts_steep_matrices_more() -> None:
+    model = build_tiny("llama")
+    taus = give_decaying_spectra_(model)
+    targets = find_targets(model)
+    spectra = compute_spectra(targets, progress=False)
+    shapes = {n: matrix_shape(m) for n, m in targets.items()}
+    plan = allocate("welore", spectra, shapes, 0.3)
+    # among matrices of one shape, a smaller τ (steeper spectrum) never keeps a larger fraction
+    for shape in set(shapes.values()):
+        names = sorted((n for n in shapes if shapes[n] == shape), key=lambda n: taus[n])
+        fractions = [plan.kept_fraction(n) for n in names]
+        assert fractions == sorted(fractions), (shape, fractions)
+    fractions = [plan.kept_fraction(n) for n in plan.ranks]
+    assert max(fractions) - min(fractions) > 0.3, "welore should allocate non-uniformly here"
+
+
+@pytest.mark.parametrize("decaying", [False, True], ids=["random", "decaying"])
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4])
+def test_energy_minimises_truncated_energy(model_spectra, family: str, ratio: float, decaying: bool) -> None:
+    """Energy's plan loses no more relative energy than any other policy's plan that costs at
+    most as much (the others are asked for energy's achieved ratio, so they are no dearer)."""
+    spectra, shapes = model_spectra[(family, decaying)]
+    energy = allocate("energy", spectra, shapes, ratio)
+    for method in ("uniform", "welore"):
+        other = allocate(method, spectra, shapes, min(energy.achieved_ratio, max_ratio(shapes)))
+        assert other.kept_params <= energy.kept_params
+        assert truncated_energy(energy, spectra) <= truncated_energy(other, spectra) + 1e-9, method
+
+
+def test_energy_prefers_matrices_with_concentrated_energy() -> None:
+    spectra, shapes = _steep_and_flat()
+    plan = allocate("energy", spectra, shapes, 0.3)
+    uniform = allocate("uniform", spectra, shapes, plan.achieved_ratio)
+    assert plan.kept_fraction("steep") < plan.kept_fraction("flat")
+    assert truncated_energy(plan, spectra) < truncated_energy(uniform, spectra)
