@@ -21,7 +21,7 @@ from welore.errors import WeloreError
 from welore.evaluate import count_parameters
 from welore.factorize import FACTORIZERS
 from welore.modules import LowRankLinear
-from welore.plan import POLICIES, RankPlan, allocate
+from welore.plan import POLICIES, RankPlan, allocate, check_ratio
 from welore.spectrum import check_finite, compute_spectra
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
 
@@ -37,6 +37,9 @@ class CompressConfig:
     factorizer: str = "svd"  # how each matrix is factorized at its rank
     targets: list[str] | None = None  # module-name patterns (exact, glob, or "re:regex"); None = decoder-block Linears
     lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
+    calib: str | None = None  # calibration text spec, for data-aware factorizers (provenance)
+    calib_tokens: int | None = None  # calibration tokens used
+    sequential: bool = False  # calibrate block k on the outputs of the already-compressed blocks 0..k-1
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -94,6 +97,20 @@ def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
             raise WeloreError(f"The rank plan expects {name} to be a {shape[0]}x{shape[1]} Linear layer, which it is not here; use a plan made for this model.")
 
 
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def factorize_layer(dense: nn.Module, name: str, rank: int, factorizer: str, stats=None) -> LowRankLinear:
+    """Factorize one dense layer at `rank` (bias, dtype and device kept)."""
+    weight = weight_matrix(dense)
+    check_finite(name, weight)
+    up, down = FACTORIZERS[factorizer].factors(weight, rank, stats)
+    bias = dense.bias.detach() if dense.bias is not None else None
+    return LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), bias, dtype=weight.dtype)
+
+
 def apply_plan_(
     model: nn.Module, plan: RankPlan, factorizer: str = "svd", progress: bool = True, empty: bool = False
 ) -> list[str]:
@@ -103,40 +120,99 @@ def apply_plan_(
     rebuild a saved model's structure before loading its weights).
     """
     check_plan_fits(model, plan)
-    factorize = FACTORIZERS[factorizer]
-    replaced = []
     for name in tqdm(plan.factorized, desc="factorizing", disable=not progress or empty):
         rank = plan.ranks[name]
         assert rank is not None
         dense = model.get_submodule(name)
-        out_features, in_features = matrix_shape(dense)
-        weight = weight_matrix(dense)
-        bias = dense.bias.detach() if dense.bias is not None else None
         if empty:
-            low_rank = LowRankLinear(in_features, out_features, rank, bias=bias is not None, device="meta", dtype=weight.dtype)
+            out_features, in_features = matrix_shape(dense)
+            dtype = weight_matrix(dense).dtype
+            module = LowRankLinear(in_features, out_features, rank, bias=dense.bias is not None, device="meta", dtype=dtype)
         else:
-            check_finite(name, weight)
-            up, down = factorize(weight, rank)
-            low_rank = LowRankLinear.from_factors(up, down, bias, dtype=weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, low_rank)
-        replaced.append(name)
-    log.info("replaced %d of %d target matrices by low-rank factors", len(replaced), len(plan.ranks))
-    return replaced
+            module = factorize_layer(dense, name, rank, factorizer)
+        swap_module(model, name, module)
+    log.info("replaced %d of %d target matrices by low-rank factors", len(plan.factorized), len(plan.ranks))
+    return list(plan.factorized)
+
+
+def calibrated_spectra(
+    model: nn.Module, config: CompressConfig, calibration: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """The spectra a data-aware factorizer sees (e.g. singular values of W·S), block by block."""
+    from welore.calibrate import iter_block_stats
+
+    factorizer = FACTORIZERS[config.factorizer]
+    targets = find_targets(model, config.targets)
+    spectra = {}
+    for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress):
+        for name, stats in block_stats.items():
+            stats.check(name)
+            spectra[name] = factorizer.spectrum(weight_matrix(targets[name]), stats)
+    return spectra
+
+
+def _apply_plan_calibrated_(
+    model: nn.Module, plan: RankPlan, config: CompressConfig, calibration: torch.Tensor,
+    batch_size: int = 4, progress: bool = True,
+) -> list[str]:
+    """Factorize with input statistics gathered block by block. Sequential: each block is
+    swapped as soon as it is factorized, so later blocks are calibrated on compressed outputs;
+    otherwise every swap waits until all statistics come from the dense model."""
+    from welore.calibrate import iter_block_stats
+
+    check_plan_fits(model, plan)
+    targets = {name: model.get_submodule(name) for name in plan.factorized}
+    pending: dict[str, LowRankLinear] = {}
+    for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress):
+        for name, stats in block_stats.items():
+            stats.check(name)
+            rank = plan.ranks[name]
+            assert rank is not None
+            module = factorize_layer(targets[name], name, rank, config.factorizer, stats)
+            if config.sequential:
+                swap_module(model, name, module)
+            else:
+                pending[name] = module
+    for name, module in pending.items():
+        swap_module(model, name, module)
+    return list(plan.factorized)
 
 
 def compress_(
     model: nn.Module,
     config: CompressConfig,
     plan: RankPlan | None = None,
+    calibration: torch.Tensor | None = None,
+    batch_size: int = 4,
     progress: bool = True,
 ) -> CompressReport:
-    """Compress `model` in place; returns the plan, the replaced modules and parameter counts."""
+    """Compress `model` in place; returns the plan, the replaced modules and parameter counts.
+
+    Data-aware factorizers (`whiten`, `asvd`) need `calibration`, a LongTensor (N, T) of token
+    windows from text disjoint from any evaluation text (`welore.data.load_text(..., split="calib")`).
+    """
+    factorizer = FACTORIZERS[config.factorizer]
+    if factorizer.needs_stats and calibration is None:
+        raise WeloreError(f"The {config.factorizer} factorizer needs calibration text; pass --calib (e.g. --calib wiki).")
+    if not factorizer.needs_stats and calibration is not None:
+        raise WeloreError(f"The {config.factorizer} factorizer is data-free and uses no calibration text; drop --calib or choose whiten or asvd.")
     before = count_parameters(model)
     with torch.no_grad():
-        if plan is None:
+        if plan is None and factorizer.needs_stats:
+            if config.ratio is None:
+                raise WeloreError("No ratio given; pass --ratio (e.g. 0.2) or a saved --plan.")
+            targets = find_targets(model, config.targets)
+            shapes = {n: matrix_shape(m) for n, m in targets.items()}
+            check_ratio(config.ratio, shapes)
+            needs_spectra = getattr(POLICIES[config.method], "needs_spectra", True)
+            spectra = calibrated_spectra(model, config, calibration, batch_size, progress) if needs_spectra else {}
+            plan = allocate(config.method, spectra, shapes, config.ratio)
+        elif plan is None:
             plan = plan_ranks(model, config, progress=progress)
-        replaced = apply_plan_(model, plan, factorizer=config.factorizer, progress=progress)
+        if factorizer.needs_stats:
+            replaced = _apply_plan_calibrated_(model, plan, config, calibration, batch_size, progress)
+        else:
+            replaced = apply_plan_(model, plan, factorizer=config.factorizer, progress=progress)
     model.welore_plan = plan  # so that save() finds it
     model.welore_config = config
     return CompressReport(plan=plan, replaced=replaced, params_before=before, params_after=count_parameters(model))

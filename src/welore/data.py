@@ -637,3 +637,16 @@ def token_windows(
         )
     windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long)
     return windows.view(n_windows, seq_len)  # (N, seq_len)
+
+
+def overlap_fraction(calibration: str, evaluation: str, min_chars: int = 40) -> float:
+    """Fraction of the evaluation text's paragraphs (of at least `min_chars` characters) that
+    also occur in the calibration text; 0.0 means the two are disjoint."""
+
+    def paragraphs(text: str) -> set[str]:
+        return {p.strip() for p in re.split(r"\n\s*\n", text) if len(p.strip()) >= min_chars}
+
+    evaluated = paragraphs(evaluation)
+    if not evaluated:
+        return 0.0
+    return len(evaluated & paragraphs(calibration)) / len(evaluated)

@@ -1,35 +1,228 @@
 """Per-matrix factorizations: turn an (out, in) matrix into rank-r factors (up, down).
 
-Factorizers sit in a registry (`FACTORIZERS`) and share one signature:
-`factorizer(weight, rank) -> (up (out, r), down (r, in))`, computed in float32.
+A factorizer is a small strategy object in a registry (`FACTORIZERS`) with two methods:
+
+    spectrum(weight, stats) -> singular values the rank allocation should see (descending)
+    factors(weight, rank, stats) -> (up (out, r), down (r, in)), float32
+
+`stats` is the `InputStats` of the matrix's inputs on calibration text for data-aware
+factorizers (`needs_stats = True`) and None for data-free ones.
+
 `svd` is the truncated SVD — by Eckart–Young the best rank-r approximation in the Frobenius
 and spectral norms — with WeLore's balanced split up = U·√S, down = √S·Vᵀ.
+
+`whiten` (SVD-LLM, Wang et al., ICLR 2025) minimises the error of the layer's *outputs* on
+the calibration inputs X (tokens, in) instead: with XᵀX = S·Sᵀ (Cholesky),
+‖(W − W_r)·Xᵀ‖_F = ‖(W − W_r)·S‖_F, so the truncated SVD of W·S, mapped back by S⁻¹, is the
+best rank-r matrix for those outputs, and the squared singular values of W·S are exactly the
+output error each component adds when cut. `asvd` (ASVD, Yuan et al., 2023) scales input
+channel j by (mean |x_j|)^α before the SVD and unscales after, a cheap diagonal stand-in for S.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
-Factorizer = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+from welore.errors import WeloreError
+from welore.spectrum import singular_values
+
+if TYPE_CHECKING:
+    from welore.calibrate import InputStats
+
+log = logging.getLogger(__name__)
+
+
+class Factorizer(Protocol):
+    needs_stats: ClassVar[bool]  # True when spectrum/factors need calibration statistics
+
+    def spectrum(self, weight: torch.Tensor, stats: Any | None) -> torch.Tensor: ...
+
+    def factors(self, weight: torch.Tensor, rank: int, stats: Any | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 FACTORIZERS: dict[str, Factorizer] = {}
 
 
-def register_factorizer(name: str) -> Callable[[Factorizer], Factorizer]:
-    def register(fn: Factorizer) -> Factorizer:
-        FACTORIZERS[name] = fn
-        return fn
+def register_factorizer(name: str) -> Callable[[type], type]:
+    def register(cls: type) -> type:
+        FACTORIZERS[name] = cls()
+        return cls
 
     return register
 
 
-@register_factorizer("svd")
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced truncated-SVD factors: up = U_r·√S_r (out, r), down = √S_r·V_rᵀ (r, in)."""
     w = weight.detach().to(torch.float32)  # (out, in)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root  # (out, r)
     down = root[:, None] * vh[:rank]  # (r, in)
     return up, down
+
+
+@register_factorizer("svd")
+class PlainSVD:
+    """Data-free truncated SVD of the weight itself."""
+
+    needs_stats: ClassVar[bool] = False
+
+    def spectrum(self, weight: torch.Tensor, stats: Any | None = None) -> torch.Tensor:
+        return singular_values(weight)
+
+    def factors(self, weight: torch.Tensor, rank: int, stats: Any | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return svd_factors(weight, rank)
+
+
+# --- data-aware factorizers ----------------------------------------------------------------
+
+JITTERS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # tried in turn, × mean(diag(XᵀX)), when Cholesky fails
+EIGEN_FLOOR = 1e-6  # × mean(diag(XᵀX)): eigenvalue floor of the last-resort square root
+
+
+def _label(stats: InputStats) -> str:
+    return ", ".join(stats.names) if stats.names else "this layer"
+
+
+def _require_stats(method: str, weight: torch.Tensor, stats: InputStats | None) -> InputStats:
+    if stats is None:
+        raise WeloreError(
+            f"The {method} factorizer needs statistics of each layer's inputs on calibration text; "
+            "give calibration text (--calib), or use the data-free svd factorizer."
+        )
+    in_features = weight.shape[1]
+    assert stats.xtx.shape == (in_features, in_features), (
+        f"input statistics of shape {tuple(stats.xtx.shape)} do not fit a weight of shape {tuple(weight.shape)}"
+    )
+    stats.check(_label(stats))
+    return stats
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """A square root S (in, in) of XᵀX = S·Sᵀ, float64.
+
+    Normally the lower-triangular Cholesky factor; when XᵀX is too far from positive definite,
+    the symmetric root Q·diag(√λ)·Qᵀ of its eigen-decomposition, eigenvalues clamped at a floor.
+    """
+
+    root: torch.Tensor  # (in, in) S
+    jitter: float | None  # λ: S·Sᵀ = XᵀX + λ·mean(diag(XᵀX))·I; 0 if none was needed, None for the eigen root
+    eigvecs: torch.Tensor | None = None  # (in, in) Q, only for the eigen-decomposition root
+    root_eigs: torch.Tensor | None = None  # (in,) √λ clamped, only for the eigen-decomposition root
+
+    def right_solve(self, a: torch.Tensor) -> torch.Tensor:
+        """a·S⁻¹ for a (r, in), without forming S⁻¹."""
+        if self.eigvecs is None:
+            return torch.linalg.solve_triangular(self.root, a, upper=False, left=False)  # X·S = a
+        return ((a @ self.eigvecs) / self.root_eigs) @ self.eigvecs.T  # a·Q·diag(1/√λ)·Qᵀ
+
+
+# stats object -> (xtx version, Whitening): q/k/v share one InputStats, and the rank allocation
+# (spectrum) and the factorization (factors) both need S; compute it, and warn, once.
+_WHITENINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def whitening(stats: InputStats) -> Whitening:
+    """S with XᵀX = S·Sᵀ (+ jitter if needed), float64 on the statistics' device, cached per stats."""
+    key = (stats.xtx._version, stats.xtx.data_ptr())
+    cached = _WHITENINGS.get(stats)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = _whitening(stats.xtx.to(torch.float64), _label(stats))
+    _WHITENINGS[stats] = (key, result)
+    return result
+
+
+def _whitening(xtx: torch.Tensor, label: str) -> Whitening:
+    root, info = torch.linalg.cholesky_ex(xtx)
+    if info.item() == 0:
+        return Whitening(root=root, jitter=0.0)
+    scale = xtx.diagonal().mean().item()
+    eye = torch.eye(xtx.shape[0], dtype=xtx.dtype, device=xtx.device)
+    for jitter in JITTERS:
+        root, info = torch.linalg.cholesky_ex(xtx + (jitter * scale) * eye)
+        if info.item() == 0:
+            log.warning(
+                "XᵀX of %s is not positive definite; whitening with jitter %g × mean diagonal added",
+                label, jitter,
+            )
+            return Whitening(root=root, jitter=jitter)
+    floor = EIGEN_FLOOR * scale if scale > 0 else 1.0
+    eigs, eigvecs = torch.linalg.eigh(xtx)  # ascending, (in,), (in, in)
+    root_eigs = eigs.clamp_min(floor).sqrt()
+    log.warning(
+        "XᵀX of %s is not positive definite even with jitter %g × mean diagonal; whitening with "
+        "the symmetric square root of its eigen-decomposition instead, eigenvalues clamped at %.3g",
+        label, JITTERS[-1], floor,
+    )
+    return Whitening(root=(eigvecs * root_eigs) @ eigvecs.T, jitter=None, eigvecs=eigvecs, root_eigs=root_eigs)
+
+
+def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """U_r·√Σ_r (out, r) and √Σ_r·V_rᵀ (r, in) of an SVD."""
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+@register_factorizer("whiten")
+class Whiten:
+    """SVD-LLM: truncated SVD of W·S, S the Cholesky factor of the inputs' XᵀX; output-optimal."""
+
+    needs_stats: ClassVar[bool] = True
+
+    def spectrum(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        """Singular values of W·S: σ_j² is the output error (on the calibration tokens) of cutting j."""
+        stats = _require_stats("whiten", weight, stats)
+        root = whitening(stats).root
+        return singular_values(weight.detach().to(root.device, torch.float64) @ root)
+
+    def factors(self, weight: torch.Tensor, rank: int, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        stats = _require_stats("whiten", weight, stats)
+        white = whitening(stats)
+        w = weight.detach().to(white.root.device, torch.float64)  # (out, in)
+        u, s, vh = torch.linalg.svd(w @ white.root, full_matrices=False)  # (out, k), (k,), (k, in)
+        up, down = _balanced(u, s, vh, rank)  # (out, r), (r, in) in the whitened space
+        down = white.right_solve(down)  # (r, in): √Σ_r·V_rᵀ·S⁻¹
+        return up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)
+
+
+@register_factorizer("asvd")
+@dataclass(frozen=True)
+class ASVD:
+    """ASVD: truncated SVD of W·diag(s), s_j = (mean |x_j|)^α, unscaled by diag(1/s) after."""
+
+    alpha: float = 0.5  # exponent of the channel scales; 0 gives plain SVD
+    floor: float = 1e-6  # mean |x_j| below floor × max_j mean |x_j| is raised to it (dead channels)
+    needs_stats: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha < float("inf"):
+            raise WeloreError(f"ASVD alpha {self.alpha} must be a non-negative number; the paper uses 0.5.")
+        if not 0 < self.floor < 1:
+            raise WeloreError(f"ASVD floor {self.floor} is outside (0, 1); use e.g. 1e-6.")
+
+    def scales(self, stats: InputStats) -> torch.Tensor:
+        """s (in,) float64: the input channels' mean |x|, floored, to the power α."""
+        mean = stats.mean_abs.to(torch.float64)  # (in,)
+        low = max(self.floor * mean.max().item(), torch.finfo(torch.float64).tiny)
+        return mean.clamp_min(low).pow(self.alpha)
+
+    def spectrum(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+        """Singular values of W·diag(s)."""
+        scale = self.scales(_require_stats("asvd", weight, stats))
+        return singular_values(weight.detach().to(scale.device, torch.float64) * scale)
+
+    def factors(self, weight: torch.Tensor, rank: int, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scales(_require_stats("asvd", weight, stats))  # (in,)
+        w = weight.detach().to(scale.device, torch.float64)  # (out, in)
+        u, s, vh = torch.linalg.svd(w * scale, full_matrices=False)  # SVD of W·diag(s)
+        up, down = _balanced(u, s, vh, rank)
+        down = down / scale  # (r, in): √Σ_r·V_rᵀ·diag(1/s)
+        return up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)

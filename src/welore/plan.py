@@ -15,6 +15,8 @@ the target matrices' parameters to remove.
 - `energy`: minimise Σ_i (truncated energy of matrix i / its total energy) for the budget:
   each component is worth σ²/(E·(m+n)) per parameter and ranks decrease in σ, so keeping
   every component above one global value of that score is the optimal greedy allocation.
+- `loss`: the same greedy rule on absolute σ² instead of relative energy; on whitened spectra
+  it minimises the summed output error of all layers (data-aware allocation).
 """
 
 from __future__ import annotations
@@ -196,6 +198,9 @@ def uniform_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], r
     return {name: settle(shapes[name], r) for name, r in ranks.items()}
 
 
+uniform_policy.needs_spectra = False  # type: ignore[attr-defined]  # ranks follow from shapes alone
+
+
 def threshold_allocation(
     scores: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float
 ) -> tuple[dict[str, int | None], float]:
@@ -247,6 +252,19 @@ def energy_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ra
         m, k = shapes[n]
         energy = (s**2).sum().clamp_min(torch.finfo(s.dtype).tiny)
         scores[n] = s**2 / energy / (m + k)  # relative energy kept per parameter spent
+    ranks, _ = threshold_allocation(scores, shapes, ratio)
+    return ranks
+
+
+@register_policy("loss")
+def loss_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float) -> dict[str, int | None]:
+    """Minimise the total absolute truncation loss Σ_i Σ_{j>r_i} σ_ij² for the budget.
+
+    With whitened spectra (`whiten` factorizer) σ_ij² is exactly what dropping component j adds
+    to the squared output error of layer i on the calibration text (SVD-LLM), so this is the
+    data-aware global allocation; with plain spectra it minimises the summed Frobenius error.
+    """
+    scores = {n: s**2 / sum(shapes[n]) for n, s in spectra.items()}  # loss avoided per parameter
     ranks, _ = threshold_allocation(scores, shapes, ratio)
     return ranks
 

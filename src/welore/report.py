@@ -35,7 +35,7 @@ def plot_spectra(analysis: Analysis, path: Path) -> None:
         ax.axis("off")
     fig.suptitle(f"Singular-value spectra of {analysis.model} (dark = first layer)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -58,5 +58,33 @@ def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
                  f"(achieved {plan.achieved_ratio:.3f}); 1 = dense", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_perplexity_vs_ratio(
+    points: list[tuple[str, float, float]], path: Path, dense: float | None = None, title: str = ""
+) -> None:
+    """Perplexity (log scale) against compression ratio, one line per method.
+
+    `points` holds (method label, achieved ratio, perplexity); `dense` draws the uncompressed
+    model's perplexity as a dashed line.
+    """
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for label, ratio, ppl in points:
+        by_method.setdefault(label, []).append((ratio, ppl))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, xy in by_method.items():
+        xy.sort()
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", lw=1.2, label=label)
+    if dense is not None:
+        ax.axhline(dense, color="black", ls="--", lw=0.8, label=f"dense ({dense:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression ratio (fraction of target parameters removed)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title or "perplexity vs compression ratio", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

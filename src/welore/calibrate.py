@@ -1,0 +1,326 @@
+"""Statistics of the target matrices' inputs on calibration text, one decoder block at a time.
+
+Data-aware factorizers (`whiten`, after SVD-LLM, Wang et al., ICLR 2025; `asvd`, after ASVD,
+Yuan et al., 2023) need, for every target matrix, the statistics of its inputs x (in,) over
+the calibration tokens: XᵀX = Σ x xᵀ and Σ |x|. `iter_block_stats` collects them block by
+block so that memory holds one block's statistics plus the hidden states of the calibration
+windows, never the whole model's:
+
+    for k, stats in iter_block_stats(model, find_targets(model), windows):
+        ...  # stats: name -> InputStats for block k's targets; the block may be changed here
+
+1. One forward of the model per batch is stopped at the first block by a pre-hook that keeps
+   the block's inputs (hidden states and every other argument: attention mask, position ids
+   or embeddings, ...) and raises. This "catcher" needs no knowledge of the family's signature.
+2. For block k: hooks on its targets accumulate the statistics while the block runs over every
+   batch; the statistics are yielded; when the consumer resumes (it may have compressed block
+   k meanwhile), block k runs again and its outputs become block k+1's inputs. So block k+1
+   is calibrated on the outputs of the already-compressed block k ("sequential" calibration).
+
+Modules that read the same tensor (q/k/v, gate/up) share one `InputStats` object: XᵀX is
+computed once for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from welore.errors import WeloreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)  # identity semantics: several modules may hold the same object
+class InputStats:
+    xtx: torch.Tensor  # (in, in) float64: Σ over calibration tokens of x xᵀ
+    abs_sum: torch.Tensor  # (in,) float64: Σ |x|
+    tokens: int  # number of tokens accumulated
+    names: list[str] = field(default_factory=list)  # the modules that read this input (for messages)
+
+    @classmethod
+    def zeros(cls, in_features: int, device: torch.device | str | None = None) -> InputStats:
+        return cls(
+            xtx=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
+            abs_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
+            tokens=0,
+        )
+
+    @property
+    def in_features(self) -> int:
+        return int(self.abs_sum.shape[0])
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |x| of every input channel, (in,) float64."""
+        return self.abs_sum / self.tokens
+
+    def add_(self, x: torch.Tensor) -> None:
+        """Accumulate a batch of inputs x (..., in)."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        self.xtx.addmm_(x.T, x)  # (in, in)
+        self.abs_sum.add_(x.abs().sum(dim=0))  # (in,)
+        self.tokens += x.shape[0]
+
+    def check(self, name: str) -> None:
+        """Raise a user error when these statistics are empty or hold NaN/Inf."""
+        if self.tokens == 0:
+            raise WeloreError(f"The input statistics of {name} hold no tokens; the module never ran on the calibration text, so check the targets and the calibration windows.")
+        if not (torch.isfinite(self.xtx).all() and torch.isfinite(self.abs_sum).all()):
+            raise WeloreError(
+                f"The input statistics of {name} contain NaN or Inf; the model or the calibration text produced non-finite activations "
+                "(try float32 instead of float16, or check the model's weights)."
+            )
+
+
+class _StopForward(Exception):
+    """Raised by the catcher hook to stop the model's forward at the first block."""
+
+
+@dataclass
+class _BlockInputs:
+    """What the model passes to a decoder block for one batch, the hidden states aside."""
+
+    by_keyword: bool  # hidden states passed as `hidden_states=` instead of positionally
+    args: tuple  # positional arguments after the hidden states
+    kwargs: dict[str, Any]  # keyword arguments (attention mask, position embeddings, ...)
+
+
+def _block_list(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, nn.ModuleList, dict[str, int]]:
+    """The `nn.ModuleList` of decoder blocks holding the targets, and target name -> block index.
+
+    The outermost list wins, so lists inside a block (mixture-of-experts) are not mistaken for it.
+    """
+    lists = sorted(
+        ((name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and name),
+        key=lambda item: item[0].count("."),
+    )
+    found: dict[str, tuple[str, nn.ModuleList]] = {}
+    block_of: dict[str, int] = {}
+    for target in targets:
+        for list_name, blocks in lists:
+            prefix = f"{list_name}."
+            if target.startswith(prefix):
+                index = target[len(prefix) :].split(".", 1)[0]
+                if index.isdigit() and int(index) < len(blocks):
+                    found[target] = (list_name, blocks)
+                    block_of[target] = int(index)
+                    break
+        else:
+            raise WeloreError(
+                f"Target {target} is not inside the decoder blocks; data-aware methods need targets "
+                "inside decoder blocks, so drop it from --targets or use a data-free factorizer."
+            )
+    list_names = sorted({list_name for list_name, _ in found.values()})
+    if len(list_names) > 1:
+        raise WeloreError(
+            f"The targets lie in several stacks of blocks ({', '.join(list_names)}); data-aware methods "
+            "calibrate one stack of decoder blocks, so pick targets from one of them."
+        )
+    list_name, blocks = next(iter(found.values()))
+    return list_name, blocks, block_of
+
+
+def _layer_types(model: nn.Module, n_blocks: int) -> list[str] | None:
+    """`config.layer_types` when the blocks are of several kinds (e.g. full and sliding-window
+    attention), which the model gives different attention masks or position embeddings."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == n_blocks and len(set(types)) > 1:
+        return list(types)
+    return None
+
+
+def _capture_block_inputs(
+    model: nn.Module, block: nn.Module, windows: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[_BlockInputs]]:
+    """Hidden states (B, T, d) and other arguments the model gives `block`, batch by batch."""
+    hidden: list[torch.Tensor] = []
+    inputs: list[_BlockInputs] = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        if args:
+            hidden.append(args[0])
+            inputs.append(_BlockInputs(by_keyword=False, args=tuple(args[1:]), kwargs=kwargs))
+        else:
+            hidden.append(kwargs.pop("hidden_states"))
+            inputs.append(_BlockInputs(by_keyword=True, args=(), kwargs=kwargs))
+        raise _StopForward
+
+    device = model.get_input_embeddings().weight.device
+    handle = block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(device)  # (B, T)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                continue
+            raise RuntimeError("the model's forward finished without calling its first decoder block")
+    finally:
+        handle.remove()
+    return hidden, inputs
+
+
+def _capture_all(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[_BlockInputs]]]:
+    """Block 0's hidden states per batch, and every block's other inputs per batch.
+
+    Usually all blocks get the same arguments. When `config.layer_types` mixes kinds of block,
+    the model picks each block's mask by its entry there; the catcher then runs once more per
+    other kind, with that kind written into entry 0, and each block gets its kind's arguments.
+    """
+    hidden, first = _capture_block_inputs(model, blocks[0], windows, batch_size)
+    types = _layer_types(model, len(blocks))
+    if types is None:
+        return hidden, [first] * len(blocks)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    by_type = {types[0]: first}
+    original = config.layer_types
+    try:
+        for kind in dict.fromkeys(types[1:]):
+            if kind not in by_type:
+                config.layer_types = [kind, *types[1:]]
+                by_type[kind] = _capture_block_inputs(model, blocks[0], windows, batch_size)[1]
+    finally:
+        config.layer_types = original
+    return hidden, [by_type[kind] for kind in types]
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, inputs: _BlockInputs) -> torch.Tensor:
+    """The block's output hidden states; blocks return a tensor or a tuple, by family and version."""
+    if inputs.by_keyword:
+        out = block(hidden_states=hidden, **inputs.kwargs)
+    else:
+        out = block(hidden, *inputs.args, **inputs.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Collector:
+    """Forward hooks that accumulate one block's input statistics.
+
+    Within one block forward, modules whose input is the same tensor share one InputStats; the
+    tensors seen are kept alive until the forward ends, so no later input can reuse their memory
+    and be mistaken for them.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.stats: dict[str, InputStats] = {}
+        self._seen: list[tuple[torch.Tensor, InputStats]] = []  # inputs of the current forward
+
+    def new_forward(self) -> None:
+        self._seen.clear()
+
+    def hook(self, name: str):
+        def accumulate(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0]
+            shared = next((s for t, s in self._seen if _same_tensor(t, x)), None)
+            if shared is not None:
+                known = self.stats.setdefault(name, shared)
+                if name not in shared.names:
+                    shared.names.append(name)
+                if known is shared:
+                    return  # already accumulated for this forward
+                raise RuntimeError(f"{name} shares its input with {shared.names} in one forward but not in another")
+            stats = self.stats.get(name)
+            if stats is not None and any(s is stats for _, s in self._seen):
+                raise RuntimeError(f"{stats.names} share their input in one forward but not in another")
+            if stats is None:
+                stats = self.stats[name] = InputStats.zeros(x.shape[-1], device=x.device)
+                stats.names.append(name)
+            stats.add_(x)
+            self._seen.append((x, stats))
+
+        return accumulate
+
+    def __enter__(self) -> _Collector:
+        self._handles = [m.register_forward_hook(self.hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+    )
+
+
+def iter_block_stats(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Iterator[tuple[int, dict[str, InputStats]]]:
+    """Yield (block index, {target name: InputStats}) for every decoder block holding targets.
+
+    `windows` (N, T) are token ids of calibration text. Blocks come in order, each with exactly
+    its targets; names that read one tensor share one InputStats. The consumer may change block
+    k (e.g. compress it) before resuming: block k+1's statistics are then taken on the changed
+    block's outputs. Statistics live on the device of the module they describe.
+    """
+    if windows.ndim != 2 or windows.shape[0] == 0:
+        raise WeloreError(f"Calibration windows must be a non-empty (N, seq_len) tensor of token ids, not shape {tuple(windows.shape)}.")
+    if not targets:
+        raise WeloreError("No target matrices to calibrate; name some with --targets.")
+    if batch_size < 1:
+        raise WeloreError(f"batch_size must be at least 1 (got {batch_size}).")
+    list_name, blocks, block_of = _block_list(model, targets)
+    per_block: dict[int, dict[str, nn.Module]] = {}
+    for name, module in targets.items():
+        per_block.setdefault(block_of[name], {})[name] = module
+    last = max(per_block)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), tqdm(total=last + 1, desc="calibration", unit="block", disable=not progress) as bar:
+            hidden, inputs = _capture_all(model, blocks, windows, batch_size)
+            log.info("calibrating %d targets in %d blocks of %s on %d windows of %d tokens",
+                     len(targets), len(per_block), list_name, windows.shape[0], windows.shape[1])
+            for k in range(last + 1):
+                if k in per_block:
+                    yield k, _block_stats(blocks[k], per_block[k], hidden, inputs[k])
+                if k < last:  # the next block's inputs: this block's outputs, after any change
+                    block = blocks[k]  # looked up again: the consumer may have replaced it
+                    for i, block_inputs in enumerate(inputs[k]):
+                        hidden[i] = _run_block(block, hidden[i], block_inputs)
+                bar.update()
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _block_stats(
+    block: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor], inputs: list[_BlockInputs]
+) -> dict[str, InputStats]:
+    """Run `block` over every batch with hooks on its `targets`; name -> checked InputStats."""
+    collector = _Collector(targets)
+    with collector:
+        for hidden_states, block_inputs in zip(hidden, inputs, strict=True):
+            collector.new_forward()
+            _run_block(block, hidden_states, block_inputs)
+    missing = [name for name in targets if name not in collector.stats]
+    if missing:
+        raise WeloreError(
+            f"{', '.join(missing)} never ran while its block processed the calibration text; "
+            "data-aware methods need targets that the calibration tokens pass through."
+        )
+    stats = {name: collector.stats[name] for name in targets}
+    for name, s in stats.items():
+        s.check(name)
+    return stats

@@ -1,0 +1,187 @@
+"""Tests for the data-aware factorizers: `whiten` (SVD-LLM) and `asvd` (ASVD).
+
+Inputs X (tokens, in) are synthetic: correlated channels plus a few outlier channels of large
+magnitude, the structure that makes plain SVD truncation fail on real activations.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from welore.calibrate import InputStats
+from welore.errors import WeloreError
+from welore.factorize import ASVD, FACTORIZERS, Whiten, svd_factors, whitening
+
+OUT, IN, TOKENS = 24, 16, 200
+
+
+def stats_of(x: torch.Tensor, names: list[str] | None = None) -> InputStats:
+    stats = InputStats.zeros(x.shape[-1])
+    stats.add_(x)
+    stats.names.extend(names or [])
+    return stats
+
+
+def correlated_inputs(tokens: int = TOKENS, features: int = IN, outliers: int = 2, seed: int = 0) -> torch.Tensor:
+    """X (tokens, in): channels mixed by a random matrix, a few of them 50× larger."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, features, generator=generator) @ torch.randn(features, features, generator=generator)
+    x[:, :outliers] *= 50.0
+    return x  # (tokens, in)
+
+
+def weight(seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(OUT, IN, generator=generator) / IN**0.5  # (out, in)
+
+
+def output_error(w: torch.Tensor, approx: torch.Tensor, x: torch.Tensor) -> float:
+    """‖(W − W_r)·Xᵀ‖_F², in float64."""
+    return ((w.double() - approx.double()) @ x.double().T).pow(2).sum().item()
+
+
+def test_registry_holds_data_aware_factorizers() -> None:
+    assert FACTORIZERS["svd"].needs_stats is False
+    assert isinstance(FACTORIZERS["whiten"], Whiten) and FACTORIZERS["whiten"].needs_stats
+    assert isinstance(FACTORIZERS["asvd"], ASVD) and FACTORIZERS["asvd"].needs_stats
+    assert FACTORIZERS["asvd"].alpha == 0.5
+
+
+@pytest.mark.parametrize("name", ["whiten", "asvd"])
+def test_data_aware_factorizers_need_stats(name: str) -> None:
+    factorizer = FACTORIZERS[name]
+    with pytest.raises(WeloreError, match="calibration text.*--calib"):
+        factorizer.spectrum(weight(), None)
+    with pytest.raises(WeloreError, match="--calib"):
+        factorizer.factors(weight(), 3, None)
+
+
+@pytest.mark.parametrize("name", ["whiten", "asvd"])
+def test_full_rank_reproduces_the_weight(name: str) -> None:
+    w, x = weight(), correlated_inputs()
+    up, down = FACTORIZERS[name].factors(w, IN, stats_of(x))
+    assert up.shape == (OUT, IN) and down.shape == (IN, IN)
+    assert up.dtype == down.dtype == torch.float32
+    assert torch.allclose(up @ down, w, atol=1e-4)
+
+
+def test_whiten_truncation_error_is_the_spectrum_tail() -> None:
+    """‖(W − up·down)·Xᵀ‖_F² = Σ_{j>r} σ_j(W·S)²: the spectrum the allocation sees is exact."""
+    w, x = weight(), correlated_inputs()
+    stats = stats_of(x)
+    spectrum = FACTORIZERS["whiten"].spectrum(w, stats)
+    assert spectrum.dtype == torch.float64 and spectrum.device.type == "cpu"
+    assert spectrum.shape == (IN,) and bool((spectrum[:-1] >= spectrum[1:]).all())
+    s = whitening(stats).root
+    assert torch.allclose(spectrum, torch.linalg.svdvals(w.double() @ s), rtol=1e-6)
+    total = output_error(w, torch.zeros_like(w), x)
+    for rank in (1, 4, 9, 15):
+        up, down = FACTORIZERS["whiten"].factors(w, rank, stats)
+        assert up.shape == (OUT, rank) and down.shape == (rank, IN)
+        tail = spectrum[rank:].pow(2).sum().item()
+        assert output_error(w, up @ down, x) == pytest.approx(tail, rel=1e-3, abs=1e-7 * total)
+
+
+def test_whiten_beats_plain_svd_on_output_error() -> None:
+    w, x = weight(), correlated_inputs(outliers=3)
+    stats = stats_of(x)
+    for rank in (2, 6, 10):
+        whitened = output_error(w, torch.matmul(*FACTORIZERS["whiten"].factors(w, rank, stats)), x)
+        plain = output_error(w, torch.matmul(*svd_factors(w, rank)), x)
+        assert whitened < 0.5 * plain, (rank, whitened, plain)
+
+
+def test_whiten_jitters_rank_deficient_inputs(caplog: pytest.LogCaptureFixture) -> None:
+    """Fewer tokens than input channels: XᵀX is singular, Cholesky needs jitter, and says so."""
+    w, x = weight(), correlated_inputs(tokens=IN // 2)  # rank(XᵀX) = 8 < 16
+    stats = stats_of(x, names=["layers.0.q_proj", "layers.0.k_proj"])
+    with caplog.at_level(logging.WARNING, logger="welore.factorize"):
+        spectrum = FACTORIZERS["whiten"].spectrum(w, stats)
+        up, down = FACTORIZERS["whiten"].factors(w, IN, stats)
+    jitter = whitening(stats).jitter
+    assert jitter is not None and jitter > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, "the whitening is cached per statistics: one warning"
+    assert "not positive definite" in warnings[0] and f"{jitter:g}" in warnings[0]
+    assert "layers.0.q_proj, layers.0.k_proj" in warnings[0]
+    assert torch.isfinite(spectrum).all() and torch.isfinite(up).all() and torch.isfinite(down).all()
+    assert torch.allclose(up @ down, w, atol=1e-4)  # W·S·S⁻¹ = W for any invertible S
+    # the inputs span 8 directions: 8 whitened components carry (almost) all the output
+    up, down = FACTORIZERS["whiten"].factors(w, IN // 2, stats)
+    assert output_error(w, up @ down, x) < 1e-4 * output_error(w, torch.zeros_like(w), x)
+
+
+def test_whiten_falls_back_to_an_eigen_root(caplog: pytest.LogCaptureFixture) -> None:
+    """A matrix far from positive definite (no Gram matrix is; a corrupt one could be): the
+    symmetric eigen-root is used, with a warning, and still reproduces W at full rank."""
+    x = correlated_inputs()
+    stats = stats_of(x)
+    v = torch.linalg.eigh(stats.xtx).eigenvectors[:, -1:]  # (in, 1) top direction
+    stats.xtx -= 2 * (v.T @ stats.xtx @ v) * (v @ v.T)  # flip the top eigenvalue's sign
+    w = weight()
+    with caplog.at_level(logging.WARNING, logger="welore.factorize"):
+        up, down = FACTORIZERS["whiten"].factors(w, IN, stats)
+    assert whitening(stats).jitter is None
+    assert any("eigen-decomposition" in r.getMessage() for r in caplog.records)
+    assert torch.allclose(up @ down, w, atol=1e-4)
+
+
+def test_whitening_is_recomputed_when_the_statistics_change() -> None:
+    stats = stats_of(correlated_inputs())
+    first = whitening(stats)
+    assert whitening(stats) is first
+    stats.add_(correlated_inputs(seed=5))
+    second = whitening(stats)
+    assert second is not first
+    assert torch.allclose(second.root @ second.root.T, stats.xtx, rtol=1e-8, atol=1e-6)
+
+
+def test_whiten_rejects_non_finite_stats() -> None:
+    stats = stats_of(correlated_inputs(), names=["layers.1.mlp.up_proj"])
+    stats.xtx[0, 0] = float("nan")
+    with pytest.raises(WeloreError, match="layers.1.mlp.up_proj contain NaN"):
+        FACTORIZERS["whiten"].spectrum(weight(), stats)
+
+
+def test_asvd_spectrum_is_that_of_the_scaled_weight() -> None:
+    w, x = weight(), correlated_inputs()
+    stats = stats_of(x)
+    scales = FACTORIZERS["asvd"].scales(stats)
+    assert torch.allclose(scales, x.double().abs().mean(dim=0).sqrt())
+    expected = torch.linalg.svdvals(w.double() * scales)
+    assert torch.allclose(FACTORIZERS["asvd"].spectrum(w, stats), expected, rtol=1e-6)
+    # α = 0 is plain SVD
+    plain = torch.linalg.svdvals(w.double())
+    assert torch.allclose(ASVD(alpha=0.0).spectrum(w, stats), plain, rtol=1e-6)
+
+
+def test_asvd_truncation_is_the_scaled_svd() -> None:
+    w, x = weight(), correlated_inputs()
+    stats = stats_of(x)
+    scales = FACTORIZERS["asvd"].scales(stats)
+    up, down = FACTORIZERS["asvd"].factors(w, 5, stats)
+    up_s, down_s = svd_factors((w.double() * scales).float(), 5)
+    assert torch.allclose(up @ down, (up_s @ down_s).double().div(scales).float(), atol=1e-4)
+    # and it keeps the outputs better than plain SVD on inputs with outlier channels
+    assert output_error(w, up @ down, x) < output_error(w, torch.matmul(*svd_factors(w, 5)), x)
+
+
+def test_asvd_floors_dead_channels() -> None:
+    x = correlated_inputs()
+    x[:, 3] = 0.0  # a channel that never fires
+    w = weight()
+    stats = stats_of(x)
+    scales = FACTORIZERS["asvd"].scales(stats)
+    assert bool((scales > 0).all())
+    up, down = FACTORIZERS["asvd"].factors(w, IN, stats)
+    assert torch.isfinite(down).all()
+    assert torch.allclose(up @ down, w, atol=1e-4)
+
+
+def test_asvd_checks_alpha() -> None:
+    assert ASVD(alpha=1.0).alpha == 1.0
+    with pytest.raises(WeloreError, match="alpha"):
+        ASVD(alpha=-0.5)
