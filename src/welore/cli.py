@@ -27,12 +27,21 @@ def _load(spec: str, dtype: str):
     return load_model(spec, dtype=dtype)
 
 
-def _eval_windows(tokenizer, args: argparse.Namespace, model_name: str):
-    from welore.data import load_text, token_windows
+def _eval_windows(tokenizer, args: argparse.Namespace, model_name: str, calib: str | None = None):
+    """Evaluation windows from --text (the evaluation split of built-in texts). When the model
+    was calibrated on `calib`, say so if the two texts overlap."""
+    from welore.data import load_text, overlap_fraction, token_windows
 
     if tokenizer is None:
         raise WeloreError(f"{model_name} has no tokenizer, so perplexity cannot be measured; pass a model folder that includes one.")
-    return token_windows(tokenizer, load_text(args.text, split="eval"), args.seq_len, args.max_tokens)
+    text = load_text(args.text, split="eval")
+    if calib:
+        shared = overlap_fraction(load_text(calib, split="calib"), text)
+        if shared > 0:
+            print(f"welore: warning: {shared:.0%} of the evaluation text's paragraphs also appear in the calibration "
+                  f"text ({calib}) of {model_name}, so its perplexity is optimistic; evaluate on disjoint text.",
+                  file=sys.stderr)
+    return token_windows(tokenizer, text, args.seq_len, args.max_tokens)
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -61,6 +70,17 @@ def _describe_replaced(replaced: list[str]) -> str:
     return ", ".join(f"{kind} x{n}" for kind, n in counts.items()) or "nothing"
 
 
+def _calibration(args: argparse.Namespace, tokenizer, model_name: str):
+    """Calibration windows from --calib (the calibration split of built-in texts), or None."""
+    from welore.data import load_text, token_windows
+
+    if not args.calib:
+        return None
+    if tokenizer is None:
+        raise WeloreError(f"{model_name} has no tokenizer, so calibration text cannot be tokenized; pass a model folder that includes one.")
+    return token_windows(tokenizer, load_text(args.calib, split="calib"), args.calib_seq_len, args.calib_tokens)
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     """Replace target matrices by low-rank factors with per-matrix ranks, and save the result."""
     from welore._io import check_output_dir
@@ -73,11 +93,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
         raise WeloreError("Give exactly one of --ratio (with --method) or --plan; e.g. --ratio 0.2 --method welore.")
     check_output_dir(args.out, args.overwrite)
     plan = RankPlan.load(args.plan) if args.plan else None
-    config = CompressConfig(ratio=args.ratio, method="plan" if plan else args.method,
-                            targets=args.targets, lrc_min_cut=args.lrc_min_cut)
+    config = CompressConfig(ratio=args.ratio, method="plan" if plan else args.method, factorizer=args.factorizer,
+                            targets=args.targets, lrc_min_cut=args.lrc_min_cut, calib=args.calib,
+                            calib_tokens=args.calib_tokens if args.calib else None, sequential=args.sequential)
     loaded = _load(args.model, args.dtype)
+    calibration = _calibration(args, loaded.tokenizer, args.model)
     start = time.perf_counter()
-    report = compress_(loaded.model, config, plan=plan, progress=not args.quiet)
+    report = compress_(loaded.model, config, plan=plan, calibration=calibration, progress=not args.quiet)
     elapsed = time.perf_counter() - start
     save(loaded.model, args.out, tokenizer=loaded.tokenizer, overwrite=args.overwrite, source=args.model)
     plan = report.plan
@@ -86,8 +108,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     print(f"target parameters removed: {plan.achieved_ratio:.2%}{ratio_note}; "
           f"whole model: {report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M "
           f"({report.model_reduction:.2%} fewer)")
+    calib_note = f", calibrated on {calibration.numel()} tokens of {args.calib}" if calibration is not None else ""
     print(f"LRC (rank cut >= {config.lrc_min_cut:.0%}): {len(plan.lrc(config.lrc_min_cut))}; "
-          f"compression took {elapsed:.1f}s")
+          f"factorizer {config.factorizer}{calib_note}; compression took {elapsed:.1f}s")
     print(f"saved {args.out}/ ({weights_size_on_disk(args.out) / 1e6:.1f} MB of weights)")
 
 
@@ -100,12 +123,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _evaluate_one(spec: str, args: argparse.Namespace):
+    """Evaluate one model; returns its EvalResult and its (method label, ratio) or None if dense."""
     from welore.evaluate import evaluate
 
     loaded = _load(spec, args.dtype)
-    windows = _eval_windows(loaded.tokenizer, args, spec)
-    return evaluate(loaded.model, windows, path=loaded.path, batch_size=args.batch_size,
-                    speed=not args.no_speed, progress=not args.quiet)
+    config = getattr(loaded.model, "welore_config", None)
+    windows = _eval_windows(loaded.tokenizer, args, spec, calib=config.calib if config else None)
+    result = evaluate(loaded.model, windows, path=loaded.path, batch_size=args.batch_size,
+                      speed=not args.no_speed, progress=not args.quiet)
+    return result, _method_label(loaded.model)
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -124,27 +150,65 @@ def _text_note(args: argparse.Namespace) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Perplexity, parameters, size on disk, peak memory and tokens/s of one model."""
-    from welore.evaluate import format_table
+    """Perplexity, parameters, size on disk, peak memory and tokens/s of one model (and lm-eval task scores with --tasks)."""
+    from welore.evaluate import evaluate, format_table
+    from welore.tasks import check_tasks, format_task_table, run_tasks
 
-    result = _evaluate_one(args.model, args)
+    if args.tasks:  # fail before loading the model and measuring perplexity
+        check_tasks(args.tasks, args.task_dir, limit=args.task_limit, num_fewshot=args.fewshot)
+    # As _evaluate_one, keeping the loaded model for the tasks.
+    loaded = _load(args.model, args.dtype)
+    config = getattr(loaded.model, "welore_config", None)
+    windows = _eval_windows(loaded.tokenizer, args, args.model, calib=config.calib if config else None)
+    result = evaluate(loaded.model, windows, path=loaded.path, batch_size=args.batch_size,
+                      speed=not args.no_speed, progress=not args.quiet)
+    scores = None
+    if args.tasks:
+        scores = run_tasks(loaded.model, loaded.tokenizer, args.tasks, task_dir=args.task_dir, limit=args.task_limit,
+                           batch_size=args.batch_size, num_fewshot=args.fewshot, progress=not args.quiet)
     print(_text_note(args))
     print(format_table({args.model: result}))
-    _write_json(args.json, {"text": args.text, "seq_len": args.seq_len, "results": {args.model: result.to_dict()}})
+    payload = {"text": args.text, "seq_len": args.seq_len, "results": {args.model: result.to_dict()}}
+    if scores is not None:
+        limit_note = f", at most {args.task_limit} examples per task" if args.task_limit else ""
+        print(f"\nlm-eval tasks: {args.fewshot}-shot{limit_note}")
+        print(format_task_table(scores))
+        payload.update(fewshot=args.fewshot, task_limit=args.task_limit, tasks=scores)
+    _write_json(args.json, payload)
+
+
+def _method_label(model) -> tuple[str, float] | None:
+    """("factorizer/method", achieved ratio) of a welore-compressed model, None for dense."""
+    plan = getattr(model, "welore_plan", None)
+    if plan is None:
+        return None
+    config = model.welore_config
+    return f"{config.factorizer}/{plan.method}", plan.achieved_ratio
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """Several models measured one after another in one run, in one table (first = baseline)."""
+    from welore._io import atomic_file
     from welore.evaluate import format_table
+    from welore.report import plot_perplexity_vs_ratio
 
-    results = {}
+    results, labels = {}, {}
     for spec in args.models:
-        results[spec] = _evaluate_one(spec, args)
+        results[spec], labels[spec] = _evaluate_one(spec, args)
         gc.collect()
     print(_text_note(args))
     print(format_table(results, baseline=args.models[0]))
     _write_json(args.json, {"text": args.text, "seq_len": args.seq_len,
                             "results": {k: v.to_dict() for k, v in results.items()}})
+    if args.plot:
+        points = [(labels[k][0], labels[k][1], r.perplexity) for k, r in results.items() if labels[k]]
+        if not points:
+            raise WeloreError("None of the models is a welore checkpoint, so there is no ratio to plot; compare compressed models.")
+        dense = [r.perplexity for k, r in results.items() if labels[k] is None]
+        with atomic_file(args.plot) as tmp:
+            plot_perplexity_vs_ratio(points, tmp, dense=dense[0] if dense else None,
+                                     title=f"perplexity on {args.text} vs compression ratio")
+        print(f"wrote {args.plot}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -206,6 +270,8 @@ def _add_eval_options(p: argparse.ArgumentParser, max_tokens: int = 32768) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from welore.factorize import FACTORIZERS
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what welore does")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -228,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="built-in name (smollm2-135m), model folder, .gguf file or hub id")
     _add_plan_options(p)
     p.add_argument("--plan", help="apply this saved rank plan (JSON) instead of computing one")
+    p.add_argument("--factorizer", default="svd", choices=sorted(FACTORIZERS),
+                   help="how each matrix is factorized: svd (data-free, default), whiten (SVD-LLM) or asvd (activation-scaled); the last two need --calib")
+    p.add_argument("--calib", help="calibration text for whiten/asvd: wiki or news (their calibration half), a text file, or hf:DATASET")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate each block on the outputs of the already-compressed blocks before it")
     p.add_argument("--out", required=True, help="folder for the compressed checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_model_options(p)
@@ -242,12 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(p)
     _add_model_options(p)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--tasks", nargs="+", metavar="TASK",
+                   help="also score the model on these lm-eval tasks (e.g. arc_easy, or a task in --task-dir); "
+                        "built-in tasks download their data and need network access")
+    p.add_argument("--task-dir", help="folder of lm-eval YAML task files (relative data paths in them resolve against it)")
+    p.add_argument("--task-limit", type=int, help="score at most this many examples per task (default: all)")
+    p.add_argument("--fewshot", type=int, default=0, help="solved examples put before each question (default 0: zero-shot)")
 
     p = command("compare", cmd_compare)
     p.add_argument("models", nargs="+", help="two or more models (first = baseline for the ratio columns)")
     _add_eval_options(p)
     _add_model_options(p)
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--plot", help="also draw perplexity vs compression ratio, one line per method, to this PNG file")
 
     p = command("demo", cmd_demo)
     p.add_argument("--ratio", type=float, default=0.02, help="fraction of target parameters to remove (default 0.02)")
@@ -266,7 +346,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("seq_len", "max_tokens", "batch_size"):
+    for name in ("seq_len", "max_tokens", "batch_size", "calib_tokens", "calib_seq_len"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"welore: error: --{name.replace('_', '-')} must be a positive integer.", file=sys.stderr)
             return 2
