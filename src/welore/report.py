@@ -1,4 +1,5 @@
-"""Plots: spectra by matrix type, and a layer × matrix-type heatmap of kept-rank fractions."""
+"""Plots: spectra by matrix type, a layer × matrix-type heatmap of kept-rank fractions,
+perplexity against compression ratio, and gradient spectra against weight spectra."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
     from welore.analyze import Analysis
+    from welore.gradients import GradientReport
 
 
 def plot_spectra(analysis: Analysis, path: Path) -> None:
@@ -87,4 +89,43 @@ def plot_perplexity_vs_ratio(
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def plot_gradient_ranks(report: GradientReport, path: Path) -> None:
+    """Gradient effective rank (fraction of full rank) against training step, one line per
+    matrix type (mean over layers)."""
+    by_type: dict[str, dict[int, list[float]]] = {}
+    for row in report.steps:
+        by_type.setdefault(row["type"], {}).setdefault(row["step"], []).append(row["effective_rank"] / row["full_rank"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for kind, steps in by_type.items():
+        xs = sorted(steps)
+        ax.plot(xs, [sum(steps[x]) / len(steps[x]) for x in xs], marker=".", lw=1.2, label=kind)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("gradient effective rank / full rank")
+    ax.set_ylim(0, None)
+    ax.set_title(f"gradient effective rank during training — {report.model}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
+    """One point per target matrix: mean gradient effective rank vs weight effective rank
+    (both as fractions of full rank), coloured by matrix type."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    for kind, rows in report.by_type().items():
+        ax.scatter([r["grad_effective_fraction"] for r in rows], [r["weight_effective_fraction"] for r in rows],
+                   s=14, label=kind)
+    rho = report.correlations["grad_vs_weight_effective_rank"]
+    ax.set_xlabel("gradient effective rank / full rank (mean over steps)")
+    ax.set_ylabel("weight effective rank / full rank")
+    ax.set_title(f"low-rank gradients vs low-rank weights (Spearman {rho:+.2f})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
