@@ -1,0 +1,110 @@
+"""`FiraAdamW`: GaLore plus the gradient outside the subspace, rescaled and norm-limited.
+
+Fira (Chen et al., 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+Constraint?", arXiv:2410.01623). GaLore throws away the residual G − P·Pᵀ·G; Fira applies it too,
+with two corrections. In the left frame of `projection.py` (R = Pᵀ·G of shape (r, e), N the
+Adam-normalised low-rank step of `galore.py`, all bias-corrected):
+
+    φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)            # norm-based scaling, one factor per column j
+                                                    #   of the low-rank space, norms taken along
+                                                    #   the projected dimension (r)
+    S_t = (G − P·R) · diag(φ)                        # (d, e) scaled residual
+    if ‖S_t‖ / (‖S_{t−1}‖ + 1e-8) > γ:               # norm-growth limiter, γ = `limiter` ≈ 1.01
+        S_t ← S_t · γ·(‖S_{t−1}‖ + 1e-8) / ‖S_t‖
+    W ← W·(1 − lr·λ) − lr·scale·P·N − lr·S_t
+
+‖S_{t−1}‖ is the norm *after* limiting (kept in the state as `residual_norm`; nothing limits the
+first step). Column j of the low-rank space is a column of G for a LEFT projection and a row of
+G for a RIGHT one (the dimension that is not projected), as in the authors' code.
+
+Two choices where the public code and the paper differ: the residual here is exactly
+G − P·Pᵀ·G, as the paper writes it (the authors' code subtracts the *scaled* back-projection
+α·P·Pᵀ·G, the same thing only at α = 1), and, as in their code, `scale` multiplies the low-rank
+term only. Fira needs a one-sided projection: `proj_type="full"` is refused.
+
+Group keys are GaLore's (`rank`, `update_proj_gap`, `scale`, `proj_type`, `proj_method`) plus
+`limiter` (γ, default 1.01). Fira's code calls the scale `alpha`: a group may pass `alpha`
+instead of `scale` (it is stored as `scale`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from welore.optim.galore import ZERO_GUARD, GaLoreAdamW, OptimizerConfigError, _is_number
+
+
+class FiraAdamW(GaLoreAdamW):
+    """GaLoreAdamW plus Fira's scaled, norm-limited residual for the projected matrices."""
+
+    name = "FiraAdamW"
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        *,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
+        proj_method: str = "subspace",
+        limiter: float = 1.01,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, update_proj_gap=update_proj_gap, scale=scale,
+            proj_type=proj_type, proj_method=proj_method, limiter=limiter,
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "alpha" in param_group:  # Fira's name for the scale: store it under galore-torch's key
+            param_group = dict(param_group)
+            alpha = param_group.pop("alpha")
+            if "scale" in param_group and param_group["scale"] != alpha:
+                raise OptimizerConfigError(
+                    f"FiraAdamW parameter group {len(self.param_groups)} sets both alpha={alpha!r} and "
+                    f"scale={param_group['scale']!r}, which are the same setting; pass only one."
+                )
+            param_group["scale"] = alpha
+        super().add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any], where: str) -> None:
+        super()._check_group(group, where)
+        gamma = group["limiter"]
+        if not _is_number(gamma) or gamma < 1:
+            raise OptimizerConfigError(
+                f"{where}: limiter must be a number ≥ 1 (the largest growth of the residual's norm from one step "
+                f"to the next), got {gamma!r}; pass e.g. limiter=1.01."
+            )
+        if "rank" in group and group["proj_type"] == "full":
+            raise OptimizerConfigError(
+                f"{where}: Fira scales the residual per column of a one-sided projection, so proj_type 'full' "
+                f"is not supported; use 'std', 'reverse_std', 'left' or 'right'."
+            )
+
+    def _init_state(self, state: dict, p: torch.Tensor, group: dict, side, index: int) -> None:
+        super()._init_state(state, p, group, side, index)
+        if side is not None:
+            # ‖S_{t−1}‖; infinity = no previous step, so the first step is not limited
+            state["residual_norm"] = torch.tensor(float("inf"), dtype=p.dtype, device=p.device)
+
+    def _after_lowrank(
+        self, w: torch.Tensor, g: torch.Tensor, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
+    ) -> None:
+        proj = state["proj"]  # (d, r)
+        residual = torch.addmm(g, proj, low, alpha=-1)  # (d, e)  G − P·Pᵀ·G
+        phi = norm_step.norm(dim=0) / (low.norm(dim=0) + ZERO_GUARD)  # (e,) one factor per column
+        residual.mul_(phi)  # (d, e) · (e,) broadcasts over the columns
+        norm = residual.norm()
+        previous = state["residual_norm"]
+        gamma = group["limiter"]
+        # shrink = 1 while the norm grows by at most γ, else brings it down to γ·(‖S_{t−1}‖ + 1e-8)
+        shrink = gamma / torch.clamp(norm / (previous + ZERO_GUARD), min=gamma)
+        residual.mul_(shrink)
+        previous.copy_(norm * shrink)
+        w.add_(residual, alpha=-group["lr"])
