@@ -2,20 +2,20 @@
 
 Fira (Chen et al., 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
 Constraint?", arXiv:2410.01623). GaLore throws away the residual G − P·Pᵀ·G; Fira applies it too,
-with two corrections. In the left frame of `projection.py` (R = Pᵀ·G of shape (r, e), N the
-Adam-normalised low-rank step of `galore.py`, all bias-corrected):
+with two corrections. Written for a LEFT projection (R = Pᵀ·G of shape (r, n), N the
+Adam-normalised, bias-corrected low-rank step of `galore.py`):
 
     φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)            # norm-based scaling, one factor per column j
                                                     #   of the low-rank space, norms taken along
                                                     #   the projected dimension (r)
-    S_t = (G − P·R) · diag(φ)                        # (d, e) scaled residual
+    S_t = (G − P·R) · diag(φ)                        # (m, n) scaled residual
     if ‖S_t‖ / (‖S_{t−1}‖ + 1e-8) > γ:               # norm-growth limiter, γ = `limiter` ≈ 1.01
         S_t ← S_t · γ·(‖S_{t−1}‖ + 1e-8) / ‖S_t‖
     W ← W·(1 − lr·λ) − lr·scale·P·N − lr·S_t
 
 ‖S_{t−1}‖ is the norm *after* limiting (kept in the state as `residual_norm`; nothing limits the
-first step). Column j of the low-rank space is a column of G for a LEFT projection and a row of
-G for a RIGHT one (the dimension that is not projected), as in the authors' code.
+first step). For a RIGHT projection (R = G·P, shape (m, r)) everything is transposed: one φ per
+row of G, norms along dim 1 — always the dimension that is not projected, as in the authors' code.
 
 Two choices where the public code and the paper differ: the residual here is exactly
 G − P·Pᵀ·G, as the paper writes it (the authors' code subtracts the *scaled* back-projection
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from welore.optim.galore import ZERO_GUARD, GaLoreAdamW, OptimizerConfigError, _is_number
+from welore.optim.projection import ProjSide
 
 
 class FiraAdamW(GaLoreAdamW):
@@ -94,17 +95,22 @@ class FiraAdamW(GaLoreAdamW):
             state["residual_norm"] = torch.tensor(float("inf"), dtype=p.dtype, device=p.device)
 
     def _after_lowrank(
-        self, w: torch.Tensor, g: torch.Tensor, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
+        self, p: torch.Tensor, side: ProjSide, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
     ) -> None:
-        proj = state["proj"]  # (d, r)
-        residual = torch.addmm(g, proj, low, alpha=-1)  # (d, e)  G − P·Pᵀ·G
-        phi = norm_step.norm(dim=0) / (low.norm(dim=0) + ZERO_GUARD)  # (e,) one factor per column
-        residual.mul_(phi)  # (d, e) · (e,) broadcasts over the columns
+        proj, g = state["proj"], p.grad  # (d, r), (m, n)
+        if side is ProjSide.LEFT:  # low (r, n): columns of G, norms over dim 0
+            residual = torch.addmm(g, proj, low, alpha=-1)  # (m, n)  G − P·Pᵀ·G
+            along = 0
+        else:  # RIGHT, low (m, r): rows of G, norms over dim 1
+            residual = torch.addmm(g, low, proj.T, alpha=-1)  # (m, n)  G − G·P·Pᵀ
+            along = 1
+        # φ: one factor per column of the low-rank space, (1, n) or (m, 1)
+        phi = norm_step.norm(dim=along, keepdim=True) / (low.norm(dim=along, keepdim=True) + ZERO_GUARD)
+        residual.mul_(phi)  # S_t
         norm = residual.norm()
         previous = state["residual_norm"]
         gamma = group["limiter"]
         # shrink = 1 while the norm grows by at most γ, else brings it down to γ·(‖S_{t−1}‖ + 1e-8)
         shrink = gamma / torch.clamp(norm / (previous + ZERO_GUARD), min=gamma)
-        residual.mul_(shrink)
         previous.copy_(norm * shrink)
-        w.add_(residual, alpha=-group["lr"])
+        p.add_(residual.mul_(shrink), alpha=-group["lr"])

@@ -2,7 +2,7 @@
 
 GaLore (Zhao et al., 2024, "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
 Projection", arXiv:2403.03507). For a weight W (m×n) with gradient G in a group with `rank` r,
-written for the LEFT side (RIGHT works on Wᵀ and Gᵀ, see `projection.py`):
+written for the LEFT side (RIGHT is the transpose: R = G·P, ΔW = N·Pᵀ, see `projection.py`):
 
     every T steps:  P ← top-r left singular subspace of G        # (m, r), PᵀP = I
     R = Pᵀ·G                                                      # (r, n) low-rank gradient
@@ -177,7 +177,7 @@ class GaLoreAdamW(Optimizer):
             return
         m, n = p.shape
         r = group["rank"]
-        moments = {ProjSide.LEFT: (r, n), ProjSide.RIGHT: (r, m), ProjSide.BOTH: (r, r)}[side]
+        moments = {ProjSide.LEFT: (r, n), ProjSide.RIGHT: (m, r), ProjSide.BOTH: (r, r)}[side]  # shaped like R
         state["exp_avg"] = p.new_zeros(moments)
         state["exp_avg_sq"] = p.new_zeros(moments)
         state["seed"] = torch.tensor(index, dtype=torch.int64)  # the refresh generator's seed
@@ -223,7 +223,8 @@ class GaLoreAdamW(Optimizer):
     def _adamw(self, p: torch.Tensor, state: dict, group: dict) -> None:
         """Plain AdamW, the same operations as `torch.optim.AdamW`'s single-tensor path."""
         lr = group["lr"]
-        p.mul_(1 - lr * group["weight_decay"])
+        if group["weight_decay"] != 0:
+            p.mul_(1 - lr * group["weight_decay"])
         denom, bias1 = self._moments(state, group, p.grad)
         p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
 
@@ -238,29 +239,34 @@ class GaLoreAdamW(Optimizer):
         state[key] = basis.to(p.dtype)  # (d, r); kept in the parameter's dtype, as load_state_dict casts
 
     def _lowrank(self, p: torch.Tensor, state: dict, group: dict, side: ProjSide) -> None:
-        lr, scale = group["lr"], group["scale"]
-        # Work in the left frame: g is (d, e) with the projected side first, w the matching view.
-        transpose = side is ProjSide.RIGHT
-        g = p.grad.T if transpose else p.grad  # (d, e)
-        w = p.T if transpose else p  # (d, e), a view: in-place updates reach p
+        lr, scale, decay = group["lr"], group["scale"], 1 - group["lr"] * group["weight_decay"]
+        g = p.grad  # (m, n)
         if (int(state["step"].item()) - 1) % group["update_proj_gap"] == 0:
-            self._refresh(state, group, "proj", g, p)
+            # refresh in the left frame: the projected side first (Gᵀ for RIGHT)
+            self._refresh(state, group, "proj", g.T if side is ProjSide.RIGHT else g, p)
             if side is ProjSide.BOTH:
                 self._refresh(state, group, "proj_right", g.T, p)
         proj = state["proj"]  # (d, r)
-        low = proj.T @ g  # (r, e)
-        if side is ProjSide.BOTH:
-            low = low @ state["proj_right"]  # (r, r)
-        denom, bias1 = self._moments(state, group, low)
-        norm_step = state["exp_avg"].div(denom).div_(bias1)  # (r, e) or (r, r): Adam-normalised
-        p.mul_(1 - lr * group["weight_decay"])
-        if side is ProjSide.BOTH:
-            w.addmm_(proj @ norm_step, state["proj_right"].T, alpha=-lr * scale)  # (m, r)·(r, n)
+        # The low-rank gradient, its Adam step N and W's update, in the matrix's own layout:
+        # LEFT R = Pᵀ·G (r, n), ΔW = P·N; RIGHT R = G·P (m, r), ΔW = N·Pᵀ; BOTH R = P_lᵀ·G·P_r (r, r).
+        if side is ProjSide.LEFT:
+            low = proj.T @ g  # (r, n)
+        elif side is ProjSide.RIGHT:
+            low = g @ proj  # (m, r)
         else:
-            w.addmm_(proj, norm_step, alpha=-lr * scale)  # (d, r)·(r, e)
-        self._after_lowrank(w, g, low, norm_step, state, group)
+            low = proj.T @ g @ state["proj_right"]  # (r, r)
+        denom, bias1 = self._moments(state, group, low)
+        norm_step = state["exp_avg"].div(denom).div_(bias1)  # Adam-normalised, shaped like `low`
+        # W ← (1 − lr·λ)·W − lr·scale·ΔW in one pass over W (addmm's beta applies the decay)
+        if side is ProjSide.LEFT:
+            p.addmm_(proj, norm_step, beta=decay, alpha=-lr * scale)  # (m, r)·(r, n)
+        elif side is ProjSide.RIGHT:
+            p.addmm_(norm_step, proj.T, beta=decay, alpha=-lr * scale)  # (m, r)·(r, n)
+        else:
+            p.addmm_(proj @ norm_step, state["proj_right"].T, beta=decay, alpha=-lr * scale)
+        self._after_lowrank(p, side, low, norm_step, state, group)
 
     def _after_lowrank(
-        self, w: torch.Tensor, g: torch.Tensor, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
+        self, p: torch.Tensor, side: ProjSide, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
     ) -> None:
         """Hook for variants that also use the part of the gradient outside the subspace (Fira)."""

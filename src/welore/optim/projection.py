@@ -11,9 +11,10 @@ in the `galore-torch` package:
     left/right   always that side
     full         both sides (R = P_lᵀ·G·P_r, an r×r matrix)
 
-Every projector is kept in one frame: a basis P (d, r) with orthonormal columns of the side
-being projected, d = m for LEFT (low-rank gradient R = Pᵀ·G, shape (r, n)) and d = n for RIGHT
-(the code works on Gᵀ: R = Pᵀ·Gᵀ, shape (r, m)). The optimizer state holds only P and tensors.
+Every projector is kept as a basis P (d, r) with orthonormal columns of the side being
+projected: d = m for LEFT (low-rank gradient R = Pᵀ·G, shape (r, n)) and d = n for RIGHT
+(R = G·P, shape (m, r), as galore-torch keeps it). A refresh method always finds a *left*
+subspace, of G for LEFT and of Gᵀ for RIGHT. The optimizer state holds only P and tensors.
 
 How P is refreshed (every `update_proj_gap` steps) is a strategy in `REFRESH_METHODS`:
 
