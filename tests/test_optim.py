@@ -393,3 +393,12 @@ def test_hf_trainer_trains_and_resumes_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     for a, b in zip(model.parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_enum_proj_type_is_stored_as_a_string_in_every_group():
+    w, bias = matrices((8, 6), (6,))
+    optimizer = GaLoreAdamW([{"params": [w], "rank": 2}, {"params": [bias]}], proj_type=ProjType.LEFT)
+    assert [g["proj_type"] for g in optimizer.param_groups] == ["left", "left"]
+    assert all(type(g["proj_type"]) is str for g in optimizer.param_groups)
+    run(optimizer, [w, bias], gradients([w, bias], steps=1))
+    through_disk(optimizer.state_dict())  # weights_only load: no enum inside

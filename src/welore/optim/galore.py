@@ -100,8 +100,6 @@ def check_lowrank_group(group: dict, where: str, name: str) -> None:
     if not _is_number(scale) or scale <= 0:
         raise OptimizerConfigError(f"{where}: scale must be a number > 0, got {scale!r}; pass e.g. scale=0.25 (or 1.0).")
     proj_type = group["proj_type"]
-    if isinstance(proj_type, ProjType):
-        group["proj_type"] = proj_type = proj_type.value  # plain str: the state dict stays loadable
     if proj_type not in {p.value for p in ProjType}:
         choices = ", ".join(repr(p.value) for p in ProjType)
         raise OptimizerConfigError(f"{where}: unknown proj_type {proj_type!r}; use one of {choices}.")
@@ -156,6 +154,8 @@ class GaLoreAdamW(Optimizer):
             raise
 
     def _check_group(self, group: dict[str, Any], where: str) -> None:
+        if isinstance(group.get("proj_type"), ProjType):
+            group["proj_type"] = group["proj_type"].value  # a plain str keeps state_dict() loadable
         check_adam_hyperparameters(group, where)
         if "rank" in group:
             check_lowrank_group(group, where, self.name)
