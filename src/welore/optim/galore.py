@@ -239,7 +239,7 @@ class GaLoreAdamW(Optimizer):
         state[key] = basis.to(p.dtype)  # (d, r); kept in the parameter's dtype, as load_state_dict casts
 
     def _lowrank(self, p: torch.Tensor, state: dict, group: dict, side: ProjSide) -> None:
-        lr, scale, decay = group["lr"], group["scale"], 1 - group["lr"] * group["weight_decay"]
+        decay = 1 - group["lr"] * group["weight_decay"]
         g = p.grad  # (m, n)
         if (int(state["step"].item()) - 1) % group["update_proj_gap"] == 0:
             # refresh in the left frame: the projected side first (Gᵀ for RIGHT)
@@ -257,16 +257,21 @@ class GaLoreAdamW(Optimizer):
             low = proj.T @ g @ state["proj_right"]  # (r, r)
         denom, bias1 = self._moments(state, group, low)
         norm_step = state["exp_avg"].div(denom).div_(bias1)  # Adam-normalised, shaped like `low`
-        # W ← (1 − lr·λ)·W − lr·scale·ΔW in one pass over W (addmm's beta applies the decay)
+        step, full = self._step_terms(p, side, low, norm_step, state, group)
+        # W ← (1 − lr·λ)·W − lr·(back-projected step) in one pass over W (addmm's beta decays W)
+        lr = group["lr"]
         if side is ProjSide.LEFT:
-            p.addmm_(proj, norm_step, beta=decay, alpha=-lr * scale)  # (m, r)·(r, n)
+            p.addmm_(proj, step, beta=decay, alpha=-lr)  # (m, r)·(r, n)
         elif side is ProjSide.RIGHT:
-            p.addmm_(norm_step, proj.T, beta=decay, alpha=-lr * scale)  # (m, r)·(r, n)
+            p.addmm_(step, proj.T, beta=decay, alpha=-lr)  # (m, r)·(r, n)
         else:
-            p.addmm_(proj @ norm_step, state["proj_right"].T, beta=decay, alpha=-lr * scale)
-        self._after_lowrank(p, side, low, norm_step, state, group)
+            p.addmm_(proj @ step, state["proj_right"].T, beta=decay, alpha=-lr)  # (m, r)·(r, n)
+        if full is not None:
+            p.addcmul_(g, full, value=-lr)  # a per-column or per-row multiple of G itself
 
-    def _after_lowrank(
+    def _step_terms(
         self, p: torch.Tensor, side: ProjSide, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
-    ) -> None:
-        """Hook for variants that also use the part of the gradient outside the subspace (Fira)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What W moves by, as (low-rank step X, multiplier c or None): ΔW = P·X (back-projected
+        like the gradient was projected) + c⊙G. GaLore: X = scale·N, no c. Fira overrides this."""
+        return norm_step.mul_(group["scale"]), None
