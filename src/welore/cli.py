@@ -246,6 +246,35 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nwrote {out}/ (analysis/ with plots and tables, uniform/ and welore/ checkpoints, results.json)")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a model: WeLore's LRC factors, LoRA adapters or all weights, with AdamW, GaLore or Fira."""
+    from welore.finetune import FinetuneConfig, finetune
+    from welore.finetune.loop import check_output, check_precision
+
+    config = FinetuneConfig(
+        mode=args.mode, optimizer=args.optimizer, steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_grad_norm=args.max_grad_norm or None, precision=args.precision, seed=args.seed, data=args.data,
+        seq_len=args.seq_len, max_train_tokens=args.max_train_tokens, val_tokens=args.val_tokens,
+        val_fraction=args.val_fraction, eval_every=args.eval_every, save_every=args.save_every,
+        lrc_min_cut=args.lrc_min_cut, train_nlrc=args.train_nlrc, train_norms=args.train_norms,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets, keep_adapter=args.keep_adapter, galore_rank=args.galore_rank,
+        galore_gap=args.galore_gap, galore_scale=args.galore_scale,
+    )  # checks the options before anything is loaded
+    check_precision(config.precision)
+    check_output(Path(args.out), config, args.overwrite, args.resume)
+    loaded = _load(args.model, args.dtype)
+    result = finetune(loaded.model, loaded.tokenizer, config, out=args.out, overwrite=args.overwrite,
+                      resume=args.resume, source=args.model, progress=not args.quiet)
+    print(f"{config.mode} fine-tuning with {config.optimizer} (lr {config.lr:g}) on {args.data}")
+    print(result.summary())
+    for point in result.history[1:-1]:
+        print(f"  step {point['step']}: validation perplexity {point['val_ppl']:.3f}")
+    adapter = " with its LoRA adapter in adapter/" if config.mode == "lora" and config.keep_adapter else ""
+    print(f"saved {args.out}/{adapter} (loads with welore.load; fine-tuning record in finetune.json)")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="weights' dtype: float32 (default), bfloat16, float16 or auto")
 
@@ -333,6 +362,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.02, help="fraction of target parameters to remove (default 0.02)")
     p.add_argument("--out", default="out/demo", help="folder for the demo's outputs (replaced each run; default out/demo)")
     _add_eval_options(p, max_tokens=8192)
+
+    p = command("finetune", cmd_finetune)
+    p.add_argument("model", help="a welore checkpoint (for lrc), built-in name, model folder, .gguf file or hub id")
+    p.add_argument("--mode", default="lrc", choices=["lrc", "lora", "full"],
+                   help="what trains: lrc (low-rank components of a compressed model, default), lora or full")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "galore", "fira"], help="default: adamw")
+    p.add_argument("--data", default=DEFAULT_TEXT,
+                   help="training text: wiki or news (train on the calib split, validate on the eval split), "
+                        "a text file or hf:DATASET (last --val-fraction of blocks held out); default: wiki")
+    p.add_argument("--out", required=True, help="folder for the fine-tuned welore checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and an unfinished run's checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run of --out from its last checkpoint")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: lrc 1e-4, lora 5e-4, full 3e-5)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps before cosine decay (default 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this; 0 = no clipping (default 1)")
+    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast (fp16 needs a GPU; default no)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the RNGs and the data order (default 0)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
+    p.add_argument("--max-train-tokens", type=int, help="train on at most this many tokens of the text (default: all)")
+    p.add_argument("--val-tokens", type=int, default=4096, help="validation tokens (default 4096)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of a single text held out for validation (default 0.1)")
+    p.add_argument("--eval-every", type=int, default=0, help="validation perplexity every N steps too (default 0: before and after only)")
+    p.add_argument("--save-every", type=int, default=0, help="resumable checkpoint every N steps, in OUT.checkpoints/ (default 0: none)")
+    p.add_argument("--lrc-min-cut", type=float, default=0.5, help="lrc: a matrix whose rank is cut by at least this fraction trains (default 0.5)")
+    p.add_argument("--train-nlrc", action="store_true", help="lrc: also train the N-LRC matrices")
+    p.add_argument("--train-norms", action="store_true", help="lrc: also train the normalisation layers")
+    p.add_argument("--lora-rank", type=int, default=8, help="lora: adapter rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="lora: adapter scale alpha (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="lora: dropout on the adapter input (default 0)")
+    p.add_argument("--lora-targets", nargs="+", metavar="PATTERN",
+                   help="lora: Linear modules by exact name, glob or re:regex (default: target matrices, factors of compressed ones)")
+    p.add_argument("--keep-adapter", action="store_true", help="lora: save the adapter in OUT/adapter instead of merging it")
+    p.add_argument("--galore-rank", type=int, default=128, help="galore/fira: gradient projection rank (default 128)")
+    p.add_argument("--galore-gap", type=int, default=200, help="galore/fira: steps between projection updates (default 200)")
+    p.add_argument("--galore-scale", type=float, default=0.25, help="galore/fira: update scale (default 0.25)")
+    _add_model_options(p)
     return parser
 
 

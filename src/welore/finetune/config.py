@@ -1,0 +1,153 @@
+"""`FinetuneConfig` (what to train, how, on what) and `FinetuneResult` (what came out).
+
+The config is a small dataclass that round-trips through JSON (`to_dict`/`from_dict`) and
+carries a version; it is recorded beside every fine-tuned checkpoint (`finetune.json`) and
+in every resumable run folder, where it decides whether a `--resume` continues the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from torch import nn
+
+from welore.errors import WeloreError
+
+CONFIG_VERSION = 1
+MODES = ("lrc", "lora", "full")
+OPTIMIZER_NAMES = ("adamw", "galore", "fira")
+PRECISIONS = ("no", "bf16", "fp16")
+DEFAULT_LR = {"lrc": 1e-4, "lora": 5e-4, "full": 3e-5}  # when lr is None; short runs, AdamW
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "lrc"  # what trains: lrc (WeLore's low-rank components), lora (peft adapters) or full
+    optimizer: str = "adamw"  # adamw, galore or fira (welore.optim) on the trainable matrices
+    steps: int = 100  # optimizer steps
+    lr: float | None = None  # peak learning rate; None = the mode's default (DEFAULT_LR)
+    warmup_steps: int = 0  # linear warm-up steps, then cosine decay to 0 at `steps`
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay, on every trainable parameter
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decay rates
+    batch_size: int = 4  # blocks per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; None = no clipping
+    precision: str = "no"  # autocast: no, bf16 or fp16 (accelerate's mixed_precision; fp16 needs CUDA)
+    seed: int = 0  # seeds torch/python/numpy RNGs, the data order and LoRA's initialisation
+    # data
+    data: str = "wiki"  # text spec: wiki/news (train on calib split, validate on eval split), a file, hf:...
+    seq_len: int = 256  # tokens per training/validation block
+    max_train_tokens: int | None = None  # use at most this many training tokens (None = all the text)
+    val_tokens: int = 4096  # validation tokens
+    val_fraction: float = 0.1  # share of a single text's blocks held out for validation (files, datasets)
+    eval_every: int = 0  # validation perplexity every N optimizer steps (0 = only before and after)
+    save_every: int = 0  # resumable checkpoint every N optimizer steps (0 = none)
+    # lrc
+    lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
+    train_nlrc: bool = False  # also train the N-LRC matrices (dense or lightly cut)
+    train_norms: bool = False  # also train the normalisation layers' weights
+    # lora
+    lora_rank: int = 8  # rank r of each adapter
+    lora_alpha: float = 16.0  # adapter scale alpha (the update is alpha/r · B·A)
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    lora_targets: list[str] | None = None  # Linear module patterns (exact, glob, re:); None = target matrices
+    keep_adapter: bool = False  # save the adapter (out/adapter) instead of merging it into the weights
+    # galore / fira
+    galore_rank: int = 128  # rank of the gradient projection (capped by each matrix's smaller side)
+    galore_gap: int = 200  # recompute the projection every this many steps
+    galore_scale: float = 0.25  # scale of the projected-back update
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise WeloreError(f"Unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODES)}.")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise WeloreError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_NAMES)}.")
+        if self.precision not in PRECISIONS:
+            raise WeloreError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.mode]
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "val_tokens": self.val_tokens, "lora_rank": self.lora_rank, "galore_rank": self.galore_rank,
+                    "galore_gap": self.galore_gap}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise WeloreError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise WeloreError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}.")
+        if self.warmup_steps >= self.steps:
+            raise WeloreError(f"--warmup-steps ({self.warmup_steps}) must be fewer than --steps ({self.steps}).")
+        if self.seq_len < 2:
+            raise WeloreError(f"--seq-len must be at least 2, got {self.seq_len}.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise WeloreError(f"--lr must be a positive number, got {self.lr}.")
+        if not 0 < self.val_fraction < 1:
+            raise WeloreError(f"--val-fraction must be in (0, 1), got {self.val_fraction}.")
+        if not 0 < self.lrc_min_cut <= 1:
+            raise WeloreError(f"--lrc-min-cut {self.lrc_min_cut} is outside (0, 1]; use e.g. 0.5.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise WeloreError(f"--max-grad-norm must be positive, got {self.max_grad_norm}.")
+        if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len:
+            raise WeloreError(f"--max-train-tokens ({self.max_train_tokens}) is less than one block of "
+                              f"--seq-len ({self.seq_len}); raise it or lower --seq-len.")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens per optimizer step in one process."""
+        return self.batch_size * self.grad_accum * self.seq_len
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module  # the fine-tuned model (LoRA merged into it unless keep_adapter)
+    config: FinetuneConfig  # the configuration it was trained with (lr resolved)
+    trainable_params: int  # parameters that trained
+    total_params: int  # all unique parameters of the model that trained (adapters included)
+    trainable_names: list[str] = field(default_factory=list)  # their names, in model order
+    steps: int = 0  # optimizer steps taken in total (earlier runs included when resumed)
+    train_tokens: int = 0  # training tokens seen in total, all processes
+    val_ppl_before: float | None = None  # validation perplexity before the first step
+    val_ppl_after: float | None = None  # and after the last
+    history: list[dict] = field(default_factory=list)  # {"step", "val_ppl"} before, every eval_every, after
+    losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step
+    train_seconds: float = 0.0  # wall time of this process's training steps (no evaluation, no saving)
+    tokens_per_s: float | None = None  # training tokens per second of this run's steps
+    peak_memory_bytes: int | None = None  # peak during training above the level before it (RSS / CUDA)
+    total_peak_memory_bytes: int | None = None  # absolute peak during training
+    resumed_from: int | None = None  # the step this run resumed from, if it did
+    out: Path | None = None  # where the checkpoint was saved
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "config", "trainable_names")}
+        data["config"] = self.config.to_dict()
+        data["out"] = str(self.out) if self.out is not None else None
+        return data
+
+    def summary(self) -> str:
+        """A few lines for people: trainable share, perplexity before/after, speed."""
+        share = self.trainable_params / self.total_params if self.total_params else 0.0
+        lines = [
+            f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2%})",
+            f"steps: {self.steps} ({self.train_tokens:,} training tokens)"
+            + (f", resumed from step {self.resumed_from}" if self.resumed_from else ""),
+        ]
+        if self.val_ppl_before is not None and self.val_ppl_after is not None:
+            lines.append(f"validation perplexity: {self.val_ppl_before:.3f} -> {self.val_ppl_after:.3f}")
+        if self.tokens_per_s is not None:
+            memory = f", peak memory +{self.peak_memory_bytes / 1e6:.0f} MB" if self.peak_memory_bytes is not None else ""
+            lines.append(f"training speed: {self.tokens_per_s:.1f} tokens/s{memory}")
+        return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Resumable training state: a run folder beside the output, one atomic folder per checkpoint.
+
+    OUT.checkpoints/
+        run.json                    what defines the run: the config (minus options that do not
+                                    change the trajectory), a model fingerprint, a data hash
+        step-000020/                the latest checkpoint (older ones are removed once it is complete)
+            trainable.safetensors   the trainable parameters (frozen ones come from the model)
+            optimizer.pt            the optimizer's state dict (tensors, numbers and strings only:
+                                    read back with torch.load(..., weights_only=True))
+            rng.safetensors         torch's CPU (and CUDA) generator states
+            state.json              step, position in the data stream, losses, validation history,
+                                    the scheduler's state, python's and numpy's RNG states
+
+A run folder exists only while a run is unfinished: it is removed once the final checkpoint
+is saved to OUT. `--resume` refuses a run folder whose run.json differs from the current run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from welore._io import atomic_dir, atomic_file
+from welore.errors import WeloreError
+from welore.finetune.config import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "welore-finetune-run"
+RUN_VERSION = 1
+# Options that change neither the trained weights nor the data order: a resume may change them.
+_FREE_OPTIONS = ("eval_every", "save_every", "version")
+
+
+def checkpoints_dir(out: str | Path) -> Path:
+    """The run folder of output folder `out`: `OUT.checkpoints` beside it."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.checkpoints")
+
+
+def model_fingerprint(model: nn.Module) -> dict[str, str]:
+    """Name -> "shape dtype sum abs-sum" of every parameter: tells models apart cheaply."""
+    prints = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            values = param.detach().double()
+            prints[name] = f"{tuple(param.shape)} {param.dtype} {values.sum().item():.6e} {values.abs().sum().item():.6e}"
+    return prints
+
+
+def run_identity(config: FinetuneConfig, model_print: dict[str, str], data_print: str) -> dict:
+    options = {k: v for k, v in config.to_dict().items() if k not in _FREE_OPTIONS}
+    return {"format": RUN_FORMAT, "version": RUN_VERSION, "config": options, "model": model_print, "data": data_print}
+
+
+def _difference(saved: dict, current: dict) -> str | None:
+    """What differs between two run identities, in words, or None."""
+    if saved.get("format") != RUN_FORMAT:
+        return "its run.json is not a welore fine-tuning run"
+    for key, value in current["config"].items():
+        if saved.get("config", {}).get(key) != value:
+            return f"--{key.replace('_', '-')} {saved.get('config', {}).get(key)!r} vs {value!r}"
+    if saved.get("model") != current["model"]:
+        return "the model"
+    if saved.get("data") != current["data"]:
+        return "the training or validation data"
+    return None
+
+
+def start_run(run_dir: Path, identity: dict) -> None:
+    """Create the run folder (replacing an old one) with its run.json."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    with atomic_file(run_dir / "run.json") as tmp:
+        tmp.write_text(json.dumps(identity, indent=1) + "\n")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and (p / "state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def check_resumable(run_dir: Path, identity: dict) -> Path:
+    """The latest checkpoint of the run in `run_dir`, after checking it is the same run."""
+    checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if checkpoint is None:
+        raise WeloreError(f"There is no checkpoint to resume in {run_dir}; drop --resume to start a new run "
+                          "(and pass --save-every N to write checkpoints).")
+    try:
+        saved = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    what = _difference(saved, identity)
+    if what is not None:
+        raise WeloreError(f"{run_dir} was written by a different run ({what} differs); use a new --out or the same options.")
+    return checkpoint
+
+
+@dataclass
+class TrainingState:
+    step: int = 0  # optimizer steps done
+    items: int = 0  # training blocks consumed from the stream (all processes)
+    losses: list[float] = field(default_factory=list)  # mean loss per optimizer step
+    history: list[dict] = field(default_factory=list)  # {"step", "val_ppl"}
+
+
+def _python_rng() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng() -> list | None:
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def save_checkpoint(run_dir: Path, state: TrainingState, model: nn.Module, names: list[str],
+                    optimizer: torch.optim.Optimizer, scheduler) -> Path:
+    """Write checkpoint `step-N` atomically, then remove the older ones."""
+    params = dict(model.named_parameters())
+    path = run_dir / f"step-{state.step:06d}"
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_file({n: params[n].detach().contiguous().cpu() for n in names}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        save_file(rng, str(tmp / "rng.safetensors"))
+        payload = {"step": state.step, "items": state.items, "losses": state.losses, "history": state.history,
+                   "scheduler": scheduler.state_dict(), "python_rng": _python_rng(), "numpy_rng": _numpy_rng()}
+        (tmp / "state.json").write_text(json.dumps(payload) + "\n")
+    for old in run_dir.glob("step-*"):
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def load_checkpoint(path: Path, model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer,
+                    scheduler) -> TrainingState:
+    """Restore weights, optimizer, scheduler and RNG states from checkpoint `path`."""
+    data = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "trainable.safetensors")
+    if set(tensors) != set(names):
+        raise WeloreError(f"{path} holds other trainable parameters than this run trains; use a new --out or the same options.")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(data["scheduler"])
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    version, internal, gauss = data["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    if data.get("numpy_rng") is not None:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = data["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    log.info("resumed from %s", path)
+    return TrainingState(step=data["step"], items=data["items"], losses=data["losses"], history=data["history"])

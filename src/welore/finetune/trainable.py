@@ -1,0 +1,200 @@
+"""What trains in each fine-tuning mode, decided in ONE place: `mark_trainable_`.
+
+Modes are small strategy objects in a registry (`MODES`): `prepare` checks the model (and,
+for LoRA, wraps it with peft adapters) and `selects` names the parameters that train.
+`mark_trainable_` is the only function that sets `requires_grad`; it returns a `Trainable`
+report (names, counts, and which trainable tensors are 2-D weights of target matrices, the
+rank group of GaLore/Fira).
+
+- `lrc` (Jaiswal et al. 2024, "From GaLore to WeLore"): only the factors (`up`, `down`) of the
+  low-rank components, i.e. the matrices whose rank the plan cut by at least `lrc_min_cut`.
+  N-LRC matrices, embeddings, norms and the factors' biases stay frozen unless asked.
+- `lora` (Hu et al. 2021), through the `peft` library: adapters on the target matrices of a
+  dense model, or on the `up`/`down` factors and remaining dense targets of a compressed one.
+- `full`: every parameter.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from welore.errors import WeloreError
+from welore.evaluate import count_parameters
+from welore.finetune.config import FinetuneConfig
+from welore.modules import LowRankLinear
+from welore.targets import DENSE_TYPES, _matches, find_targets
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's names
+
+
+@dataclass
+class Trainable:
+    names: list[str]  # trainable parameter names, in model order
+    matrices: list[str]  # those that are 2-D weights of target matrices (GaLore/Fira's rank group)
+    trainable_params: int  # elements of the trainable parameters
+    total_params: int  # unique parameters of the whole model (tied weights once, adapters included)
+
+    def summary(self) -> str:
+        share = self.trainable_params / self.total_params if self.total_params else 0.0
+        return (f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2%}) "
+                f"in {len(self.names)} tensors")
+
+
+@dataclass(frozen=True)
+class Mode:
+    prepare: Callable[[nn.Module, FinetuneConfig], nn.Module]  # check the model, wrap it if needed
+    selects: Callable[[nn.Module, FinetuneConfig], set[str]]  # names of the parameters that train
+
+
+def target_names(model: nn.Module) -> list[str]:
+    """The target matrices: the rank plan's modules for a compressed model, else the decoder blocks' Linears."""
+    plan = getattr(model, "welore_plan", None)
+    return list(plan.ranks) if plan is not None else list(find_targets(model))
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _plan(model: nn.Module):
+    plan = getattr(model, "welore_plan", None)
+    if plan is None:
+        raise WeloreError("LRC fine-tuning trains the low-rank factors of a compressed model, and this model is "
+                          "not compressed; compress it first with welore compress (or use --mode lora or full).")
+    return plan
+
+
+def lrc_names(model: nn.Module, min_cut: float) -> list[str]:
+    """The LRC matrices at `min_cut`, checked to exist (a clear error otherwise)."""
+    plan = _plan(model)
+    lrc = plan.lrc(min_cut)
+    if not lrc:
+        largest = max(1 - plan.kept_fraction(n) for n in plan.ranks)
+        raise WeloreError(f"No target matrix has its rank cut by at least {min_cut:.0%} (the largest cut is "
+                          f"{largest:.0%}), so LRC fine-tuning has nothing to train; lower --lrc-min-cut.")
+    return lrc
+
+
+def _matrix_weights(model: nn.Module, name: str) -> set[str]:
+    """Parameter names of a target matrix's weights: both factors, or the dense weight."""
+    module = model.get_submodule(name)
+    if isinstance(module, LowRankLinear):
+        return {f"{name}.up.weight", f"{name}.down.weight"}
+    return {f"{name}.weight"}
+
+
+def _norm_params(model: nn.Module) -> set[str]:
+    """Parameters of normalisation layers (LayerNorm, RMSNorm and the like)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("Norm"):
+            names |= {f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+    return names
+
+
+def _prepare_lrc(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    lrc_names(model, config.lrc_min_cut)  # fail before any slow work
+    return model
+
+
+def _select_lrc(model: nn.Module, config: FinetuneConfig) -> set[str]:
+    lrc = lrc_names(model, config.lrc_min_cut)
+    names = set().union(*(_matrix_weights(model, n) for n in lrc))
+    if config.train_nlrc:
+        names |= set().union(set(), *(_matrix_weights(model, n) for n in _plan(model).ranks if n not in lrc))
+    if config.train_norms:
+        names |= _norm_params(model)
+    return names
+
+
+def lora_target_modules(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
+    """Names of the Linear/Conv1D modules that get adapters.
+
+    Default: every target matrix; for a `LowRankLinear`, its `up` and `down` factors. With
+    `patterns` (exact names, globs or `re:` regexes), every dense layer that matches one.
+    """
+    if patterns:
+        dense = [n for n, m in model.named_modules() if isinstance(m, DENSE_TYPES)]
+        for pattern in patterns:
+            if not any(_matches(n, pattern) for n in dense):
+                raise WeloreError(f"LoRA target pattern {pattern!r} matches no Linear layer of this model; "
+                                  f"check the names (e.g. {dense[0] if dense else 'none found'!r}).")
+        return [n for n in dense if any(_matches(n, p) for p in patterns)]
+    modules = []
+    for name in target_names(model):
+        module = model.get_submodule(name)
+        modules += [f"{name}.up", f"{name}.down"] if isinstance(module, LowRankLinear) else [name]
+    return modules
+
+
+def _prepare_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    modules = lora_target_modules(model, config.lora_targets)
+    conv1d = [isinstance(model.get_submodule(n), Conv1D) for n in modules]
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=modules, bias="none", fan_in_fan_out=all(conv1d))
+    log.info("LoRA (r=%d, alpha=%g) on %d modules", config.lora_rank, config.lora_alpha, len(modules))
+    with warnings.catch_warnings():  # peft calls a transformers property that transformers deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, lora)
+
+
+def _select_lora(model: nn.Module, config: FinetuneConfig) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapters in ("lora_A", "lora_B"):
+                names |= {f"{module_name}.{adapters}.{p}" for p, _ in getattr(module, adapters).named_parameters()}
+    return names
+
+
+def _select_all(model: nn.Module, config: FinetuneConfig) -> set[str]:
+    return {n for n, _ in model.named_parameters()}
+
+
+MODES: dict[str, Mode] = {
+    "lrc": Mode(prepare=_prepare_lrc, selects=_select_lrc),
+    "lora": Mode(prepare=_prepare_lora, selects=_select_lora),
+    "full": Mode(prepare=lambda model, config: model, selects=_select_all),
+}
+
+
+def prepare_model(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """Check the model suits the mode (and wrap it with LoRA adapters); returns the model to train."""
+    return MODES[config.mode].prepare(model, config)
+
+
+def mark_trainable_(model: nn.Module, config: FinetuneConfig) -> Trainable:
+    """THE function that decides what trains: sets `requires_grad` on every parameter of `model`."""
+    selected = MODES[config.mode].selects(model, config)
+    params = dict(model.named_parameters())
+    unknown = selected - set(params)
+    assert not unknown, f"mode {config.mode} selected parameters the model does not have: {sorted(unknown)[:3]}"
+    for name, param in params.items():
+        param.requires_grad_(name in selected)
+    names = [n for n in params if n in selected]
+    targets = target_names(_base(model))
+    prefix = PEFT_PREFIX if _base(model) is not model else ""
+
+    def in_target(name: str) -> bool:
+        module = name.removeprefix(prefix).rpartition(".")[0]
+        return any(module == t or module.startswith(t + ".") for t in targets)
+
+    matrices = [n for n in names if params[n].dim() == 2 and in_target(n)]
+    trainable = Trainable(names=names, matrices=matrices, trainable_params=sum(params[n].numel() for n in names),
+                          total_params=count_parameters(model))
+    log.info("%s mode: %s", config.mode, trainable.summary())
+    return trainable

@@ -1,0 +1,375 @@
+"""Tests for fine-tuning (`welore.finetune`, `welore finetune`) on tiny random models.
+
+The data are pre-tokenized blocks of arithmetic token sequences (t, t+k, t+2k, ... mod V), which
+a tiny model learns within a few steps, so "training lowers validation perplexity" is a real
+check. CLI tests use the tiny LLaMA with SmolLM2's tokenizer from conftest and a local text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMOLLM2_VOCAB, VOCAB, build_tiny, give_decaying_spectra_, logits_of, token_ids
+
+from welore.checkpoint import load, save
+from welore.cli import main
+from welore.compress import CompressConfig, compress_
+from welore.data import token_windows
+from welore.errors import WeloreError
+from welore.finetune import (
+    FinetuneConfig,
+    TokenBlocks,
+    finetune,
+    load_finetuned,
+    make_blocks,
+    mark_trainable_,
+)
+from welore.finetune.data import BlockStream
+from welore.finetune.state import checkpoints_dir
+from welore.modules import LowRankLinear
+
+SEQ = 32
+
+
+def arithmetic_blocks(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (n, 1), generator=generator)
+    step = torch.randint(1, 4, (n, 1), generator=generator)
+    return (start + step * torch.arange(SEQ)) % VOCAB  # (n, SEQ)
+
+
+@pytest.fixture(scope="module")
+def blocks() -> TokenBlocks:
+    return TokenBlocks(arithmetic_blocks(32, seed=0), arithmetic_blocks(8, seed=1))
+
+
+def compressed(family: str = "llama", **kwargs):
+    """A tiny model with heterogeneous spectra, compressed by WeLore at ratio 0.3 (it has LRCs and N-LRCs)."""
+    model = build_tiny(family, **kwargs)
+    give_decaying_spectra_(model)
+    compress_(model, CompressConfig(ratio=0.3, method="welore"), progress=False)
+    return model
+
+
+def config(**kwargs) -> FinetuneConfig:
+    defaults = dict(steps=4, batch_size=4, seq_len=SEQ, lr=1e-2, val_tokens=256)
+    return FinetuneConfig(**(defaults | kwargs))
+
+
+def run(model, blocks, **kwargs):
+    options = {k: kwargs.pop(k) for k in ("out", "resume", "overwrite", "on_gradients") if k in kwargs}
+    return finetune(model, None, config(**kwargs), blocks=blocks, progress=False, **options)
+
+
+# --- what trains ---------------------------------------------------------------------------------
+
+
+def test_lrc_trains_only_the_factors_of_lrc_matrices() -> None:
+    model = compressed()
+    plan = model.welore_plan
+    lrc, nlrc = plan.lrc(0.5), [n for n in plan.ranks if n not in plan.lrc(0.5)]
+    assert lrc and nlrc
+    trainable = mark_trainable_(model, config())
+    assert set(trainable.names) == {f"{n}.{f}.weight" for n in lrc for f in ("up", "down")}
+    assert trainable.matrices == trainable.names
+    assert trainable.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert "trainable parameters" in trainable.summary()
+
+    wider = mark_trainable_(model, config(train_nlrc=True, train_norms=True))
+    names = set(wider.names)
+    assert set(trainable.names) < names
+    for name in nlrc:
+        module = model.get_submodule(name)
+        assert (f"{name}.up.weight" if isinstance(module, LowRankLinear) else f"{name}.weight") in names
+    assert "model.norm.weight" in names and "model.norm.weight" not in wider.matrices
+
+
+def test_lrc_refuses_an_uncompressed_model(blocks) -> None:
+    with pytest.raises(WeloreError, match="compress it first with welore compress"):
+        run(build_tiny("llama"), blocks)
+
+
+def test_lrc_refuses_a_threshold_with_no_lrc(blocks) -> None:
+    with pytest.raises(WeloreError, match="lower --lrc-min-cut"):
+        run(compressed(), blocks, lrc_min_cut=1.0)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["lrc", "lora", "full"])
+def test_each_mode_lowers_validation_perplexity(mode: str, blocks) -> None:
+    model = compressed()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = run(model, blocks, mode=mode, steps=8, lr=3e-3 if mode == "full" else 1e-2)
+    assert len(result.losses) == 8 and result.steps == 8
+    assert result.train_tokens == 8 * 4 * SEQ
+    assert result.val_ppl_after < result.val_ppl_before
+    assert 0 < result.trainable_params <= result.total_params
+    assert result.tokens_per_s > 0
+    after = dict(result.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    if mode == "lrc":  # exactly the trainable factors moved
+        assert changed == set(result.trainable_names)
+    if mode == "lora":  # merged back into the compressed model's factors, same structure
+        assert not hasattr(result.model, "peft_config") and set(after) == set(before)
+        targets = result.model.welore_plan.ranks  # factors of compressed ones, weights of dense ones
+        assert changed and all(n.endswith("weight") and any(n.startswith(f"{t}.") for t in targets) for n in changed)
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "fira"])
+def test_low_rank_gradient_optimizers_train(optimizer: str, blocks) -> None:
+    result = run(build_tiny("llama"), blocks, mode="full", optimizer=optimizer, steps=6, lr=1e-2,
+                 galore_rank=8, galore_gap=2, galore_scale=1.0)
+    assert result.val_ppl_after < result.val_ppl_before
+
+
+def test_galore_needs_trainable_matrices(blocks) -> None:
+    with pytest.raises(WeloreError, match="--optimizer adamw"):  # adapters on the LM head only: no target matrix
+        run(build_tiny("qwen2"), blocks, mode="lora", optimizer="galore", lora_targets=["lm_head"])
+
+
+def test_on_gradients_sees_accumulated_gradients_once_per_step(blocks) -> None:
+    calls = []
+
+    def hook(step: int, model) -> None:
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        calls.append((step, sum(g.norm() ** 2 for g in grads.values()).sqrt().item()))
+
+    run(compressed(), blocks, steps=3, grad_accum=2, batch_size=2, on_gradients=hook)
+    assert [s for s, _ in calls] == [1, 2, 3]
+    assert all(norm > 0 for _, norm in calls)
+
+
+def test_bf16_autocast_trains_on_cpu(blocks) -> None:
+    result = run(compressed(), blocks, steps=2, precision="bf16")
+    assert math.isfinite(result.val_ppl_after)
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    run(compressed(), blocks, steps=1)  # and a later run in the same process may use another precision
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
+def test_fp16_without_gpu_is_refused(blocks) -> None:
+    with pytest.raises(WeloreError, match="fp16 autocast needs a CUDA GPU"):
+        run(compressed(), blocks, precision="fp16")
+
+
+# --- saving, resuming ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,family", [("lrc", "llama"), ("full", "qwen2"), ("lora", "gpt2")])
+def test_saved_checkpoint_reloads_with_identical_logits(mode: str, family: str, blocks, tmp_path: Path) -> None:
+    model = compressed(family) if mode == "lrc" else build_tiny(family)  # dense models: full, lora (Conv1D)
+    result = run(model, blocks, mode=mode, steps=2, out=tmp_path / "ft")
+    reloaded = load(tmp_path / "ft")
+    ids = token_ids()
+    assert torch.allclose(logits_of(result.model, ids), logits_of(reloaded, ids), atol=1e-5)
+    record = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert record["result"]["config"]["mode"] == mode and record["result"]["steps"] == 2
+    assert not checkpoints_dir(tmp_path / "ft").exists()
+    if mode != "lrc":
+        assert reloaded.welore_plan.method == "dense" and not reloaded.welore_plan.factorized
+        assert not hasattr(result.model, "welore_plan")  # saving did not mark the in-memory model
+
+
+def test_lora_adapter_can_be_kept_instead_of_merged(blocks, tmp_path: Path) -> None:
+    result = run(compressed(), blocks, mode="lora", steps=2, keep_adapter=True, out=tmp_path / "ft")
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
+    reloaded = load_finetuned(tmp_path / "ft")
+    ids = token_ids()
+    assert torch.allclose(logits_of(result.model, ids), logits_of(reloaded, ids), atol=1e-5)
+    base = load(tmp_path / "ft")  # the untouched compressed model under the adapter
+    assert not torch.allclose(logits_of(base, ids), logits_of(reloaded, ids), atol=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    def hook(current: int, model) -> None:
+        if current == step:
+            raise Interrupt
+
+    return hook
+
+
+@pytest.mark.parametrize("mode,optimizer", [("lrc", "adamw"), ("lora", "adamw"), ("full", "adamw"), ("full", "galore"), ("full", "fira")])
+def test_resumed_run_matches_an_uninterrupted_one(mode: str, optimizer: str, blocks, tmp_path: Path) -> None:
+    options = dict(mode=mode, optimizer=optimizer, steps=6, save_every=3, galore_rank=4, galore_gap=2,
+                   lr=3e-3, grad_accum=2, batch_size=2)
+    make = compressed if mode != "full" else lambda: build_tiny("gpt2")  # GPT-2 has dropout: RNG state matters
+    straight = run(make(), blocks, out=tmp_path / "straight", **options)
+    with pytest.raises(Interrupt):
+        run(make(), blocks, out=tmp_path / "resumed", on_gradients=interrupt_at(5), **options)
+    assert not (tmp_path / "resumed").exists()
+    assert [p.name for p in checkpoints_dir(tmp_path / "resumed").glob("step-*")] == ["step-000003"]
+    resumed = run(make(), blocks, out=tmp_path / "resumed", resume=True, **options)
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    assert resumed.losses == straight.losses
+    expected = dict(straight.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, expected[name], atol=1e-6, rtol=0)
+    assert resumed.val_ppl_before == straight.val_ppl_before
+    assert resumed.val_ppl_after == pytest.approx(straight.val_ppl_after, rel=1e-6)
+
+
+def test_resume_refuses_checkpoints_of_another_run(blocks, tmp_path: Path) -> None:
+    with pytest.raises(Interrupt):
+        run(compressed(), blocks, steps=4, save_every=2, out=tmp_path / "ft", on_gradients=interrupt_at(3))
+    with pytest.raises(WeloreError, match=r"different run \(--lr .*use a new --out or the same options"):
+        run(compressed(), blocks, steps=4, save_every=2, out=tmp_path / "ft", resume=True, lr=5e-3)
+    with pytest.raises(WeloreError, match=r"different run \(the model differs"):
+        run(compressed(seed=1), blocks, steps=4, save_every=2, out=tmp_path / "ft", resume=True)
+    with pytest.raises(WeloreError, match="pass --resume to continue it or --overwrite"):
+        run(compressed(), blocks, steps=4, save_every=2, out=tmp_path / "ft")
+    with pytest.raises(WeloreError, match="no checkpoint to resume"):
+        run(compressed(), blocks, steps=4, out=tmp_path / "other", resume=True)
+
+
+def test_block_stream_is_resumable_by_position() -> None:
+    train = arithmetic_blocks(5, seed=0)
+    whole = BlockStream(train, seed=3, start=0, stop=17)
+    tail = BlockStream(train, seed=3, start=7, stop=17)
+    assert len(tail) == 10
+    assert all(torch.equal(whole[7 + i], tail[i]) for i in range(10))
+    first_epoch = torch.stack([whole[i] for i in range(5)])
+    assert sorted(map(tuple, first_epoch.tolist())) == sorted(map(tuple, train.tolist()))
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def test_blocks_from_a_file_hold_out_the_last_blocks(smollm2_tokenizer, english_text_file: Path) -> None:
+    every = token_windows(smollm2_tokenizer, english_text_file.read_text(), 64)  # (N, 64)
+    blocks = make_blocks(smollm2_tokenizer, str(english_text_file), seq_len=64, val_tokens=4096, val_fraction=0.1)
+    n_val = round(len(every) * 0.1)
+    assert torch.equal(blocks.val, every[-n_val:]) and torch.equal(blocks.train, every[:-n_val])
+    assert "held out" in blocks.description
+    capped = make_blocks(smollm2_tokenizer, str(english_text_file), seq_len=64, max_train_tokens=640, val_tokens=128)
+    assert capped.train.shape == (10, 64) and capped.val.shape == (1, 64)  # 10% of the 12 blocks read
+    assert torch.equal(capped.train, every[:10]) and torch.equal(capped.val, every[11:12])
+
+
+def test_a_text_shorter_than_two_blocks_is_refused(smollm2_tokenizer, tmp_path: Path) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("A few words, " * 10)
+    with pytest.raises(WeloreError, match="at least two"):
+        make_blocks(smollm2_tokenizer, str(text), seq_len=32, val_tokens=64)
+
+
+def test_builtin_text_trains_on_calib_and_validates_on_eval(smollm2_tokenizer) -> None:
+    if importlib.util.find_spec("gensim") is None:
+        pytest.skip("the built-in texts come from the gensim wheel, which is not installed")
+    blocks = make_blocks(smollm2_tokenizer, "news", seq_len=64, max_train_tokens=1024, val_tokens=512)
+    assert blocks.train.shape == (16, 64) and blocks.val.shape == (8, 64)
+    assert "calib split" in blocks.description
+    train_rows = set(map(tuple, blocks.train.tolist()))
+    assert not any(tuple(row) in train_rows for row in blocks.val.tolist())
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> Path:
+    """A welore checkpoint of a tiny LLaMA with SmolLM2's vocabulary, with LRC matrices."""
+    model = build_tiny("llama", vocab=SMOLLM2_VOCAB, hidden=32)
+    give_decaying_spectra_(model)
+    compress_(model, CompressConfig(ratio=0.3, method="welore"), progress=False)
+    return save(model, tmp_path_factory.mktemp("ckpts") / "welore", tokenizer=smollm2_tokenizer)
+
+
+CLI = ["--seq-len", "32", "--batch-size", "2", "--val-tokens", "128", "--max-train-tokens", "512"]
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["finetune", "-q", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_finetunes_and_saves_a_checkpoint(capsys, compressed_dir: Path, english_text_file: Path, tmp_path: Path) -> None:
+    code, out, err = cli(capsys, compressed_dir, "--mode", "lrc", "--data", english_text_file, "--steps", "3",
+                         "--eval-every", "2", "--out", tmp_path / "ft", *CLI)
+    assert code == 0, err
+    assert "trainable parameters:" in out and " of " in out
+    assert "validation perplexity:" in out and "step 2: validation perplexity" in out
+    model = load(tmp_path / "ft")
+    assert model.welore_plan.ranks == load(compressed_dir).welore_plan.ranks
+    assert (tmp_path / "ft" / "tokenizer.json").is_file()
+
+
+def assert_user_error(code: int, out: str, err: str, match: str, parent: Path, name: str = "ft") -> None:
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("welore: error: ") and "Traceback" not in out + err, err
+    assert match.lower() in lines[0].lower(), lines[0]
+    assert not any(p.name.startswith((name, f".{name}")) for p in parent.iterdir()), list(parent.iterdir())
+
+
+def test_cli_user_errors(capsys, cli_model_dir: Path, compressed_dir: Path, english_text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    text = ["--data", english_text_file]
+    assert_user_error(*cli(capsys, cli_model_dir, *text, "--out", out, *CLI), "compress it first with welore compress", tmp_path)
+    assert_user_error(*cli(capsys, compressed_dir, *text, "--lrc-min-cut", "1.0", "--out", out, *CLI), "lower --lrc-min-cut", tmp_path)
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill a block.")
+    assert_user_error(*cli(capsys, compressed_dir, "--data", short, "--out", out, *CLI), "smaller --seq-len", tmp_path)
+    if not torch.cuda.is_available():
+        assert_user_error(*cli(capsys, compressed_dir, *text, "--precision", "fp16", "--out", out, *CLI), "--precision bf16 or no", tmp_path)
+    out.mkdir()
+    code, stdout, err = cli(capsys, compressed_dir, *text, "--out", out, *CLI)
+    assert code == 2 and "already exists" in err and "--overwrite" in err and not any(out.iterdir())
+    out.rmdir()
+
+
+def test_cli_resume_from_another_run_is_refused(capsys, compressed_dir: Path, english_text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    run_dir = checkpoints_dir(out)
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps({"format": "welore-finetune-run", "config": {}, "model": {}, "data": ""}))
+    (run_dir / "step-000001").mkdir()
+    (run_dir / "step-000001" / "state.json").write_text("{}")
+    code, stdout, err = cli(capsys, compressed_dir, "--data", english_text_file, "--resume", "--save-every", "1",
+                            "--out", out, *CLI)
+    assert code == 2 and "was written by a different run" in err and "use a new --out or the same options" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_unknown_mode_is_an_argparse_error(capsys, compressed_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", str(compressed_dir), "--mode", "qlora", "--out", str(tmp_path / "ft")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'qlora'" in capsys.readouterr().err
+
+
+# --- the real default model ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lrc_finetuning_of_compressed_smollm2(tmp_path: Path) -> None:
+    from welore.models import load_model
+
+    try:
+        loaded = load_model("smollm2-135m")
+    except WeloreError as err:
+        pytest.skip(str(err))
+    compress_(loaded.model, CompressConfig(ratio=0.2, method="welore"), progress=False)
+    train = token_ids(vocab=SMOLLM2_VOCAB, batch=8, length=128, seed=0)
+    val = token_ids(vocab=SMOLLM2_VOCAB, batch=2, length=128, seed=1)
+    result = finetune(loaded.model, loaded.tokenizer, FinetuneConfig(mode="lrc", steps=2, batch_size=2, seq_len=128),
+                      blocks=TokenBlocks(train, val), out=tmp_path / "ft", progress=False)
+    assert math.isfinite(result.val_ppl_before) and math.isfinite(result.val_ppl_after)
+    assert 0 < result.trainable_params < result.total_params
+    reloaded = load(tmp_path / "ft")
+    ids = val[:1, :32]
+    assert torch.allclose(logits_of(result.model, ids), logits_of(reloaded, ids), atol=1e-4)
