@@ -15,7 +15,7 @@ from welore.spectrum import compute_spectra
 from welore.targets import find_targets, matrix_shape
 
 RATIOS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)
-METHODS = ("uniform", "welore", "energy")
+METHODS = ("uniform", "welore", "energy", "loss", "minimax")
 
 
 def _spectra_and_shapes(family: str, decaying: bool = True):
@@ -329,3 +329,36 @@ def test_energy_prefers_matrices_with_concentrated_energy() -> None:
     uniform = allocate("uniform", spectra, shapes, plan.achieved_ratio)
     assert plan.kept_fraction("steep") < plan.kept_fraction("flat")
     assert truncated_energy(plan, spectra) < truncated_energy(uniform, spectra)
+
+
+def relative_errors(plan: RankPlan, spectra: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per factorized matrix: energy of the dropped components / the matrix's energy."""
+    return {n: ((spectra[n][r:] ** 2).sum() / (spectra[n] ** 2).sum()).item()
+            for n, r in plan.ranks.items() if r is not None}
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.2, 0.4])
+def test_minimax_bounds_the_worst_relative_error(model_spectra, family: str, ratio: float) -> None:
+    """No plan of the other policies that costs at most as much leaves its worst matrix with a
+    smaller relative error than minimax's worst, and minimax spends (almost) all the budget."""
+    spectra, shapes = model_spectra[(family, True)]
+    plan = allocate("minimax", spectra, shapes, ratio)
+    worst = max(relative_errors(plan, spectra).values(), default=0.0)
+    for method in ("uniform", "welore", "energy"):
+        other = allocate(method, spectra, shapes, min(plan.achieved_ratio, max_ratio(shapes)))
+        assert other.kept_params <= plan.kept_params
+        errors = relative_errors(other, spectra)
+        dense_left = any(r is None for r in other.ranks.values())  # a dense matrix has error 0
+        assert worst <= max(errors.values(), default=0.0) + 1e-9 or dense_left, method
+
+
+def test_minimax_equalises_relative_errors() -> None:
+    """A steep and a flat spectrum: minimax cuts the steep one far more, so both lose about the
+    same fraction of their energy, where uniform ranks leave the flat one much worse."""
+    spectra, shapes = _steep_and_flat()
+    plan = allocate("minimax", spectra, shapes, 0.3)
+    uniform = allocate("uniform", spectra, shapes, plan.achieved_ratio)
+    errors, uniform_errors = relative_errors(plan, spectra), relative_errors(uniform, spectra)
+    assert plan.kept_fraction("steep") < plan.kept_fraction("flat")
+    assert max(errors.values()) < max(uniform_errors.values())
+    assert max(errors.values()) / min(errors.values()) < max(uniform_errors.values()) / min(uniform_errors.values())

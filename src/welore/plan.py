@@ -17,6 +17,10 @@ the target matrices' parameters to remove.
   every component above one global value of that score is the optimal greedy allocation.
 - `loss`: the same greedy rule on absolute σ² instead of relative energy; on whitened spectra
   it minimises the summed output error of all layers (data-aware allocation).
+- `minimax`: minimise the *largest* relative truncation error of any matrix: every matrix keeps
+  the smallest rank whose dropped energy fraction is below one global bound, searched for the
+  budget. On whitened spectra that bound is each layer's relative output error on the
+  calibration text, so no layer is left much worse than the others.
 """
 
 from __future__ import annotations
@@ -265,6 +269,24 @@ def loss_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], rati
     data-aware global allocation; with plain spectra it minimises the summed Frobenius error.
     """
     scores = {n: s**2 / sum(shapes[n]) for n, s in spectra.items()}  # loss avoided per parameter
+    ranks, _ = threshold_allocation(scores, shapes, ratio)
+    return ranks
+
+
+@register_policy("minimax")
+def minimax_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float) -> dict[str, int | None]:
+    """Minimise max_i (Σ_{j>r_i} σ_ij² / Σ_j σ_ij²) for the budget.
+
+    Component j of a matrix is scored by the energy fraction from j to the end of its spectrum,
+    the relative error the matrix would have if it kept only j−1 components. That score falls
+    along the spectrum, so keeping every component scored ≥ t leaves each matrix a relative
+    error below t, and the smallest t that fits the budget is the smallest achievable bound.
+    """
+    scores = {}
+    for n, s in spectra.items():
+        energy = s.double() ** 2
+        tail = energy.flip(0).cumsum(0).flip(0)  # tail[j] = Σ_{k≥j} σ_k²
+        scores[n] = tail / tail[0].clamp_min(torch.finfo(torch.float64).tiny)
     ranks, _ = threshold_allocation(scores, shapes, ratio)
     return ranks
 
