@@ -34,6 +34,7 @@ from welore.finetune.state import (
     TrainingState,
     check_resumable,
     checkpoints_dir,
+    latest_checkpoint,
     load_checkpoint,
     model_fingerprint,
     run_identity,
@@ -65,7 +66,7 @@ def check_output(out: Path | None, config: FinetuneConfig, overwrite: bool, resu
         return
     check_output_dir(out, overwrite)
     run_dir = checkpoints_dir(out)
-    if not resume and run_dir.exists() and not overwrite:
+    if not resume and run_dir.is_dir() and latest_checkpoint(run_dir) is not None and not overwrite:
         raise WeloreError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
                           "or --overwrite to start over.")
 
