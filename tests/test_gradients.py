@@ -119,3 +119,40 @@ def test_report_relates_gradients_to_weights(tmp_path) -> None:
     assert (out / "gradient_ranks.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(WeloreError, match="already exists"):
         report.write(tmp_path / "grads")
+
+
+# --- welore analyze --gradients ----------------------------------------------------------------
+
+GRAD_RUN = ["--grad-steps", "3", "--grad-seq-len", "32", "--grad-batch-size", "2", "--grad-val-tokens", "64"]
+
+
+def test_cli_analyze_gradients(capsys, tmp_path, cli_model_dir, english_text_file) -> None:
+    from welore.cli import main
+
+    out = tmp_path / "analysis"
+    code = main(["analyze", "-q", str(cli_model_dir), "--ratio", "0.2", "--gradients", "--data", str(english_text_file),
+                 *GRAD_RUN, "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "3 steps of full fine-tuning with AdamW" in stdout and "Spearman correlation" in stdout
+    assert (out / "spectra.csv").is_file() and (out / "rank_plan.json").is_file()
+    assert {p.name for p in (out / "gradients").iterdir()} >= {"gradient_steps.csv", "gradient_summary.csv",
+                                                                 "gradient_ranks.png", "gradient_vs_weight.png"}
+    data = json.loads((out / "gradients" / "gradients.json").read_text())
+    assert sorted({row["step"] for row in data["steps"]}) == [1, 2, 3]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--grad-every", "0"], "--grad-every must be a positive integer"),
+    (["--grad-steps", "0"], "--grad-steps must be a positive integer"),
+])
+def test_cli_analyze_gradients_bad_options(capsys, tmp_path, cli_model_dir, argv, match) -> None:
+    from welore.cli import main
+
+    out = tmp_path / "analysis"
+    code = main(["analyze", "-q", str(cli_model_dir), "--gradients", *GRAD_RUN, *argv, "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("welore: error:") and match in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())

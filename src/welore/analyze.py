@@ -94,17 +94,21 @@ class Analysis:
 
     def write(self, out: str | Path, overwrite: bool = False) -> Path:
         """Write table (CSV, JSON), summary, rank plan and plots to folder `out`, atomically."""
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            self.write_files(tmp)
+        return Path(out)
+
+    def write_files(self, folder: Path) -> None:
+        """The files of `write`, into an existing folder (the caller makes it atomic)."""
         from welore.report import plot_kept_heatmap, plot_spectra
 
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            self.write_csv(tmp / "spectra.csv")
-            (tmp / "spectra.json").write_text(json.dumps(self.to_dict()) + "\n")
-            (tmp / "summary.txt").write_text(self.summary() + "\n")
-            plot_spectra(self, tmp / "spectra.png")
-            if self.plan:
-                self.plan.save(tmp / "rank_plan.json")
-                plot_kept_heatmap(self, tmp / "kept_rank.png")
-        return Path(out)
+        self.write_csv(folder / "spectra.csv")
+        (folder / "spectra.json").write_text(json.dumps(self.to_dict()) + "\n")
+        (folder / "summary.txt").write_text(self.summary() + "\n")
+        plot_spectra(self, folder / "spectra.png")
+        if self.plan:
+            self.plan.save(folder / "rank_plan.json")
+            plot_kept_heatmap(self, folder / "kept_rank.png")
 
 
 def analyze(

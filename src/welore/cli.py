@@ -45,22 +45,49 @@ def _eval_windows(tokenizer, args: argparse.Namespace, model_name: str, calib: s
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    """Measure the singular-value spectrum of every target matrix (and, with --ratio, plan ranks)."""
-    from welore._io import check_output_dir
+    """Measure the singular-value spectrum of every target matrix (and, with --ratio, plan ranks;
+    with --gradients, also the gradients' spectra over a short training run)."""
+    from welore._io import atomic_dir, check_output_dir
     from welore.analyze import analyze
     from welore.compress import CompressConfig
 
     CompressConfig(ratio=args.ratio, method=args.method, lrc_min_cut=args.lrc_min_cut)  # fail before loading
+    finetune_config = _gradient_run_config(args) if args.gradients else None
     if args.out:
         check_output_dir(args.out, args.overwrite)
     loaded = _load(args.model, args.dtype)
     result = analyze(loaded.model, ratio=args.ratio, method=args.method, targets=args.targets,
                      lrc_min_cut=args.lrc_min_cut, name=args.model, progress=not args.quiet)
     print(result.summary())
+    gradients = None
+    if finetune_config is not None:
+        from welore.finetune import finetune
+        from welore.gradients import GradientSpectra
+
+        recorder = GradientSpectra(loaded.model, args.targets, every=args.grad_every)
+        run = finetune(loaded.model, loaded.tokenizer, finetune_config, on_gradients=recorder, progress=not args.quiet)
+        gradients = recorder.report(result.spectra, plan=result.plan, model=args.model)
+        print(f"\n{finetune_config.steps} steps of full fine-tuning with AdamW (lr {finetune_config.lr:g}) on "
+              f"{args.data}: validation perplexity {run.val_ppl_before:.3f} -> {run.val_ppl_after:.3f}")
+        print(gradients.summary())
     if args.out:
-        result.write(args.out, overwrite=args.overwrite)
+        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            result.write_files(tmp)
+            if gradients is not None:
+                gradients.write_files(tmp / "gradients")
         print(f"\nwrote {args.out}/ (spectra.csv, spectra.json, summary.txt, spectra.png"
-              + (", kept_rank.png, rank_plan.json)" if result.plan else ")"))
+              + (", kept_rank.png, rank_plan.json" if result.plan else "")
+              + (", gradients/" if gradients is not None else "") + ")")
+
+
+def _gradient_run_config(args: argparse.Namespace):
+    """The short full fine-tuning run during which `analyze --gradients` records gradients."""
+    from welore.finetune import FinetuneConfig
+
+    return FinetuneConfig(mode="full", optimizer="adamw", steps=args.grad_steps, lr=args.grad_lr, data=args.data,
+                          seq_len=args.grad_seq_len, batch_size=args.grad_batch_size,
+                          max_train_tokens=args.grad_steps * args.grad_batch_size * args.grad_seq_len,
+                          val_tokens=args.grad_val_tokens)
 
 
 def _describe_replaced(replaced: list[str]) -> str:
@@ -318,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--out", help="folder for the table (CSV, JSON), summary, plots and rank plan")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g = p.add_argument_group("gradient spectra (--gradients)")
+    g.add_argument("--gradients", action="store_true",
+                   help="also train all weights briefly (AdamW) and record every target matrix's gradient spectrum per step")
+    g.add_argument("--data", default=DEFAULT_TEXT, help="training text for --gradients (default: wiki, its calibration half)")
+    g.add_argument("--grad-steps", type=int, default=20, help="optimizer steps to record (default 20)")
+    g.add_argument("--grad-every", type=int, default=1, help="record every k-th step (default 1)")
+    g.add_argument("--grad-lr", type=float, default=3e-5, help="learning rate of the recording run (default 3e-5)")
+    g.add_argument("--grad-seq-len", type=int, default=256, help="tokens per training block (default 256)")
+    g.add_argument("--grad-batch-size", type=int, default=4, help="blocks per step (default 4)")
+    g.add_argument("--grad-val-tokens", type=int, default=2048, help="validation tokens before/after (default 2048)")
 
     p = command("compress", cmd_compress)
     p.add_argument("model", help="built-in name (smollm2-135m), model folder, .gguf file or hub id")
@@ -415,7 +452,9 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("seq_len", "max_tokens", "batch_size", "calib_tokens", "calib_seq_len"):
+    positive = ("seq_len", "max_tokens", "batch_size", "calib_tokens", "calib_seq_len",
+                "grad_steps", "grad_every", "grad_seq_len", "grad_batch_size", "grad_val_tokens")
+    for name in positive:
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             print(f"welore: error: --{name.replace('_', '-')} must be a positive integer.", file=sys.stderr)
             return 2

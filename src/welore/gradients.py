@@ -189,17 +189,22 @@ class GradientReport:
 
     def write(self, out: str | Path, overwrite: bool = False) -> Path:
         """Write per-step and per-matrix tables (CSV, JSON), the summary and plots, atomically."""
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            self.write_files(tmp)
+        return Path(out)
+
+    def write_files(self, folder: Path) -> None:
+        """The files of `write`, into an existing folder (the caller makes it atomic)."""
         from welore.report import plot_gradient_ranks, plot_gradient_vs_weight
 
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            for path, columns, rows in ((tmp / "gradient_steps.csv", STEP_COLUMNS, self.steps),
-                                        (tmp / "gradient_summary.csv", SUMMARY_COLUMNS, self.rows)):
-                with open(path, "w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=columns)
-                    writer.writeheader()
-                    writer.writerows(rows)
-            (tmp / "gradients.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-            (tmp / "gradient_summary.txt").write_text(self.summary() + "\n")
-            plot_gradient_ranks(self, tmp / "gradient_ranks.png")
-            plot_gradient_vs_weight(self, tmp / "gradient_vs_weight.png")
-        return Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, columns, rows in ((folder / "gradient_steps.csv", STEP_COLUMNS, self.steps),
+                                    (folder / "gradient_summary.csv", SUMMARY_COLUMNS, self.rows)):
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        (folder / "gradients.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        (folder / "gradient_summary.txt").write_text(self.summary() + "\n")
+        plot_gradient_ranks(self, folder / "gradient_ranks.png")
+        plot_gradient_vs_weight(self, folder / "gradient_vs_weight.png")
