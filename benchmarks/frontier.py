@@ -12,7 +12,9 @@ To fit a CPU budget, the input statistics of every target matrix are gathered ON
 dense model (the non-sequential setting, which is what `compress_` does without
 `--sequential`) and every configuration reuses them; `compress_` itself gathers them block
 by block and keeps one block's statistics at a time. Compression time is reported as that
-shared calibration pass plus each configuration's own spectra and factorization time.
+shared calibration pass plus each configuration's own spectra and factorization time. The
+`SEQUENTIAL` configurations cannot share statistics (each block is calibrated on its own
+compressed predecessors), so they run the whole `compress_(..., sequential=True)` pipeline.
 Writes the `frontier` section of docs/benchmarks.md, docs/frontier.json and docs/frontier.png.
 """
 
@@ -27,7 +29,7 @@ import time
 from _common import DOC, machine, write_section
 
 from welore.calibrate import iter_block_stats
-from welore.compress import factorize_layer, swap_module
+from welore.compress import CompressConfig, compress_, factorize_layer, swap_module
 from welore.data import describe_text, load_text, token_windows
 from welore.evaluate import perplexity
 from welore.factorize import FACTORIZERS
@@ -40,13 +42,27 @@ from welore.targets import find_targets, matrix_shape, weight_matrix
 CONFIGS = [  # (factorizer, allocation policy); whiten/uniform is SVD-LLM's published setting
     ("svd", "uniform"), ("svd", "welore"), ("svd", "energy"),
     ("asvd", "uniform"), ("asvd", "welore"),
-    ("whiten", "uniform"), ("whiten", "welore"), ("whiten", "energy"), ("whiten", "loss"),
+    ("whiten", "uniform"), ("whiten", "welore"), ("whiten", "energy"), ("whiten", "loss"), ("whiten", "minimax"),
 ]
+SEQUENTIAL = [("whiten", "uniform"), ("whiten", "minimax")]  # also run with `--sequential`, through compress_
 TEXTS = ["wiki", "news"]
 
 
 def fmt(ppl: float) -> str:
     return f"{ppl:.2f}" if ppl < 1000 else f"{ppl:.2e}"
+
+
+def label(factorizer: str, policy: str, sequential: bool) -> str:
+    return f"{factorizer}/{policy}" + ("+seq" if sequential else "")
+
+
+def measure(compressed, evals: dict, name: str, ratio: float, achieved: float, timing: dict) -> dict:
+    """Perplexity of a compressed copy on every text; frees the copy."""
+    ppl = {t: perplexity(compressed, w, progress=False)[0] for t, w in evals.items()}
+    print(f"{name} {ratio}: {ppl}", flush=True)
+    del compressed
+    gc.collect()
+    return {"label": name, "ratio": ratio, "achieved_ratio": achieved, "perplexity": ppl, **timing}
 
 
 def main() -> None:
@@ -93,18 +109,19 @@ def main() -> None:
                 module = factorize_layer(compressed.get_submodule(name), name, plan.ranks[name], factorizer, stats.get(name))
                 swap_module(compressed, name, module)
             factor_seconds = time.perf_counter() - start
-            ppl = {t: perplexity(compressed, w, progress=False)[0] for t, w in evals.items()}
             uses_calib = FACTORIZERS[factorizer].needs_stats
-            records.append({
-                "factorizer": factorizer, "policy": policy, "ratio": ratio, "achieved_ratio": plan.achieved_ratio,
-                "perplexity": ppl, "factorize_s": factor_seconds, "spectra_s": spectra_seconds[factorizer],
-                "calibration_s": calib_seconds if uses_calib else 0.0,
-            })
-            print(f"{factorizer}/{policy} {ratio}: {ppl}", flush=True)
-            del compressed
-            gc.collect()
+            records.append(measure(compressed, evals, label(factorizer, policy, False), ratio, plan.achieved_ratio, {
+                "factorize_s": factor_seconds, "spectra_s": spectra_seconds[factorizer],
+                "calibration_s": calib_seconds if uses_calib else 0.0}))
+        for factorizer, policy in SEQUENTIAL:  # the whole pipeline, as `welore compress --sequential` runs it
+            compressed = copy.deepcopy(model)
+            start = time.perf_counter()
+            report = compress_(compressed, CompressConfig(ratio=ratio, method=policy, factorizer=factorizer, sequential=True),
+                               calibration=calibration, progress=False)
+            records.append(measure(compressed, evals, label(factorizer, policy, True), ratio, report.plan.achieved_ratio,
+                                   {"total_s": time.perf_counter() - start}))
 
-    labels = [f"{f}/{p}" for f, p in CONFIGS]
+    labels = [label(f, p, False) for f, p in CONFIGS] + [label(f, p, True) for f, p in SEQUENTIAL]
     command = (f"`.venv/bin/python benchmarks/frontier.py --ratios {' '.join(map(str, args.ratios))} "
                f"--calib-tokens {args.calib_tokens} --eval-tokens {args.eval_tokens} --seq-len {args.seq_len}`")
     lines = [
@@ -116,7 +133,9 @@ def main() -> None:
         + ", ".join(f"{evals[t].numel()} tokens of {describe_text(t)}" for t in TEXTS)
         + f"; windows of {args.seq_len} tokens. Factorizer/policy: `svd` is data-free, `asvd` scales input "
         "channels by (mean |x|)^0.5, `whiten` is SVD-LLM's truncation-aware whitening; `whiten/uniform` is "
-        "SVD-LLM's published setting and `whiten/loss` allocates ranks globally by whitened truncation loss.",
+        "SVD-LLM's published setting; `whiten/loss` allocates ranks globally by whitened truncation loss, "
+        "`whiten/minimax` bounds every layer's relative output error by one global value; `+seq` adds "
+        "`--sequential` (block k calibrated on the outputs of the compressed blocks before it).",
     ]
     best_lines = []
     for text in TEXTS:
@@ -124,35 +143,42 @@ def main() -> None:
                   "| method | " + " | ".join(str(r) for r in args.ratios) + " |",
                   "|---|" + "---:|" * len(args.ratios)]
         best = {r: min((x for x in records if x["ratio"] == r), key=lambda x: x["perplexity"][text]) for r in args.ratios}
-        for label in labels:
+        for name in labels:
             cells = []
             for r in args.ratios:
-                rec = next(x for x in records if x["ratio"] == r and f"{x['factorizer']}/{x['policy']}" == label)
+                rec = next(x for x in records if x["ratio"] == r and x["label"] == name)
                 cell = fmt(rec["perplexity"][text])
                 cells.append(f"**{cell}**" if rec is best[r] else cell)
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         for r in args.ratios:
-            baseline = next(x for x in records if x["ratio"] == r and (x["factorizer"], x["policy"]) == ("whiten", "uniform"))
+            baseline = next(x for x in records if x["ratio"] == r and x["label"] == "whiten/uniform")
             winner = best[r]
             best_lines.append(
-                f"- `{text}`, ratio {r}: best is {winner['factorizer']}/{winner['policy']} "
+                f"- `{text}`, ratio {r}: best is {winner['label']} "
                 f"({fmt(winner['perplexity'][text])}), vs whiten/uniform {fmt(baseline['perplexity'][text])} "
                 f"({baseline['perplexity'][text] / winner['perplexity'][text]:.2f}× lower perplexity)")
     lines += ["", "Where each method wins:", "", *best_lines, "",
               "Compression time (seconds): the shared calibration pass, the spectra each factorizer's allocation "
-              "needs, and the mean factorization time per configuration.", "",
-              "| factorizer/policy | calibration | spectra | factorization (mean) |", "|---|---:|---:|---:|"]
-    for label in labels:
-        recs = [x for x in records if f"{x['factorizer']}/{x['policy']}" == label]
-        lines.append(f"| {label} | {recs[0]['calibration_s']:.1f} | {recs[0]['spectra_s']:.1f} | "
-                     f"{sum(x['factorize_s'] for x in recs) / len(recs):.1f} |")
+              "needs, and the mean factorization time per configuration; `+seq` rows run the whole of "
+              "`compress_(..., sequential=True)` (a calibration pass for the plan, then block by block on the "
+              "compressed outputs), timed end to end.", "",
+              "| factorizer/policy | calibration | spectra | factorization (mean) | total (mean) |",
+              "|---|---:|---:|---:|---:|"]
+    for name in labels:
+        recs = [x for x in records if x["label"] == name]
+        if "total_s" in recs[0]:
+            lines.append(f"| {name} | — | — | — | {sum(x['total_s'] for x in recs) / len(recs):.1f} |")
+            continue
+        factorize = sum(x["factorize_s"] for x in recs) / len(recs)
+        total = recs[0]["calibration_s"] + recs[0]["spectra_s"] + factorize
+        lines.append(f"| {name} | {recs[0]['calibration_s']:.1f} | {recs[0]['spectra_s']:.1f} | {factorize:.1f} | {total:.1f} |")
     lines += ["", "![perplexity vs ratio](frontier.png)"]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
         write_section("frontier", text)
         (DOC.parent / "frontier.json").write_text(json.dumps({"dense": dense, "records": records}, indent=2) + "\n")
-        points = [(f"{x['factorizer']}/{x['policy']}", x["achieved_ratio"], x["perplexity"]["wiki"]) for x in records]
+        points = [(x["label"], x["achieved_ratio"], x["perplexity"]["wiki"]) for x in records]
         plot_perplexity_vs_ratio(points, DOC.parent / "frontier.png", dense=dense["wiki"],
                                  title="SmolLM2-135M, perplexity on wiki (eval half) vs compression ratio")
 
