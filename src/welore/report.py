@@ -75,10 +75,11 @@ def plot_perplexity_vs_ratio(
     by_method: dict[str, list[tuple[float, float]]] = {}
     for label, ratio, ppl in points:
         by_method.setdefault(label, []).append((ratio, ppl))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, xy in by_method.items():
+    fig, ax = plt.subplots(figsize=(8.4, 4.4))
+    colors = plt.cm.tab10.colors if len(by_method) <= 10 else plt.cm.tab20.colors  # one colour per method
+    for i, (label, xy) in enumerate(by_method.items()):
         xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", lw=1.2, label=label)
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", lw=1.2, label=label, color=colors[i % len(colors)])
     if dense is not None:
         ax.axhline(dense, color="black", ls="--", lw=0.8, label=f"dense ({dense:.1f})")
     ax.set_yscale("log")
@@ -86,7 +87,7 @@ def plot_perplexity_vs_ratio(
     ax.set_ylabel("perplexity")
     ax.set_title(title or "perplexity vs compression ratio", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
