@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import time
 
@@ -57,11 +56,9 @@ def label(factorizer: str, policy: str, sequential: bool) -> str:
 
 
 def measure(compressed, evals: dict, name: str, ratio: float, achieved: float, timing: dict) -> dict:
-    """Perplexity of a compressed copy on every text; frees the copy."""
+    """Perplexity of a compressed copy on every text, as a record."""
     ppl = {t: perplexity(compressed, w, progress=False)[0] for t, w in evals.items()}
     print(f"{name} {ratio}: {ppl}", flush=True)
-    del compressed
-    gc.collect()
     return {"label": name, "ratio": ratio, "achieved_ratio": achieved, "perplexity": ppl, **timing}
 
 

@@ -327,6 +327,8 @@ def _add_eval_options(p: argparse.ArgumentParser, max_tokens: int = 32768) -> No
 
 def build_parser() -> argparse.ArgumentParser:
     from welore.factorize import FACTORIZERS
+    from welore.finetune import MODES, OPTIMIZERS
+    from welore.finetune.config import PRECISIONS
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what welore does")
@@ -402,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("finetune", cmd_finetune)
     p.add_argument("model", help="a welore checkpoint (for lrc), built-in name, model folder, .gguf file or hub id")
-    p.add_argument("--mode", default="lrc", choices=["lrc", "lora", "full"],
+    p.add_argument("--mode", default="lrc", choices=list(MODES),
                    help="what trains: lrc (low-rank components of a compressed model, default), lora or full")
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "galore", "fira"], help="default: adamw")
+    p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="default: adamw")
     p.add_argument("--data", default=DEFAULT_TEXT,
                    help="training text: wiki or news (train on the calib split, validate on the eval split), "
                         "a text file or hf:DATASET (last --val-fraction of blocks held out); default: wiki")
@@ -418,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="blocks per micro-batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this; 0 = no clipping (default 1)")
-    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast (fp16 needs a GPU; default no)")
+    p.add_argument("--precision", default="no", choices=list(PRECISIONS), help="autocast (fp16 needs a GPU; default no)")
     p.add_argument("--seed", type=int, default=0, help="seed of the RNGs and the data order (default 0)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--max-train-tokens", type=int, help="train on at most this many tokens of the text (default: all)")

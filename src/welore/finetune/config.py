@@ -16,8 +16,6 @@ from torch import nn
 from welore.errors import WeloreError
 
 CONFIG_VERSION = 1
-MODES = ("lrc", "lora", "full")
-OPTIMIZER_NAMES = ("adamw", "galore", "fira")
 PRECISIONS = ("no", "bf16", "fp16")
 DEFAULT_LR = {"lrc": 1e-4, "lora": 5e-4, "full": 3e-5}  # when lr is None; short runs, AdamW
 
@@ -61,10 +59,14 @@ class FinetuneConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        # The registries name what exists (imported here: both modules import this one).
+        from welore.finetune.optimizers import OPTIMIZERS
+        from welore.finetune.trainable import MODES
+
         if self.mode not in MODES:
             raise WeloreError(f"Unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODES)}.")
-        if self.optimizer not in OPTIMIZER_NAMES:
-            raise WeloreError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_NAMES)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise WeloreError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
         if self.precision not in PRECISIONS:
             raise WeloreError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         self.betas = (float(self.betas[0]), float(self.betas[1]))

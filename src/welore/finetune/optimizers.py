@@ -15,6 +15,7 @@ from torch import nn
 
 from welore.errors import WeloreError
 from welore.finetune.config import FinetuneConfig
+from welore.optim import FiraAdamW, GaLoreAdamW
 
 Builder = Callable[[list[nn.Parameter], list[nn.Parameter], FinetuneConfig], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, Builder] = {}
@@ -47,20 +48,17 @@ def _low_rank_groups(matrices: list[nn.Parameter], others: list[nn.Parameter], c
     return [rank_group] + ([{"params": others}] if others else [])
 
 
-def _low_rank_optimizer(class_name: str) -> Builder:
+def _low_rank_optimizer(cls: type[torch.optim.Optimizer]) -> Builder:
     def build(matrices: list[nn.Parameter], others: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
-        import welore.optim  # imported here: optional until used
-
-        cls = getattr(welore.optim, class_name)
         return cls(_low_rank_groups(matrices, others, config), lr=config.lr, betas=config.betas,
                    weight_decay=config.weight_decay)
 
-    build.__name__ = class_name
+    build.__name__ = cls.__name__
     return build
 
 
-register_optimizer("galore")(_low_rank_optimizer("GaLoreAdamW"))
-register_optimizer("fira")(_low_rank_optimizer("FiraAdamW"))
+register_optimizer("galore")(_low_rank_optimizer(GaLoreAdamW))
+register_optimizer("fira")(_low_rank_optimizer(FiraAdamW))
 
 
 def build_optimizer(model: nn.Module, matrices: list[str], names: list[str], config: FinetuneConfig) -> torch.optim.Optimizer:
