@@ -105,7 +105,8 @@ def _calibration(args: argparse.Namespace, tokenizer, model_name: str):
         return None
     if tokenizer is None:
         raise WeloreError(f"{model_name} has no tokenizer, so calibration text cannot be tokenized; pass a model folder that includes one.")
-    return token_windows(tokenizer, load_text(args.calib, split="calib"), args.calib_seq_len, args.calib_tokens)
+    return token_windows(tokenizer, load_text(args.calib, split="calib"), args.calib_seq_len, args.calib_tokens,
+                         options=("--calib-seq-len", "--calib-tokens"))
 
 
 def cmd_compress(args: argparse.Namespace) -> None:

@@ -196,6 +196,8 @@ def compress_(
         raise WeloreError(f"The {config.factorizer} factorizer needs calibration text; pass --calib (e.g. --calib wiki).")
     if not factorizer.needs_stats and calibration is not None:
         raise WeloreError(f"The {config.factorizer} factorizer is data-free and uses no calibration text; drop --calib or choose whiten or asvd.")
+    if config.sequential and not factorizer.needs_stats:
+        raise WeloreError(f"Sequential calibration needs a data-aware factorizer, but {config.factorizer} uses no calibration text; drop --sequential or choose whiten or asvd.")
     before = count_parameters(model)
     with torch.no_grad():
         if plan is None and factorizer.needs_stats:

@@ -603,20 +603,23 @@ def _chunk_size(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def token_windows(
-    tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, max_tokens: int | None = None
+    tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, max_tokens: int | None = None,
+    options: tuple[str, str] = ("--seq-len", "--max-tokens"),
 ) -> torch.Tensor:
     """Non-overlapping windows of token ids, a LongTensor of shape (N, seq_len).
 
     The text is tokenized piece by piece without special tokens (no BOS/EOS, not even between
     documents) and read as one stream; the last partial window is dropped. With `max_tokens`, at most `max_tokens // seq_len` windows
-    are kept (and tokenizing stops once they are filled). Deterministic.
+    are kept (and tokenizing stops once they are filled). Deterministic. `options` names the
+    command-line options that set seq_len and max_tokens, for the error messages.
     """
+    seq_option, tokens_option = options
     if seq_len < 2:
-        raise WeloreError(f"seq_len must be at least 2 (got {seq_len}); pass a larger --seq-len.")
+        raise WeloreError(f"{seq_option} must be at least 2 (got {seq_len}); pass a larger {seq_option}.")
     if max_tokens is not None and max_tokens < seq_len:
         raise WeloreError(
-            f"max_tokens ({max_tokens}) is smaller than one window of seq_len ({seq_len}); "
-            "raise --max-tokens or use a smaller --seq-len."
+            f"{tokens_option} ({max_tokens}) is smaller than one window of {seq_option} ({seq_len}); "
+            f"raise {tokens_option} or use a smaller {seq_option}."
         )
     needed = None if max_tokens is None else (max_tokens // seq_len) * seq_len
     ids: list[int] = []
@@ -633,7 +636,7 @@ def token_windows(
     if n_windows == 0:
         raise WeloreError(
             f"The text has only {len(ids)} tokens, fewer than one window of {seq_len}; "
-            "use a longer text or a smaller --seq-len."
+            f"use a longer text or a smaller {seq_option}."
         )
     windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long)
     return windows.view(n_windows, seq_len)  # (N, seq_len)
