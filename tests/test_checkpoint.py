@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from welore import checkpoint
+from welore import stream
 from welore.checkpoint import FORMAT_VERSION, WEIGHTS, export_dense, is_checkpoint, load, save
 from welore.compress import CompressConfig, compress_
 from welore.errors import WeloreError
@@ -219,7 +219,7 @@ def test_failed_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    monkeypatch.setattr(stream, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save(model, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
@@ -233,7 +233,7 @@ def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: 
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_save_file)
+    monkeypatch.setattr(stream, "save_file", broken_save_file)
     with pytest.raises(OSError):
         save(model, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

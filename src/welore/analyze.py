@@ -3,7 +3,9 @@
 For each target matrix: singular values (cached), effective rank, stable rank, the ranks
 keeping 90%/99% of the energy, the heavy-tail exponent α, the mean of WeLore's min–max
 normalised spectrum; and, when a ratio is given, the rank plan of an allocation policy and
-which matrices are LRCs (rank cut by ≥ `lrc_min_cut`) or N-LRCs.
+which matrices are LRCs (rank cut by ≥ `lrc_min_cut`) or N-LRCs. Spectra are computed one
+decoder block at a time, so a model loaded with its blocks on disk (`welore.stream`) is
+analysed without ever being whole in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from welore._io import atomic_dir
 from welore.plan import RankPlan, allocate
-from welore.spectrum import compute_spectra, spectral_metrics
+from welore.spectrum import spectral_metrics
 from welore.targets import find_targets, layer_index, matrix_shape, matrix_type
 
 COLUMNS = [
@@ -121,8 +123,10 @@ def analyze(
     progress: bool = True,
 ) -> Analysis:
     """Measure every target matrix's spectrum; with `ratio`, also plan its rank with `method`."""
+    from welore.compress import block_spectra
+
     modules = find_targets(model, targets)
-    spectra = compute_spectra(modules, progress=progress)
+    spectra = block_spectra(model, modules, progress=progress)
     shapes = {n: matrix_shape(m) for n, m in modules.items()}
     plan = allocate(method, spectra, shapes, ratio) if ratio is not None else None
     rows = []

@@ -16,6 +16,16 @@ windows, never the whole model's:
    batch; the statistics are yielded; when the consumer resumes (it may have compressed block
    k meanwhile), block k runs again and its outputs become block k+1's inputs. So block k+1
    is calibrated on the outputs of the already-compressed block k ("sequential" calibration).
+   Without `sequential`, the outputs of the statistics pass (the unchanged block's) are kept
+   instead, and block k is not run twice.
+
+Block k's weights are needed only while it is used (`welore.stream.block_access(model).use(k)`):
+for a model loaded with its blocks on disk, block k is read when its statistics are taken and
+released (its compressed version written back) before block k+1 is read. The hidden states
+of all calibration windows, N·T·d floats, are the only other large state.
+
+`block_outputs` and `final_logits` run evaluation windows through the model the same way,
+block-major (all windows through block k, then k+1, ...), for perplexity in bounded memory.
 
 Modules that read the same tensor (q/k/v, gate/up) share one `InputStats` object: XᵀX is
 computed once for them.
@@ -23,6 +33,7 @@ computed once for them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore.errors import WeloreError
+from welore.stream import Blocks, activation_bytes, block_access, check_activations
 
 log = logging.getLogger(__name__)
 
@@ -266,13 +278,15 @@ def iter_block_stats(
     windows: torch.Tensor,
     batch_size: int = 4,
     progress: bool = True,
+    sequential: bool = True,
 ) -> Iterator[tuple[int, dict[str, InputStats]]]:
     """Yield (block index, {target name: InputStats}) for every decoder block holding targets.
 
     `windows` (N, T) are token ids of calibration text. Blocks come in order, each with exactly
     its targets; names that read one tensor share one InputStats. The consumer may change block
-    k (e.g. compress it) before resuming: block k+1's statistics are then taken on the changed
-    block's outputs. Statistics live on the device of the module they describe.
+    k (e.g. compress it) before resuming: with `sequential`, block k+1's statistics are then
+    taken on the changed block's outputs; without, on the unchanged block's. Statistics live on
+    the device of the module they describe. Block k is in memory while its statistics are used.
     """
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise WeloreError(f"Calibration windows must be a non-empty (N, seq_len) tensor of token ids, not shape {tuple(windows.shape)}.")
@@ -281,6 +295,11 @@ def iter_block_stats(
     if batch_size < 1:
         raise WeloreError(f"batch_size must be at least 1 (got {batch_size}).")
     list_name, blocks, block_of = _block_list(model, targets)
+    access = _access(model, blocks)
+    stats_bytes = max(sum(8 * m.in_features**2 if isinstance(m, nn.Linear) else 8 * m.weight.shape[0] ** 2
+                          for n, m in targets.items() if block_of[n] == k) for k in set(block_of.values()))
+    check_activations(model, activation_bytes(model, windows) + stats_bytes,
+                      f"calibration hidden states of {windows.shape[0]}x{windows.shape[1]} tokens and XᵀX statistics")
     per_block: dict[int, dict[str, nn.Module]] = {}
     for name, module in targets.items():
         per_block.setdefault(block_of[name], {})[name] = module
@@ -293,27 +312,51 @@ def iter_block_stats(
             log.info("calibrating %d targets in %d blocks of %s on %d windows of %d tokens",
                      len(targets), len(per_block), list_name, windows.shape[0], windows.shape[1])
             for k in range(last + 1):
-                if k in per_block:
-                    yield k, _block_stats(blocks[k], per_block[k], hidden, inputs[k])
-                if k < last:  # the next block's inputs: this block's outputs, after any change
-                    block = blocks[k]  # looked up again: the consumer may have replaced it
-                    for i, block_inputs in enumerate(inputs[k]):
-                        hidden[i] = _run_block(block, hidden[i], block_inputs)
+                with access.use(k):
+                    advanced = False
+                    if k in per_block:
+                        advance = not sequential and k < last
+                        stats = _block_stats(blocks[k], per_block[k], hidden, inputs[k], keep_outputs=advance)
+                        advanced = advance
+                        yield k, stats
+                    if k < last and not advanced:  # the next block's inputs: this block's outputs, after any change
+                        _advance(blocks[k], hidden, inputs[k])  # looked up again: the consumer may have replaced it
                 bar.update()
     finally:
         for module, training in modes.items():
             module.training = training
 
 
+def _access(model: nn.Module, blocks: nn.ModuleList) -> Blocks:
+    """The model's block access, checked to be about the same stack of blocks as `blocks`."""
+    access = block_access(model)
+    if access.streamed and access.blocks is not blocks:
+        raise WeloreError(
+            f"The targets lie outside the decoder blocks {access.list_name} that are read from disk one at a time; "
+            "pick targets inside them or load the model without --max-memory."
+        )
+    return access
+
+
+def _advance(block: nn.Module, hidden: list[torch.Tensor], inputs: list[_BlockInputs]) -> None:
+    """Replace every batch's hidden states by `block`'s outputs on them."""
+    for i, block_inputs in enumerate(inputs):
+        hidden[i] = _run_block(block, hidden[i], block_inputs)
+
+
 def _block_stats(
-    block: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor], inputs: list[_BlockInputs]
+    block: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor], inputs: list[_BlockInputs],
+    keep_outputs: bool = False,
 ) -> dict[str, InputStats]:
-    """Run `block` over every batch with hooks on its `targets`; name -> checked InputStats."""
+    """Run `block` over every batch with hooks on its `targets`; name -> checked InputStats.
+    With `keep_outputs`, every batch's hidden states are replaced by the block's outputs."""
     collector = _Collector(targets)
     with collector:
-        for hidden_states, block_inputs in zip(hidden, inputs, strict=True):
+        for i, (hidden_states, block_inputs) in enumerate(zip(hidden, inputs, strict=True)):
             collector.new_forward()
-            _run_block(block, hidden_states, block_inputs)
+            out = _run_block(block, hidden_states, block_inputs)
+            if keep_outputs:
+                hidden[i] = out
     missing = [name for name in targets if name not in collector.stats]
     if missing:
         raise WeloreError(
@@ -324,3 +367,58 @@ def _block_stats(
     for name, s in stats.items():
         s.check(name)
     return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Block-major forward (perplexity in bounded memory)
+
+
+def block_outputs(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> tuple[list[torch.Tensor], list[_BlockInputs]]:
+    """The last decoder block's output hidden states for every batch of `windows` (N, T), and
+    the arguments the blocks got: all windows through block 0, then block 1, ... (each block
+    in memory only while it runs)."""
+    access = block_access(model)
+    if not len(access):
+        raise WeloreError("This model has no stack of decoder blocks (nn.ModuleList) to run block by block.")
+    check_activations(model, activation_bytes(model, windows), f"hidden states of {windows.shape[0]}x{windows.shape[1]} tokens")
+    with torch.no_grad():
+        hidden, inputs = _capture_all(model, access.blocks, windows, batch_size)
+        for k in tqdm(range(len(access)), desc="blocks", unit="block", disable=not progress):
+            with access.use(k) as block:
+                _advance(block, hidden, inputs[k])
+    return hidden, inputs[-1]
+
+
+@contextlib.contextmanager
+def _replayed_blocks(blocks: nn.ModuleList, final: list[torch.Tensor]) -> Iterator[None]:
+    """While active, the model's forward skips its blocks: block 0 returns the next tensor of
+    `final` (the last block's outputs computed before), the others pass their input on."""
+    batches = iter(final)
+
+    def first(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return next(batches)
+
+    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    for k, block in enumerate(blocks):
+        block.forward = first if k == 0 else passthrough
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def final_logits(model: nn.Module, windows: torch.Tensor, hidden: list[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """(B, T, V) logits of every batch of `windows`, given the last block's outputs `hidden`
+    (`block_outputs`): the model's forward with its blocks replayed, i.e. embeddings (unused),
+    final norm and LM head only."""
+    access = block_access(model)
+    device = model.get_input_embeddings().weight.device
+    with torch.no_grad(), _replayed_blocks(access.blocks, hidden):
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(device)  # (B, T)
+            yield model(input_ids=batch, use_cache=False).logits

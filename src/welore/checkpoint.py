@@ -6,12 +6,20 @@ A welore checkpoint is a folder:
     welore.json             format name and version, the CompressConfig, the source model,
                             and which state-dict names alias one stored tensor (tied weights)
     rank_plan.json          the rank plan (module name -> shape, kept rank or null = dense)
-    model.safetensors       the weights, low-rank factors included; no pickle anywhere
+    model.safetensors       the weights, low-rank factors included; no pickle anywhere (or, past
+                            `max_shard_bytes`, shards model-0000i-of-0000N.safetensors plus
+                            model.safetensors.index.json, as save_pretrained writes them)
     tokenizer files         when the source model had a tokenizer
 
 `load` never recomputes an SVD: it builds the model from its config with empty (meta)
 parameters, swaps in empty `LowRankLinear` modules from the plan, then assigns the stored
-tensors (`load_state_dict(..., assign=True)`), checking that names and shapes match exactly.
+tensors (`load_state_dict(..., assign=True)`), checking that names and shapes match exactly;
+`load(path, stream=True)` instead reads only the weights outside the decoder blocks and
+leaves the blocks on disk until they are used (`welore.stream`).
+
+`save` and `export_dense` write block by block through `welore.stream.ShardWriter`, reading
+each block of a streamed model only while it is written, so neither needs the whole model in
+memory.
 """
 
 from __future__ import annotations
@@ -22,8 +30,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -34,24 +40,32 @@ from welore.compress import CompressConfig, apply_plan_
 from welore.errors import WeloreError
 from welore.modules import LowRankLinear
 from welore.plan import RankPlan
+from welore.stream import (
+    DEFAULT_SHARD_BYTES,
+    Blocks,
+    ShardWriter,
+    TensorFiles,
+    block_access,
+    stream_,
+)
+from welore.stream import WEIGHTS as WEIGHTS  # the single-file name, re-exported
 
 log = logging.getLogger(__name__)
 
 FORMAT = "welore-checkpoint"
 FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
 
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "welore.json").is_file()
 
 
-def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The state dict with each shared tensor stored once, and alias name -> stored name."""
+def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state dict with each shared tensor stored once, and alias name -> stored name."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
         if tensor.numel() and key in seen:
             aliases[name] = seen[key]
@@ -61,33 +75,57 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, aliases
 
 
+def _write_weights(access: Blocks, folder: Path, max_shard_bytes: int, change_block=None) -> dict[str, str]:
+    """Write the model's weights into `folder`, the tensors outside the blocks first, then one
+    block at a time (read, optionally changed by `change_block(block, prefix)`, written,
+    released). Returns the aliases (tied tensors stored once)."""
+    writer = ShardWriter(folder, max_shard_bytes=max_shard_bytes)
+    tensors, aliases = _dedup(access.state_dict_outside())
+    writer.add(tensors)
+    for k in range(len(access)):
+        with access.use(k, keep_changes=False) as block:
+            if change_block is not None:
+                change_block(block, access.prefix(k))
+            tensors, block_aliases = _dedup(access.block_state_dict(k))
+            writer.add(tensors)
+            aliases.update(block_aliases)
+    writer.close()
+    return aliases
+
+
 def save(
     model: PreTrainedModel,
     out: str | Path,
     tokenizer=None,
     overwrite: bool = False,
     source: str | None = None,
+    max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write a compressed model (one returned by `compress_` or `load`) to folder `out`."""
+    """Write a compressed model (one returned by `compress_` or `load`) to folder `out`.
+
+    Weights go in shards of at most `max_shard_bytes` (default 5 GB; a streamed model writes
+    one shard per decoder block, so no more than one block is ever held in memory)."""
     plan: RankPlan | None = getattr(model, "welore_plan", None)
     if plan is None:
         raise WeloreError("This model was not compressed by welore (it has no rank plan); compress it first or use save_pretrained.")
     config: CompressConfig = getattr(model, "welore_config", CompressConfig(method="plan"))
-    tensors, aliases = _dedup_state_dict(model)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "welore_version": __version__,
-        "source": source or getattr(model, "welore_source", None),
-        "compress_config": config.to_dict(),
-        "aliases": aliases,
-        "achieved_ratio": plan.achieved_ratio,
-    }
+    access = block_access(model)
+    if max_shard_bytes is None:
+        max_shard_bytes = 1 if access.streamed else DEFAULT_SHARD_BYTES
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        aliases = _write_weights(access, tmp, max_shard_bytes)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "welore_version": __version__,
+            "source": source or getattr(model, "welore_source", None),
+            "compress_config": config.to_dict(),
+            "aliases": aliases,
+            "achieved_ratio": plan.achieved_ratio,
+        }
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         plan.save(tmp / "rank_plan.json")
         (tmp / "welore.json").write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
@@ -112,45 +150,55 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _empty_model(path: Path) -> PreTrainedModel:
-    """The model's architecture from its config, parameters on the meta device, buffers real."""
+def empty_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """The model's architecture from its config, parameters on the meta device (in `dtype`,
+    default the config's), buffers real."""
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise WeloreError(f"Cannot read the model config in {path} ({err}); re-create the checkpoint.") from None
+        raise WeloreError(f"Cannot read the model config in {path} ({err}); check the folder.") from None
+    stored = getattr(config, "dtype", None)
+    dtype = dtype or (stored if isinstance(stored, torch.dtype) else None) or torch.float32
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> PreTrainedModel:
-    """Rebuild a saved compressed model; its logits equal those of the model that was saved."""
+def load(
+    path: str | Path, device: str | torch.device | None = None, stream: bool = False, dtype: torch.dtype | None = None,
+    budget: int | None = None,
+) -> PreTrainedModel:
+    """Rebuild a saved compressed model; its logits equal those of the model that was saved.
+
+    `stream=True` reads only the weights outside the decoder blocks now; each block is read
+    from the checkpoint's safetensors when it is used (`welore.stream`), in `dtype` (default:
+    as stored).
+    """
     path = Path(path)
     meta = _read_meta(path)
     plan = RankPlan.load(path / "rank_plan.json")
-    model = _empty_model(path)
-    apply_plan_(model, plan, empty=True)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise WeloreError(f"{path} has no {WEIGHTS}; the checkpoint is incomplete, re-create it.")
-    try:
-        tensors = load_file(weights, device=str(device) if device is not None else "cpu")
-    except (SafetensorError, OSError) as err:
-        raise WeloreError(f"Cannot read {weights} ({err}); the file is damaged, re-create the checkpoint.") from None
-    for alias, stored in meta.get("aliases", {}).items():
-        if stored in tensors:
-            tensors[alias] = tensors[stored]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(tensors) if expected[n].shape != tensors[n].shape)
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
-        raise WeloreError(
-            f"The weights in {weights} do not match the rank plan ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped, e.g. {first}); re-create the checkpoint."
-        )
-    model.load_state_dict(tensors, assign=True)
-    model.tie_weights()
+    aliases = meta.get("aliases", {})
+    if stream:
+        model = empty_model(path, dtype)
+        apply_plan_(model, plan, empty=True)
+        stream_(model, path, aliases=aliases, device=device or "cpu", budget=budget)
+    else:
+        model = _empty_model_stored(path, plan)
+        files = TensorFiles(path, aliases)
+        tensors = files.read(files.names(), device=device if device is not None else "cpu")
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong = sorted(n for n in set(expected) & set(tensors) if expected[n].shape != tensors[n].shape)
+        if missing or unexpected or wrong:
+            first = (missing or unexpected or wrong)[0]
+            raise WeloreError(
+                f"The weights in {path} do not match the rank plan ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped, e.g. {first}); re-create the checkpoint."
+            )
+        model.load_state_dict(tensors, assign=True)
+        model.tie_weights()
+        if dtype is not None:
+            model = model.to(dtype)
     model.eval()
     model.welore_plan = plan
     model.welore_config = CompressConfig.from_dict(meta.get("compress_config", {}))
@@ -158,16 +206,28 @@ def load(path: str | Path, device: str | torch.device | None = None) -> PreTrain
     return model
 
 
-def densify_(model: PreTrainedModel) -> list[str]:
-    """Multiply every `LowRankLinear` back into the dense layer type the architecture uses."""
-    skeleton = _skeleton_types(model)
+def _empty_model_stored(path: Path, plan: RankPlan) -> PreTrainedModel:
+    """The empty model whose parameters `load_state_dict(assign=True)` replaces as stored."""
+    model = empty_model(path)
+    apply_plan_(model, plan, empty=True)
+    return model
+
+
+def densify_(
+    model: nn.Module, skeleton: dict[str, type] | None = None, prefix: str = "", skip: str | None = None
+) -> list[str]:
+    """Multiply every `LowRankLinear` back into the dense layer type the architecture uses.
+
+    `model` may be one decoder block, with `prefix` its name in the whole model and `skeleton`
+    the whole model's module types (`_skeleton_types`). Modules under `skip.` are left alone."""
+    skeleton = skeleton if skeleton is not None else _skeleton_types(model)
     replaced = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, LowRankLinear):
+        if not isinstance(module, LowRankLinear) or (skip and name.startswith(f"{skip}.")):
             continue
         weight = module.dense_weight().detach()  # (out, in)
         bias = module.up.bias
-        if skeleton.get(name) is Conv1D:
+        if skeleton.get(prefix + name) is Conv1D:
             dense: nn.Module = Conv1D(module.out_features, module.in_features)
             dense.weight = nn.Parameter(weight.t().contiguous())  # Conv1D stores (in, out)
         else:
@@ -187,15 +247,29 @@ def _skeleton_types(model: PreTrainedModel) -> dict[str, type]:
     return {name: type(module) for name, module in skeleton.named_modules()}
 
 
-def export_dense(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write checkpoint `path` as a plain transformers folder that `from_pretrained` loads."""
+def export_dense(
+    path: str | Path, out: str | Path, overwrite: bool = False, stream: bool = False, max_shard_bytes: int | None = None,
+    budget: int | None = None,
+) -> Path:
+    """Write checkpoint `path` as a plain transformers folder that `from_pretrained` loads.
+
+    The folder holds what `save_pretrained` writes (config, generation config, weights in
+    shards of at most `max_shard_bytes` plus their index, tied weights stored once). Blocks are
+    multiplied back and written one at a time; with `stream=True` each is also read from `path`
+    only then, so the whole model is never in memory.
+    """
     check_output_dir(out, overwrite)
-    model = load(path)
-    densify_(model)
-    for attr in ("welore_plan", "welore_config", "welore_source"):
-        delattr(model, attr)
+    model = load(path, stream=stream)
+    access = block_access(model)
+    skeleton = _skeleton_types(model)
+    densify_(model, skeleton, skip=access.list_name if access.streamed else None)  # streamed: outside the blocks
+    if max_shard_bytes is None:
+        max_shard_bytes = 1 if access.streamed else DEFAULT_SHARD_BYTES
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        _write_weights(access, tmp, max_shard_bytes, change_block=lambda block, prefix: densify_(block, skeleton, prefix))
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                      "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json"):
             if (Path(path) / name).is_file():

@@ -6,6 +6,12 @@ The rank plan comes from an allocation policy (`welore.plan.POLICIES`) run on th
 singular values of the target matrices, or is given (`plan=RankPlan.load(...)`). One
 function, `apply_plan_`, swaps every factorized matrix for a `LowRankLinear` and reports what
 it replaced; `load` reuses it on the meta device to rebuild a saved model's structure.
+
+Everything runs one decoder block at a time (`welore.stream.block_access`): spectra, then
+factorization. For a model loaded with its blocks on disk (`load_model(..., max_memory=...)`)
+each block is read only while it is processed and its compressed version is written back to
+disk, so the whole model is never in memory; for a resident model the same code runs with
+nothing to read.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from welore.factorize import FACTORIZERS
 from welore.modules import LowRankLinear
 from welore.plan import POLICIES, RankPlan, allocate, check_ratio
 from welore.spectrum import check_finite, compute_spectra
+from welore.stream import block_access
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -79,9 +86,20 @@ def plan_ranks(model: nn.Module, config: CompressConfig, progress: bool = True) 
     if config.ratio is None:
         raise WeloreError("No ratio given; pass --ratio (e.g. 0.2) or a saved --plan.")
     targets = find_targets(model, config.targets)
-    spectra = compute_spectra(targets, progress=progress)
+    spectra = block_spectra(model, targets, progress=progress)
     shapes = {n: matrix_shape(m) for n, m in targets.items()}
     return allocate(config.method, spectra, shapes, config.ratio)
+
+
+def block_spectra(model: nn.Module, targets: dict[str, nn.Module], progress: bool = True) -> dict[str, torch.Tensor]:
+    """Singular values of every target matrix, computed (and cached) one decoder block at a time."""
+    access = block_access(model)
+    groups = access.groups(targets)
+    spectra: dict[str, torch.Tensor] = {}
+    for k, names in tqdm(groups, desc="spectra", unit="block", disable=not progress):
+        with access.use(k):
+            spectra.update(compute_spectra({n: targets[n] for n in names}, progress=False))
+    return {n: spectra[n] for n in targets}
 
 
 def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
@@ -120,17 +138,25 @@ def apply_plan_(
     rebuild a saved model's structure before loading its weights).
     """
     check_plan_fits(model, plan)
-    for name in tqdm(plan.factorized, desc="factorizing", disable=not progress or empty):
-        rank = plan.ranks[name]
-        assert rank is not None
-        dense = model.get_submodule(name)
-        if empty:
+    if empty:
+        for name in plan.factorized:
+            dense = model.get_submodule(name)
             out_features, in_features = matrix_shape(dense)
             dtype = weight_matrix(dense).dtype
+            rank = plan.ranks[name]
+            assert rank is not None
             module = LowRankLinear(in_features, out_features, rank, bias=dense.bias is not None, device="meta", dtype=dtype)
-        else:
-            module = factorize_layer(dense, name, rank, factorizer)
-        swap_module(model, name, module)
+            swap_module(model, name, module)
+        return list(plan.factorized)
+    access = block_access(model)
+    with tqdm(total=len(plan.factorized), desc="factorizing", disable=not progress) as bar:
+        for k, names in access.groups(plan.factorized):
+            with access.use(k):
+                for name in names:
+                    rank = plan.ranks[name]
+                    assert rank is not None
+                    swap_module(model, name, factorize_layer(model.get_submodule(name), name, rank, factorizer))
+                    bar.update()
     log.info("replaced %d of %d target matrices by low-rank factors", len(plan.factorized), len(plan.ranks))
     return list(plan.factorized)
 
@@ -144,7 +170,8 @@ def calibrated_spectra(
     factorizer = FACTORIZERS[config.factorizer]
     targets = find_targets(model, config.targets)
     spectra = {}
-    for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress):
+    for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
+                                           sequential=False):
         for name, stats in block_stats.items():
             stats.check(name)
             spectra[name] = factorizer.spectrum(weight_matrix(targets[name]), stats)
@@ -155,26 +182,20 @@ def _apply_plan_calibrated_(
     model: nn.Module, plan: RankPlan, config: CompressConfig, calibration: torch.Tensor,
     batch_size: int = 4, progress: bool = True,
 ) -> list[str]:
-    """Factorize with input statistics gathered block by block. Sequential: each block is
-    swapped as soon as it is factorized, so later blocks are calibrated on compressed outputs;
-    otherwise every swap waits until all statistics come from the dense model."""
+    """Factorize with input statistics gathered block by block; each block is swapped as soon
+    as it is factorized. Sequential: block k+1 is calibrated on the compressed block k's
+    outputs; otherwise on the dense block k's outputs (computed before the swap)."""
     from welore.calibrate import iter_block_stats
 
     check_plan_fits(model, plan)
     targets = {name: model.get_submodule(name) for name in plan.factorized}
-    pending: dict[str, LowRankLinear] = {}
-    for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress):
+    for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
+                                           sequential=config.sequential):
         for name, stats in block_stats.items():
             stats.check(name)
             rank = plan.ranks[name]
             assert rank is not None
-            module = factorize_layer(targets[name], name, rank, config.factorizer, stats)
-            if config.sequential:
-                swap_module(model, name, module)
-            else:
-                pending[name] = module
-    for name, module in pending.items():
-        swap_module(model, name, module)
+            swap_module(model, name, factorize_layer(targets[name], name, rank, config.factorizer, stats))
     return list(plan.factorized)
 
 

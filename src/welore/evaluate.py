@@ -221,9 +221,8 @@ def perplexity(
     with _eval_mode(model), tqdm(
         total=n_windows, desc="perplexity", unit="window", disable=not progress
     ) as bar:
-        for start in range(0, n_windows, batch_size):
+        for start, logits in zip(range(0, n_windows, batch_size), _batch_logits(model, windows, batch_size, progress), strict=True):
             batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)  # (B, T)
-            logits = _logits(model, batch, use_cache=False)  # (B, T, V)
             targets = batch[:, 1:].to(logits.device)  # (B, T-1)
             batch_nll = sum(_window_nll(logits[row, :-1], targets[row]) for row in range(len(batch)))
             if not math.isfinite(batch_nll):
@@ -238,6 +237,25 @@ def perplexity(
     ppl = _safe_exp(total_nll / n_predicted)
     logger.info("Perplexity %.4f over %d predicted tokens (%d windows of %d).", ppl, n_predicted, n_windows, length)
     return ppl, n_predicted
+
+
+def _batch_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+    """(B, T, V) logits of every batch of `windows`: one forward each, or, for a model whose
+    decoder blocks are read from disk (`welore.stream`), block-major: all windows through
+    block 0, then block 1, ... (`welore.calibrate.block_outputs`), then final norm and LM head."""
+    from welore.stream import is_streamed
+
+    if is_streamed(model):
+        from welore.calibrate import block_outputs, final_logits
+
+        windows = windows.to(dtype=torch.long)
+        hidden, _ = block_outputs(model, windows, batch_size, progress=progress)
+        yield from final_logits(model, windows, hidden, batch_size)
+        return
+    device = _model_device(model)
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)  # (B, T)
+        yield _logits(model, batch, use_cache=False)
 
 
 def _safe_exp(x: float) -> float:
@@ -507,6 +525,11 @@ def evaluate(
     disk_bytes = weights_size_on_disk(path) if path is not None else None
     if windows is not None:
         _check_windows(model, windows, batch_size)  # fail before any slow work
+    from welore.stream import is_streamed
+
+    if speed and is_streamed(model):
+        logger.warning("The model's decoder blocks are read from disk one at a time, so its speed is not measured.")
+        speed = False
     device = _model_device(model)
     ppl: float | None = None
     eval_tokens = 0

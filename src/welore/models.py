@@ -21,8 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from welore._io import atomic_dir, cache_dir
-from welore.checkpoint import is_checkpoint, load
+from welore.checkpoint import empty_model, is_checkpoint, load
 from welore.errors import WeloreError
+from welore.stream import TensorFiles, available_memory, format_bytes, parse_memory, stream_
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,58 @@ def _pretrained(source: str | Path, dtype: torch.dtype | None) -> PreTrainedMode
         raise WeloreError(f"Cannot load a causal language model from {source} ({str(err).splitlines()[0]}); check the name or folder.") from None
 
 
-def load_model(spec: str, dtype: str | None = "float32", device: str | None = None) -> LoadedModel:
-    """Load a model by built-in name, folder, GGUF file, welore checkpoint or hub id."""
+def _should_stream(path: Path, dtype: torch.dtype | None, budget: int | None) -> bool:
+    """Stream a folder's blocks when the user stated a budget, or when its weights (in `dtype`)
+    exceed the memory the system has available."""
+    if budget is not None:
+        return True
+    available = available_memory()
+    try:
+        size = TensorFiles(path).nbytes(dtype=dtype)
+    except WeloreError:
+        return False  # no safetensors weights (e.g. *.bin only): load it whole
+    if available is not None and size > available:
+        log.warning("%s needs %s in memory but %s is available: reading its decoder blocks one at a time",
+                    path, format_bytes(size), format_bytes(available))
+        return True
+    return False
+
+
+def _streamed(path: Path, dtype: torch.dtype | None, budget: int | None, device: str | None) -> PreTrainedModel:
+    """The folder's model with only the weights outside its decoder blocks in memory."""
+    if is_checkpoint(path):
+        return load(path, stream=True, dtype=dtype, budget=budget, device=device)
+    if not (path / "config.json").is_file():
+        raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); pass a model folder.")
+    model = empty_model(path, dtype)
+    stream_(model, path, device=device or "cpu", budget=budget)
+    return model
+
+
+def load_model(
+    spec: str, dtype: str | None = "float32", device: str | None = None, max_memory: str | int | None = None
+) -> LoadedModel:
+    """Load a model by built-in name, folder, GGUF file, welore checkpoint or hub id.
+
+    With `max_memory` (bytes, or a string such as "4GB" or "4GiB"), or when a folder's weights
+    would not fit the memory available, only the weights outside the decoder blocks are read;
+    each block is read from the folder's safetensors when used (`welore.stream`), so compress,
+    analyze, evaluate and export work within that memory.
+    """
     torch_dtype = None if dtype in (None, "auto") else DTYPES.get(dtype)
     if dtype not in (None, "auto") and torch_dtype is None:
         raise WeloreError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
+    budget = parse_memory(max_memory) if max_memory is not None else None
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS:
         path = builtin_model_dir(spec)
+    if path.is_dir() and _should_stream(path, torch_dtype, budget):
+        model = _streamed(path, torch_dtype, budget, device)
+        model.eval()
+        return LoadedModel(model=model, tokenizer=_tokenizer(path), name=spec, path=path)
+    if budget is not None:
+        raise WeloreError(f"{spec} is not a folder of safetensors weights, so it cannot be read block by block; "
+                          "convert it to a folder (save_pretrained) or drop --max-memory.")
     if path.is_dir():
         if is_checkpoint(path):
             model = load(path)

@@ -1,0 +1,172 @@
+"""Bounded memory: the block-by-block (streamed) path gives bit-identical results to the
+in-memory path, for compression (data-free, whiten, whiten --sequential), spectra, perplexity
+and dense export, on tiny models saved in shards; and holds one block at a time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny, give_decaying_spectra_, logits_of, token_ids
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from welore.analyze import analyze
+from welore.checkpoint import export_dense, load, save
+from welore.compress import CompressConfig, compress_
+from welore.errors import WeloreError
+from welore.evaluate import perplexity
+from welore.models import load_model
+from welore.stream import (
+    INDEX,
+    WEIGHTS,
+    ShardWriter,
+    StreamedBlocks,
+    TensorFiles,
+    block_access,
+    parse_memory,
+)
+
+SHARD = "20KB"  # tiny shards: every tiny model is split over several files
+
+
+@pytest.fixture
+def sharded_dir(family: str, tmp_path: Path) -> Path:
+    """A tiny model with decaying spectra, saved by save_pretrained in several shards."""
+    model = build_tiny(family)
+    give_decaying_spectra_(model)
+    model.save_pretrained(tmp_path / "dense", max_shard_size=SHARD)
+    assert (tmp_path / "dense" / INDEX).is_file()
+    return tmp_path / "dense"
+
+
+def _resident(folder: Path):
+    return load_model(str(folder)).model
+
+
+def _streamed(folder: Path):
+    model = load_model(str(folder), max_memory="1GB").model
+    assert isinstance(block_access(model), StreamedBlocks)
+    assert all(p.device.type == "meta" for p in block_access(model).blocks.parameters())
+    return model
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = TensorFiles(folder)
+    return files.read(files.names())
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def test_parse_memory() -> None:
+    assert parse_memory("4GB") == 4 * 10**9
+    assert parse_memory("4GiB") == 4 * 2**30
+    assert parse_memory("512MB") == 512 * 10**6
+    assert parse_memory("1.5 mib") == int(1.5 * 2**20)
+    assert parse_memory(1000) == 1000
+    for bad in ("4 apples", "-1GB", "GB", "0GB"):
+        with pytest.raises(WeloreError, match="memory size"):
+            parse_memory(bad)
+
+
+def test_shard_writer_layout(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path, max_shard_bytes=100)
+    writer.add({"a": torch.zeros(10)})  # 40 bytes
+    writer.add({"b": torch.ones(10), "c": torch.ones(20)})  # 120 bytes: never split, own shard
+    writer.add({"d": torch.arange(3.0)})
+    files = writer.close()
+    assert [f.name for f in files] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert index["weight_map"] == {"a": files[0].name, "b": files[1].name, "c": files[1].name, "d": files[2].name}
+    assert index["metadata"]["total_size"] == 4 * 43
+    assert torch.equal(TensorFiles(tmp_path).read(["c"])["c"], torch.ones(20))
+    one = ShardWriter(tmp_path / "one")
+    (tmp_path / "one").mkdir()
+    one.add({"a": torch.zeros(2)})
+    assert one.close() == [tmp_path / "one" / WEIGHTS]
+
+
+def test_sharded_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = build_tiny("llama")
+    give_decaying_spectra_(model)
+    compress_(model, CompressConfig(ratio=0.3, method="welore"), progress=False)
+    save(model, tmp_path / "ckpt", max_shard_bytes=10_000)
+    assert (tmp_path / "ckpt" / INDEX).is_file() and not (tmp_path / "ckpt" / WEIGHTS).exists()
+    ids = token_ids()
+    assert torch.equal(logits_of(load(tmp_path / "ckpt"), ids), logits_of(model, ids))
+    streamed = load(tmp_path / "ckpt", stream=True)
+    windows = token_ids(batch=3, length=12)
+    assert perplexity(streamed, windows, batch_size=2, progress=False) == perplexity(model, windows, batch_size=2, progress=False)
+
+
+@pytest.mark.parametrize("factorizer, sequential", [("svd", False), ("whiten", False), ("whiten", True)])
+def test_streamed_compress_is_bit_identical(sharded_dir: Path, tmp_path: Path, factorizer: str, sequential: bool) -> None:
+    calibration = token_ids(batch=4, length=16, seed=5) if factorizer != "svd" else None
+    config = CompressConfig(ratio=0.3, method="welore", factorizer=factorizer, sequential=sequential)
+    outs = {}
+    for kind, loader in (("resident", _resident), ("streamed", _streamed)):
+        model = loader(sharded_dir)
+        report = compress_(model, config, calibration=calibration, batch_size=2, progress=False)
+        assert report.replaced
+        save(model, tmp_path / kind)
+        outs[kind] = (model, report)
+    streamed, report = outs["streamed"]
+    assert report.plan == outs["resident"][1].plan
+    assert report.params_after == outs["resident"][1].params_after
+    assert block_access(streamed).max_resident == 1  # one decoder block in memory at a time
+    assert len(list((tmp_path / "streamed").glob("model-*-of-*.safetensors"))) == len(block_access(streamed)) + 1
+    _assert_identical(_tensors(tmp_path / "resident"), _tensors(tmp_path / "streamed"))
+    windows = token_ids(batch=3, length=12, seed=7)
+    resident_ppl = perplexity(load(tmp_path / "resident"), windows, batch_size=2, progress=False)
+    assert perplexity(streamed, windows, batch_size=2, progress=False) == resident_ppl
+    assert perplexity(load(tmp_path / "streamed", stream=True), windows, batch_size=2, progress=False) == resident_ppl
+
+
+def test_streamed_analyze_and_perplexity(sharded_dir: Path) -> None:
+    resident, streamed = _resident(sharded_dir), _streamed(sharded_dir)
+    a, b = analyze(resident, ratio=0.3, progress=False), analyze(streamed, ratio=0.3, progress=False)
+    assert a.spectra.keys() == b.spectra.keys()
+    assert all(torch.equal(a.spectra[n], b.spectra[n]) for n in a.spectra)
+    assert a.plan == b.plan and a.rows == b.rows
+    windows = token_ids(batch=5, length=12, seed=3)
+    assert perplexity(streamed, windows, batch_size=2, progress=False) == perplexity(resident, windows, batch_size=2, progress=False)
+    assert block_access(streamed).max_resident == 1
+
+
+def test_streamed_export_dense(sharded_dir: Path, tmp_path: Path) -> None:
+    model = _resident(sharded_dir)
+    compress_(model, CompressConfig(ratio=0.3, method="welore"), progress=False)
+    save(model, tmp_path / "ckpt", max_shard_bytes=10_000)
+    export_dense(tmp_path / "ckpt", tmp_path / "resident")
+    export_dense(tmp_path / "ckpt", tmp_path / "streamed", stream=True)
+    assert (tmp_path / "streamed" / INDEX).is_file()
+    _assert_identical(_tensors(tmp_path / "resident"), _tensors(tmp_path / "streamed"))
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", dtype=torch.float32)
+    ids = token_ids()
+    torch.testing.assert_close(logits_of(dense, ids), logits_of(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_old_single_file_checkpoint_still_loads(tmp_path: Path) -> None:
+    model = build_tiny("gpt2")
+    compress_(model, CompressConfig(ratio=0.3, method="uniform"), progress=False)
+    save(model, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / WEIGHTS).is_file() and not (tmp_path / "ckpt" / INDEX).exists()
+    stored = load_file(tmp_path / "ckpt" / WEIGHTS)
+    assert any(n.endswith(".up.weight") for n in stored)
+    ids = token_ids()
+    assert torch.equal(logits_of(load(tmp_path / "ckpt"), ids), logits_of(model, ids))
+
+
+def test_budget_too_small_is_a_clear_error(sharded_dir: Path) -> None:
+    with pytest.raises(WeloreError, match="below what one block at a time needs.*raise --max-memory"):
+        load_model(str(sharded_dir), max_memory="10KB")
+    model = load_model(str(sharded_dir), max_memory="1MB").model
+    windows = token_ids(batch=64, length=64)
+    with pytest.raises(WeloreError, match="hidden states of 64x64 tokens"):
+        perplexity(model, windows, progress=False)
