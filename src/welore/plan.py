@@ -54,6 +54,11 @@ def settle(shape: Shape, rank: int) -> int | None:
     return None if rank * (m + n) >= m * n else max(1, rank)
 
 
+def plan_cost(shapes: dict[str, Shape], ranks: dict[str, int | None]) -> int:
+    """Parameters of all the matrices at these ranks (None = dense)."""
+    return sum(factorized_cost(shapes[name], rank) for name, rank in ranks.items())
+
+
 def max_ratio(shapes: dict[str, Shape]) -> float:
     """The largest reachable ratio: every matrix at rank 1."""
     total = sum(m * n for m, n in shapes.values())
@@ -86,7 +91,7 @@ class RankPlan:
 
     @property
     def kept_params(self) -> int:
-        return sum(factorized_cost(self.shapes[n], r) for n, r in self.ranks.items())
+        return plan_cost(self.shapes, self.ranks)
 
     @property
     def achieved_ratio(self) -> float:
@@ -179,27 +184,49 @@ def check_ratio(ratio: float, shapes: dict[str, Shape]) -> None:
     if not 0 < ratio < 1:
         raise WeloreError(f"Ratio {ratio} is outside (0, 1); it is the fraction of target parameters to remove, e.g. 0.2.")
     reachable = max_ratio(shapes)
+    if reachable <= 0:
+        raise WeloreError("None of the target matrices can be factorized at a rank that saves parameters (each is too small or too thin); choose other targets.")
     if ratio > reachable:
         raise WeloreError(f"Ratio {ratio} is unreachable: even rank 1 everywhere removes only {reachable:.4f} of the target parameters; ask for less.")
 
 
 @register_policy("uniform")
 def uniform_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float) -> dict[str, int | None]:
-    """Every matrix at the rank r* = (1 − ratio)·m·n/(m+n), rounded so the total stays within budget.
+    """Every matrix at the rank r* = keep·m·n/(m+n), keep = 1 − ratio, rounded to fit the budget.
 
+    Every matrix is counted at what it really costs: one that cannot be cut below rank 1, or must
+    stay dense (a 1×N matrix), costs more than its share, so where that overdraws the budget
+    `keep` is lowered (by bisection) until the plan fits: the other matrices pay for it.
     Flooring every r* alone overshoots the ratio by up to (m+n)/Σm·n per matrix; the parameters
-    that flooring frees are handed back one rank at a time, largest fractional part first.
+    that flooring frees are handed back one rank at a time, largest fractional part first. A
+    matrix that one more rank would leave dense costs only its m·n then, and what that leaves
+    of its step is re-spent on the matrices after it.
     """
     budget = (1 - ratio) * sum(m * n for m, n in shapes.values())
-    ideal = {name: (1 - ratio) * m * n / (m + n) for name, (m, n) in shapes.items()}
-    ranks = {name: max(1, int(r)) for name, r in ideal.items()}
-    spent = sum(r * sum(shapes[name]) for name, r in ranks.items())
+
+    def floors(keep: float) -> dict[str, int | None]:
+        return {name: settle((m, n), max(1, int(keep * m * n / (m + n)))) for name, (m, n) in shapes.items()}
+
+    keep = 1 - ratio
+    if plan_cost(shapes, floors(keep)) > budget:  # rank-1 or dense matrices overdraw: the others give it up
+        low, high = 0.0, keep  # floors(0) keeps rank 1 or dense everywhere, which check_ratio found to fit
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if plan_cost(shapes, floors(mid)) <= budget else (low, mid)
+        keep = low
+    ranks = floors(keep)
+    spent = plan_cost(shapes, ranks)
+    ideal = {name: keep * m * n / (m + n) for name, (m, n) in shapes.items()}
     for name in sorted(ideal, key=lambda k: ideal[k] - int(ideal[k]), reverse=True):
-        step = sum(shapes[name])
-        if ideal[name] > ranks[name] and spent + step <= budget:
-            ranks[name] += 1
-            spent += step
-    return {name: settle(shapes[name], r) for name, r in ranks.items()}
+        rank = ranks[name]
+        if rank is None or ideal[name] <= rank:
+            continue
+        grown = settle(shapes[name], rank + 1)  # None: one more rank would save nothing, so dense
+        extra = factorized_cost(shapes[name], grown) - factorized_cost(shapes[name], rank)
+        if spent + extra <= budget:
+            ranks[name] = grown
+            spent += extra
+    return ranks
 
 
 uniform_policy.needs_spectra = False  # type: ignore[attr-defined]  # ranks follow from shapes alone
@@ -226,7 +253,7 @@ def threshold_allocation(
         return ranks
 
     def cost(t: float) -> int:
-        return sum(factorized_cost(shapes[n], r) for n, r in ranks_at(t).items())
+        return plan_cost(shapes, ranks_at(t))
 
     candidates = torch.unique(torch.cat([s for s in scores.values()]))  # ascending
     lo, hi = 0, len(candidates) - 1
