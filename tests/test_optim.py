@@ -402,3 +402,93 @@ def test_enum_proj_type_is_stored_as_a_string_in_every_group():
     assert all(type(g["proj_type"]) is str for g in optimizer.param_groups)
     run(optimizer, [w, bias], gradients([w, bias], steps=1))
     through_disk(optimizer.state_dict())  # weights_only load: no enum inside
+
+
+# --- bfloat16 parameters ------------------------------------------------------------------------
+
+
+def bf16_matrices(*shapes: tuple[int, ...], seed: int = 0) -> list[nn.Parameter]:
+    return [nn.Parameter(p.detach().to(torch.bfloat16)) for p in matrices(*shapes, seed=seed)]
+
+
+@pytest.mark.parametrize(("cls", "proj_type"), [(GaLoreAdamW, "std"), (GaLoreAdamW, "full"), (FiraAdamW, "std"),
+                                                (FiraAdamW, "reverse_std")])
+def test_bf16_parameters_keep_float32_projectors_and_low_rank_state(cls, proj_type):
+    """bfloat16 matrices: projectors, low-rank moments and Fira's residual norm are float32 (the
+    projectors orthonormal to float32 precision), also after a resume through state_dict; the
+    parameters stay bfloat16 and AdamW-trained ones keep bfloat16 moments, as torch's AdamW."""
+    shapes = [(24, 12), (12, 30), (12,)]
+    groups = lambda ps: [{"params": ps[:2], "rank": 4, "update_proj_gap": 3, "proj_type": proj_type},  # noqa: E731
+                         {"params": ps[2:]}]
+    straight = bf16_matrices(*shapes)
+    grads = [[g.to(torch.bfloat16) for g in step] for step in gradients(straight, steps=6)]
+    run(cls(groups(straight), lr=0.01), straight, grads)
+
+    params = bf16_matrices(*shapes)
+    optimizer = cls(groups(params), lr=0.01)
+    run(optimizer, params, grads[:4])  # a refresh at steps 1 and 4
+    fresh_params = [nn.Parameter(p.detach().clone()) for p in params]
+    fresh = cls(groups(fresh_params), lr=0.01)
+    fresh.load_state_dict(through_disk(optimizer.state_dict()))
+    for opt, ps in ((optimizer, params), (fresh, fresh_params)):
+        for p in ps[:2]:
+            state = opt.state[p]
+            projectors = [state[k] for k in ("proj", "proj_right") if k in state]
+            assert len(projectors) == (2 if proj_type == "full" else 1)
+            for basis in projectors:
+                assert basis.dtype == torch.float32
+                eye = torch.eye(basis.shape[1])
+                torch.testing.assert_close(basis.T @ basis, eye, rtol=0, atol=1e-5)
+            assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+            if cls is FiraAdamW:
+                assert state["residual_norm"].dtype == torch.float32
+            assert p.dtype == torch.bfloat16
+        dense = opt.state[ps[2]]
+        assert dense["exp_avg"].dtype == dense["exp_avg_sq"].dtype == torch.bfloat16
+    run(fresh, fresh_params, grads[4:])
+    for a, b in zip(straight, fresh_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the resume is exact in bfloat16 too
+
+
+def test_fira_residual_norm_and_limiter_in_bf16_match_float32():
+    """Fira on a bfloat16 matrix: its residual norm ‖S_t‖ and the limiter's cap match a float64
+    computation from the same bfloat16 gradients, and every step equals the float32 optimizer's
+    step from the same values, rounded once to bfloat16."""
+    generator = torch.Generator().manual_seed(4)
+    u, _ = torch.linalg.qr(torch.randn(10, 10, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(16, 10, generator=generator))
+    top = torch.tensor([10.0, 9.0, 8.0])
+    small, large = torch.cat([top, torch.full((7,), 0.1)]), torch.cat([top, torch.full((7,), 5.0)])
+    # the same low-rank part every step; the residual (1% of the energy at first) jumps 50× at step 2
+    grads = [((u * s) @ v.T).to(torch.bfloat16) for s in (small, large, large)]
+    group = {"rank": 3, "update_proj_gap": 100, "limiter": 1.01}
+    (w16,) = bf16_matrices((10, 16))
+    w32 = nn.Parameter(w16.detach().float())
+    fira16 = FiraAdamW([{"params": [w16], **group}], lr=0.01, weight_decay=0.0)
+    fira32 = FiraAdamW([{"params": [w32], **group}], lr=0.01, weight_decay=0.0)
+
+    norms, unlimited_norms = [], []
+    for step, g in enumerate(grads):
+        before = w32.detach().clone()
+        run(fira16, [w16], [[g]])
+        run(fira32, [w32], [[g.float()]])
+        state = fira16.state[w16]
+        # the float64 reference of ‖S_t‖ before limiting: (G − P·Pᵀ·G)·diag(φ), φ_j = ‖N_j‖ / ‖R_j‖
+        p, g64 = state["proj"].double(), g.double()  # (10, 3): left projection
+        r = p.T @ g64  # (3, 16)
+        exp_avg, exp_avg_sq = state["exp_avg"].double(), state["exp_avg_sq"].double()
+        t = step + 1
+        n = (exp_avg / (1 - BETAS[0] ** t)) / ((exp_avg_sq / (1 - BETAS[1] ** t)).sqrt() + EPS)
+        phi = n.norm(dim=0) / (r.norm(dim=0) + 1e-8)
+        unlimited = ((g64 - p @ r) * phi).norm().item()
+        expected = unlimited if step == 0 else min(unlimited, 1.01 * (norms[-1] + 1e-8))
+        assert state["residual_norm"].item() == pytest.approx(expected, rel=1e-5), step
+        norms.append(expected)
+        unlimited_norms.append(unlimited)
+        # the float32 optimizer, fed the same values, moved W the same way before rounding
+        assert state["residual_norm"].item() == pytest.approx(fira32.state[w32]["residual_norm"].item(), rel=1e-6)
+        torch.testing.assert_close(state["proj"], fira32.state[w32]["proj"], rtol=0, atol=1e-6)
+        if step == 0:  # from the same bfloat16 start: one rounding of the float32 result
+            assert torch.equal(w16.detach(), w32.detach().to(torch.bfloat16))
+        assert not torch.equal(w32.detach(), before)
+    assert norms[1] < 0.5 * unlimited_norms[1], "the limiter must have acted at the jump"

@@ -40,7 +40,13 @@ from typing import Any
 
 import torch
 
-from welore.optim.galore import ZERO_GUARD, GaLoreAdamW, OptimizerConfigError, _is_number
+from welore.optim.galore import (
+    ZERO_GUARD,
+    GaLoreAdamW,
+    OptimizerConfigError,
+    _is_number,
+    state_dtype,
+)
 from welore.optim.projection import ProjSide
 
 
@@ -105,14 +111,14 @@ class FiraAdamW(GaLoreAdamW):
         super()._init_state(state, p, group, side, index)
         if side is not None:
             # ‖S_{t−1}‖; infinity = no previous step, so the first step is not limited
-            state["residual_norm"] = torch.tensor(float("inf"), dtype=p.dtype, device=p.device)
+            state["residual_norm"] = torch.tensor(float("inf"), dtype=state_dtype(p), device=p.device)
 
     def _step_terms(
-        self, p: torch.Tensor, side: ProjSide, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
+        self, g: torch.Tensor, side: ProjSide, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # LEFT: R (r, n), φ per column (1, n), norms over dim 0; RIGHT: R (m, r), φ per row (m, 1).
+        # g (m, n) is the gradient in float32 (at least), as are R, N and the state.
         along = 0 if side is ProjSide.LEFT else 1
-        g = p.grad  # (m, n)
         low_sq = low.square().sum(dim=along, keepdim=True)  # ‖R_j‖²
         phi = norm_step.norm(dim=along, keepdim=True) / (low_sq.sqrt() + ZERO_GUARD)  # (1, n) or (m, 1)
         # ‖S_t‖ without forming G − P·R: with PᵀP = I, ‖G_j − (P·R)_j‖² = ‖G_j‖² − ‖R_j‖² (Pythagoras)

@@ -28,6 +28,12 @@ the import:
     proj_method      how P is refreshed: "subspace" (default, warm-started randomized subspace
                      iteration) or "svd" (a full SVD, as the paper) — see `REFRESH_METHODS`
 
+The projectors, the low-rank moments and the low-rank arithmetic are float32 whatever the
+parameter's dtype (a bfloat16 basis is orthonormal only to ~1e-2, and Fira's residual norm
+subtracts nearly equal squared norms): a bfloat16 matrix is updated in float32 and rounded once
+per step. Matrices trained with plain AdamW keep their moments in the parameter's dtype, as
+`torch.optim.AdamW` does.
+
 The optimizer's state holds tensors only (`torch.load(weights_only=True)` works), and the
 random vectors of the subspace iteration come from a `torch.Generator` seeded from a per-matrix
 seed stored in that state and the step number: results never depend on the global RNG, and a
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -52,6 +59,11 @@ from welore.optim.projection import REFRESH_METHODS, ProjSide, ProjType, resolve
 
 SEED_STRIDE = 1_000_003  # per-matrix seed × stride + step → the refresh's generator seed
 ZERO_GUARD = 1e-8  # keeps norm ratios finite when a norm is zero (Fira's constant)
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of a projected matrix's state and low-rank arithmetic: at least float32."""
+    return torch.promote_types(p.dtype, torch.float32)
 
 
 class OptimizerConfigError(WeloreError, ValueError):
@@ -178,9 +190,27 @@ class GaLoreAdamW(Optimizer):
         m, n = p.shape
         r = group["rank"]
         moments = {ProjSide.LEFT: (r, n), ProjSide.RIGHT: (m, r), ProjSide.BOTH: (r, r)}[side]  # shaped like R
-        state["exp_avg"] = p.new_zeros(moments)
-        state["exp_avg_sq"] = p.new_zeros(moments)
+        state["exp_avg"] = torch.zeros(moments, dtype=state_dtype(p), device=p.device)
+        state["exp_avg_sq"] = torch.zeros(moments, dtype=state_dtype(p), device=p.device)
         state["seed"] = torch.tensor(index, dtype=torch.int64)  # the refresh generator's seed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """`Optimizer.load_state_dict`, except that a projected matrix's state keeps its float32.
+
+        torch casts every floating-point state tensor to its parameter's dtype, which would turn
+        the float32 projectors and moments of a bfloat16 matrix into bfloat16; they are taken
+        again from `state_dict` instead.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        for saved_id, (group, p) in zip(saved_ids, ((g, p) for g in self.param_groups for p in g["params"]), strict=True):
+            saved = state_dict["state"].get(saved_id, {})
+            if self.side_of(group, p) is None or not saved:
+                continue
+            state = self.state[p]
+            for key, value in saved.items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    state[key] = value.to(device=p.device, dtype=state_dtype(p), copy=True)
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -235,12 +265,12 @@ class GaLoreAdamW(Optimizer):
         generator.manual_seed(int(state["seed"].item()) * SEED_STRIDE + step)
         previous = state.get(key)
         method = REFRESH_METHODS[group["proj_method"]]
-        basis = method(m.float(), group["rank"], None if previous is None else previous.float(), generator)
-        state[key] = basis.to(p.dtype)  # (d, r); kept in the parameter's dtype, as load_state_dict casts
+        basis = method(m, group["rank"], previous, generator)
+        state[key] = basis.to(state_dtype(p))  # (d, r), float32 at least (m is G or Gᵀ in that dtype)
 
     def _lowrank(self, p: torch.Tensor, state: dict, group: dict, side: ProjSide) -> None:
         decay = 1 - group["lr"] * group["weight_decay"]
-        g = p.grad  # (m, n)
+        g = p.grad.to(state_dtype(p))  # (m, n), a float32 copy for a bfloat16 matrix
         if (int(state["step"].item()) - 1) % group["update_proj_gap"] == 0:
             # refresh in the left frame: the projected side first (Gᵀ for RIGHT)
             self._refresh(state, group, "proj", g.T if side is ProjSide.RIGHT else g, p)
@@ -257,21 +287,25 @@ class GaLoreAdamW(Optimizer):
             low = proj.T @ g @ state["proj_right"]  # (r, r)
         denom, bias1 = self._moments(state, group, low)
         norm_step = state["exp_avg"].div(denom).div_(bias1)  # Adam-normalised, shaped like `low`
-        step, full = self._step_terms(p, side, low, norm_step, state, group)
-        # W ← (1 − lr·λ)·W − lr·(back-projected step) in one pass over W (addmm's beta decays W)
+        step, full = self._step_terms(g, side, low, norm_step, state, group)
+        # W ← (1 − lr·λ)·W − lr·(back-projected step) in one pass over W (addmm's beta decays W);
+        # a bfloat16 W is updated in a float32 copy and rounded once
         lr = group["lr"]
+        w = p if p.dtype == g.dtype else p.to(g.dtype)  # (m, n)
         if side is ProjSide.LEFT:
-            p.addmm_(proj, step, beta=decay, alpha=-lr)  # (m, r)·(r, n)
+            w.addmm_(proj, step, beta=decay, alpha=-lr)  # (m, r)·(r, n)
         elif side is ProjSide.RIGHT:
-            p.addmm_(step, proj.T, beta=decay, alpha=-lr)  # (m, r)·(r, n)
+            w.addmm_(step, proj.T, beta=decay, alpha=-lr)  # (m, r)·(r, n)
         else:
-            p.addmm_(proj @ step, state["proj_right"].T, beta=decay, alpha=-lr)  # (m, r)·(r, n)
+            w.addmm_(proj @ step, state["proj_right"].T, beta=decay, alpha=-lr)  # (m, r)·(r, n)
         if full is not None:
-            p.addcmul_(g, full, value=-lr)  # a per-column or per-row multiple of G itself
+            w.addcmul_(g, full, value=-lr)  # a per-column or per-row multiple of G itself
+        if w is not p:
+            p.copy_(w)
 
     def _step_terms(
-        self, p: torch.Tensor, side: ProjSide, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
+        self, g: torch.Tensor, side: ProjSide, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What W moves by, as (low-rank step X, multiplier c or None): ΔW = P·X (back-projected
+        """What W moves by (g: the gradient, in the state's dtype), as (low-rank step X, multiplier c or None): ΔW = P·X (back-projected
         like the gradient was projected) + c⊙G. GaLore: X = scale·N, no c. Fira overrides this."""
         return norm_step.mul_(group["scale"]), None
