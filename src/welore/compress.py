@@ -17,7 +17,7 @@ nothing to read.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from welore.errors import WeloreError
 from welore.evaluate import count_parameters
 from welore.factorize import FACTORIZERS
 from welore.modules import LowRankLinear
+from welore.options import check_positive
 from welore.plan import POLICIES, RankPlan, allocate, check_ratio
 from welore.spectrum import check_finite, compute_spectra
 from welore.stream import block_access
@@ -37,16 +38,25 @@ log = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 
 
+def _policies() -> list[str]:
+    return sorted(POLICIES)
+
+
+def _factorizers() -> list[str]:
+    return sorted(FACTORIZERS)
+
+
 @dataclass
 class CompressConfig:
-    ratio: float | None = None  # fraction of the target matrices' parameters to remove
-    method: str = "welore"  # rank-allocation policy: uniform | welore | energy
-    factorizer: str = "svd"  # how each matrix is factorized at its rank
-    targets: list[str] | None = None  # module-name patterns (exact, glob, or "re:regex"); None = decoder-block Linears
+    ratio: float | None = None  # fraction of the target matrices' parameters to remove, in (0, 1)
+    method: str = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy (welore.plan.POLICIES)
+    factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd (data-free), whiten (SVD-LLM) or asvd (activation-scaled); the last two need --calib
+    targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # target modules by exact name, glob (*.q_proj) or re:regex; default: Linear layers in decoder blocks
     lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
-    calib: str | None = None  # calibration text spec, for data-aware factorizers (provenance)
-    calib_tokens: int | None = None  # calibration tokens used
-    sequential: bool = False  # calibrate block k on the outputs of the already-compressed blocks 0..k-1
+    calib: str | None = None  # calibration text for whiten/asvd: wiki or news (their calibration half), a text file, or hf:DATASET
+    calib_tokens: int | None = 8192  # calibration tokens (with --calib)
+    calib_seq_len: int | None = 512  # tokens per calibration window (with --calib)
+    sequential: bool = False  # calibrate each block on the outputs of the already-compressed blocks before it
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -58,6 +68,9 @@ class CompressConfig:
             raise WeloreError(f"Ratio {self.ratio} is outside (0, 1); it is the fraction of target parameters to remove, e.g. 0.2.")
         if not 0 < self.lrc_min_cut <= 1:
             raise WeloreError(f"LRC minimum cut {self.lrc_min_cut} is outside (0, 1]; use e.g. 0.5.")
+        if self.calib is None:  # provenance: no calibration, so no calibration sizes
+            self.calib_tokens = self.calib_seq_len = None
+        check_positive(self, ("calib_tokens", "calib_seq_len"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,6 +212,18 @@ def _apply_plan_calibrated_(
     return list(plan.factorized)
 
 
+def calibration_windows(tokenizer, config: CompressConfig, name: str = "the model") -> torch.Tensor | None:
+    """Token windows (N, calib_seq_len) of config.calib's calibration split, or None without one."""
+    from welore.data import load_text, token_windows
+
+    if not config.calib:
+        return None
+    if tokenizer is None:
+        raise WeloreError(f"{name} has no tokenizer, so calibration text cannot be tokenized; pass a model folder that includes one.")
+    return token_windows(tokenizer, load_text(config.calib, split="calib"), config.calib_seq_len, config.calib_tokens,
+                         options=("--calib-seq-len", "--calib-tokens"))
+
+
 def compress_(
     model: nn.Module,
     config: CompressConfig,
@@ -237,5 +262,7 @@ def compress_(
         else:
             replaced = apply_plan_(model, plan, factorizer=config.factorizer, progress=progress)
     model.welore_plan = plan  # so that save() finds it
+    if calibration is not None:  # record what was used, whoever built the windows
+        config = replace(config, calib_tokens=calibration.numel(), calib_seq_len=calibration.shape[1])
     model.welore_config = config
     return CompressReport(plan=plan, replaced=replaced, params_before=before, params_after=count_parameters(model))

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SPLITS = ("calib", "eval", "all")
+DEFAULT_TEXT = "wiki"  # the built-in text the commands use unless told otherwise
 
 HF_PREFIX = "hf:"
 HF_DEFAULT_SPLIT = "train"

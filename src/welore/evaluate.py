@@ -40,12 +40,28 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from welore.data import DEFAULT_TEXT
 from welore.errors import WeloreError
+from welore.options import check_positive
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # weight-file formats counted by weights_size_on_disk
 _MB = 1e6  # format_table reports decimal megabytes
+
+
+@dataclass
+class EvalOptions:
+    """How the `evaluate`, `compare` and `demo` commands measure a model (`welore.options`)."""
+
+    text: str = DEFAULT_TEXT  # evaluation text: wiki or news (built-in, eval split), a text file, or hf:DATASET
+    seq_len: int = 512  # tokens per perplexity window
+    max_tokens: int = 32768  # evaluate on at most this many tokens
+    batch_size: int = 4  # windows per forward pass
+    speed: bool = True  # measure prefill/generation speed (tokens/s)
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("seq_len", "max_tokens", "batch_size"))
 
 
 @dataclass

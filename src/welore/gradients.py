@@ -25,16 +25,22 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from welore._io import atomic_dir
+from welore.data import DEFAULT_TEXT
 from welore.errors import WeloreError
+from welore.options import check_positive
 from welore.plan import RankPlan
 from welore.spectrum import singular_values_many, spectral_metrics
 from welore.targets import find_targets, layer_index, matrix_type
+
+if TYPE_CHECKING:
+    from welore.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,32 @@ SUMMARY_COLUMNS = [
     "grad_effective_fraction", "grad_stable_rank", "grad_rank90_fraction",  # means over recorded steps
     "weight_effective_fraction", "weight_stable_rank", "weight_kept_fraction",
 ]
+
+
+@dataclass
+class GradientRunConfig:
+    """The short full fine-tuning run during which `welore analyze --gradients` records the
+    gradients' spectra (`welore.options`); `finetune_config()` is the run itself."""
+
+    data: str = DEFAULT_TEXT  # training text for --gradients (a built-in text trains on its calibration half)
+    grad_steps: int = 20  # optimizer steps to record
+    grad_every: int = 1  # record every k-th step
+    grad_lr: float = 3e-5  # learning rate of the recording run (AdamW)
+    grad_seq_len: int = 256  # tokens per training block
+    grad_batch_size: int = 4  # blocks per step
+    grad_val_tokens: int = 2048  # validation tokens before and after
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("grad_steps", "grad_every", "grad_seq_len", "grad_batch_size", "grad_val_tokens"))
+
+    def finetune_config(self) -> FinetuneConfig:
+        """Full fine-tuning with AdamW on exactly grad_steps × grad_batch_size blocks."""
+        from welore.finetune import FinetuneConfig
+
+        return FinetuneConfig(mode="full", optimizer="adamw", steps=self.grad_steps, lr=self.grad_lr, data=self.data,
+                              seq_len=self.grad_seq_len, batch_size=self.grad_batch_size,
+                              max_train_tokens=self.grad_steps * self.grad_batch_size * self.grad_seq_len,
+                              val_tokens=self.grad_val_tokens)
 
 
 def _gradient_matrix(module: nn.Module) -> torch.Tensor | None:

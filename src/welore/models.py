@@ -51,6 +51,26 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
+class LoadOptions:
+    """How every command that loads a model loads it; each field is a keyword of `load_model`
+    and an option of those commands (`welore.options`)."""
+
+    dtype: str = "float32"  # weights' dtype: float32, bfloat16, float16, or auto (as the source stores them)
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+
+
+def parse_dtype(dtype: str | None) -> torch.dtype | None:
+    """The torch dtype named `dtype`; None for "auto" (or None): keep the source's dtype."""
+    if dtype in (None, "auto"):
+        return None
+    if dtype not in DTYPES:
+        raise WeloreError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+@dataclass
 class LoadedModel:
     model: PreTrainedModel  # in eval mode
     tokenizer: object | None  # a transformers tokenizer, or None when the source has none
@@ -160,15 +180,13 @@ def load_model(
     each block is read from the folder's safetensors when used (`welore.stream`), so compress,
     analyze, evaluate and export work within that memory.
     """
-    torch_dtype = None if dtype in (None, "auto") else DTYPES.get(dtype)
-    if dtype not in (None, "auto") and torch_dtype is None:
-        raise WeloreError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
+    weights_dtype = parse_dtype(dtype)
     budget = parse_memory(max_memory) if max_memory is not None else None
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS:
         path = builtin_model_dir(spec)
-    if path.is_dir() and _should_stream(path, torch_dtype, budget):
-        model = _streamed(path, torch_dtype, budget, device)
+    if path.is_dir() and _should_stream(path, weights_dtype, budget):
+        model = _streamed(path, weights_dtype, budget, device)
         model.eval()
         return LoadedModel(model=model, tokenizer=_tokenizer(path), name=spec, path=path)
     if budget is not None:
@@ -177,20 +195,20 @@ def load_model(
     if path.is_dir():
         if is_checkpoint(path):
             model = load(path)
-            if torch_dtype is not None:
-                model = model.to(torch_dtype)
+            if weights_dtype is not None:
+                model = model.to(weights_dtype)
         elif (path / "config.json").is_file():
-            model = _pretrained(path, torch_dtype)
+            model = _pretrained(path, weights_dtype)
         else:
             raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); pass a model folder.")
         tokenizer, folder = _tokenizer(path), path
     elif path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _from_gguf(path.parent, path.name)
-        model, folder = (model.to(torch_dtype) if torch_dtype else model), None
+        model, folder = (model.to(weights_dtype) if weights_dtype else model), None
     elif path.exists():
         raise WeloreError(f"{path} is a file, not a model folder or .gguf file; pass a model folder.")
     elif HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        model, tokenizer, folder = _pretrained(spec, torch_dtype), _tokenizer(spec), None
+        model, tokenizer, folder = _pretrained(spec, weights_dtype), _tokenizer(spec), None
     else:
         names = ", ".join(BUILTIN_MODELS)
         raise WeloreError(f"Model {spec!r} is not a built-in name ({names}), an existing folder or file, or a hub id; check the spelling.")

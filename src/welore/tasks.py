@@ -33,6 +33,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -51,6 +52,16 @@ _LM_EVAL_LOGGERS = ("lm_eval", "lm-eval")  # the second is the name older lm-eva
 # lm-eval modules that draw progress bars with a module-level `tqdm` (silenced with progress=False)
 _TQDM_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
 _STDERR_SUFFIX = "_stderr"
+
+
+@dataclass
+class TaskOptions:
+    """lm-eval task scoring of the `evaluate` command (`welore.options`); see `run_tasks`."""
+
+    tasks: list[str] | None = field(default=None, metadata={"metavar": "TASK"})  # also score the model on these lm-eval tasks (e.g. arc_easy, or a task in --task-dir); built-in tasks download their data and need network access
+    task_dir: str | None = None  # folder of lm-eval YAML task files (relative data paths in them resolve against it)
+    task_limit: int | None = None  # score at most this many examples per task (default: all)
+    fewshot: int = 0  # solved examples put before each question (0: zero-shot)
 
 
 def _import_lm_eval(*submodules: str) -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from welore.data import DEFAULT_TEXT
 from welore.errors import WeloreError
 
 CONFIG_VERSION = 1
@@ -20,22 +21,36 @@ PRECISIONS = ("no", "bf16", "fp16")
 DEFAULT_LR = {"lrc": 1e-4, "lora": 5e-4, "full": 3e-5}  # when lr is None; short runs, AdamW
 
 
+def _modes() -> list[str]:
+    from welore.finetune.trainable import MODES  # imported late: trainable imports this module
+
+    return list(MODES)
+
+
+def _optimizers() -> list[str]:
+    from welore.finetune.optimizers import (
+        OPTIMIZERS,  # imported late: optimizers imports this module
+    )
+
+    return list(OPTIMIZERS)
+
+
 @dataclass
 class FinetuneConfig:
-    mode: str = "lrc"  # what trains: lrc (WeLore's low-rank components), lora (peft adapters) or full
-    optimizer: str = "adamw"  # adamw, galore or fira (welore.optim) on the trainable matrices
+    mode: str = field(default="lrc", metadata={"choices": _modes})  # what trains: lrc (WeLore's low-rank components), lora (peft adapters) or full
+    optimizer: str = field(default="adamw", metadata={"choices": _optimizers})  # adamw, galore or fira (welore.optim) on the trainable matrices
     steps: int = 100  # optimizer steps
-    lr: float | None = None  # peak learning rate; None = the mode's default (DEFAULT_LR)
+    lr: float | None = None  # peak learning rate; None = the mode's default (DEFAULT_LR: lrc 1e-4, lora 5e-4, full 3e-5)
     warmup_steps: int = 0  # linear warm-up steps, then cosine decay to 0 at `steps`
     weight_decay: float = 0.0  # AdamW's decoupled weight decay, on every trainable parameter
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decay rates
     batch_size: int = 4  # blocks per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; None = no clipping
-    precision: str = "no"  # autocast: no, bf16 or fp16 (accelerate's mixed_precision; fp16 needs CUDA)
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; 0 or None = no clipping
+    precision: str = field(default="no", metadata={"choices": PRECISIONS})  # autocast: no, bf16 or fp16 (accelerate's mixed_precision; fp16 needs CUDA)
     seed: int = 0  # seeds torch/python/numpy RNGs, the data order and LoRA's initialisation
     # data
-    data: str = "wiki"  # text spec: wiki/news (train on calib split, validate on eval split), a file, hf:...
+    data: str = DEFAULT_TEXT  # text spec: wiki/news (train on calib split, validate on eval split), a file, hf:...
     seq_len: int = 256  # tokens per training/validation block
     max_train_tokens: int | None = None  # use at most this many training tokens (None = all the text)
     val_tokens: int = 4096  # validation tokens
@@ -50,7 +65,7 @@ class FinetuneConfig:
     lora_rank: int = 8  # rank r of each adapter
     lora_alpha: float = 16.0  # adapter scale alpha (the update is alpha/r · B·A)
     lora_dropout: float = 0.0  # dropout on the adapter's input
-    lora_targets: list[str] | None = None  # Linear module patterns (exact, glob, re:); None = target matrices
+    lora_targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # Linear module patterns (exact, glob, re:); None = target matrices
     keep_adapter: bool = False  # save the adapter (out/adapter) instead of merging it into the weights
     # galore / fira
     galore_rank: int = 128  # rank of the gradient projection (capped by each matrix's smaller side)
@@ -70,6 +85,8 @@ class FinetuneConfig:
         if self.precision not in PRECISIONS:
             raise WeloreError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.max_grad_norm == 0:
+            self.max_grad_norm = None
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,

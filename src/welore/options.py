@@ -1,0 +1,191 @@
+"""Command-line options generated from config dataclasses, so that each default is written once.
+
+Every option of the `welore` command line that configures the library is a field of a config
+dataclass, and the CLI reads the dataclass to build its argparse arguments:
+
+    field                                            option
+    seq_len: int = 512  # tokens per window          --seq-len N   "tokens per window (default: 512)"
+    calib: str | None = None  # calibration text     --calib CALIB
+    sequential: bool = False  # calibrate ...        --sequential          (a switch)
+    speed: bool = True  # measure tokens/s           --no-speed            (a switch turning it off)
+    targets: list[str] | None = None  # patterns     --targets PATTERN [PATTERN ...]
+    betas: tuple[float, float] = (0.9, 0.999)        --betas BETAS BETAS
+
+The help text is the field's trailing comment (the comment STYLE.md asks for anyway), followed
+by the default. A field's `metadata` may add `choices` (a sequence, or a function returning one,
+for registries that are imported late), `metavar` and `short` (e.g. "-q"); `{"cli": False}` keeps a field off the
+command line. A field named `version` (a config's format version) never becomes an option.
+
+To add an option: add one field, with its comment, to the dataclass that owns it —
+`LoadOptions` (`welore.models`: options of every command that loads a model, such as `dtype`),
+`CompressConfig`, `EvalOptions`, `TaskOptions`, `GradientRunConfig` or `FinetuneConfig` — and
+use it where that config is consumed (for `LoadOptions`, a keyword of `load_model` with the same
+name). `add_options` puts it on every command that uses that dataclass and `from_args` reads it
+back. Check values in the dataclass's `__post_init__` and raise `WeloreError` naming the option
+(`--seq-len must be ...`): the CLI builds every config before it loads a model, so a bad value
+is one sentence on stderr and exit status 2, with nothing loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from welore.errors import WeloreError
+
+NOT_OPTIONS = frozenset({"version"})  # field names that are never command-line options
+
+
+def flag(name: str) -> str:
+    """The option string of a field: seq_len -> --seq-len."""
+    return "--" + name.replace("_", "-")
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """{field name: its trailing comment} read from the source of `cls` and its dataclass bases."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (a frozen or interactive class): no help text
+            continue
+        source = textwrap.dedent(source)
+        by_line: dict[int, str] = {}
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                by_line[token.start[0]] = token.string.lstrip("#").strip()
+        tree = ast.parse(source)
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+                text = " ".join(by_line[n] for n in lines if n in by_line)
+                if text:
+                    comments[node.target.id] = text
+    return comments
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    """X for `X | None` and `Optional[X]`; `tp` itself otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _format_default(value: Any) -> str | None:
+    if value is None or value is False or value is dataclasses.MISSING:
+        return None
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def option_fields(cls: type, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[dataclasses.Field]:
+    """The fields of `cls` that are command-line options, in declaration order."""
+    chosen = [f for f in dataclasses.fields(cls)
+              if f.name not in NOT_OPTIONS and f.metadata.get("cli", True) and f.name not in set(exclude)]
+    if only is not None:
+        wanted = list(only)
+        known = {f.name for f in chosen}
+        missing = [n for n in wanted if n not in known]
+        assert not missing, f"{cls.__name__} has no option fields {missing}"
+        chosen = [f for f in chosen if f.name in set(wanted)]
+    return chosen
+
+
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    only: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """Add one argparse option per field of the dataclass `cls` (see the module docstring).
+
+    `only`/`exclude` pick fields; `defaults` overrides a field's default for this command
+    (e.g. a demo that evaluates fewer tokens). The option's `dest` is the field name.
+    """
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    defaults = defaults or {}
+    for f in option_fields(cls, only, exclude):
+        default = defaults.get(f.name, _default_of(f))
+        tp = _unwrap_optional(hints[f.name])
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        help_text = f.metadata.get("help", comments.get(f.name, ""))
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default}
+        names = [f.metadata["short"]] if "short" in f.metadata else []
+        if tp is bool:
+            if default is True:
+                parser.add_argument(*names, flag("no_" + f.name), action="store_false", help=help_text, **kwargs)
+            else:
+                parser.add_argument(*names, flag(f.name), action="store_true", help=help_text, **kwargs)
+            continue
+        if origin in (list, Sequence) and len(args) == 1:
+            kwargs.update(type=args[0], nargs="+")
+        elif origin is tuple and args and Ellipsis not in args and len(set(args)) == 1:
+            kwargs.update(type=args[0], nargs=len(args))
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for type {tp!r}; "
+                            "give it metadata={'cli': False}")
+        if kwargs["type"] in (int, float):
+            kwargs["metavar"] = "N" if kwargs["type"] is int else "X"
+        choices = f.metadata.get("choices")
+        if callable(choices):
+            choices = choices()
+        if choices is not None:
+            kwargs["choices"] = list(choices)
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
+        shown = _format_default(default)
+        if shown is not None:
+            help_text = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
+        parser.add_argument(*names, flag(f.name), help=help_text, **kwargs)
+
+
+def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """An instance of `cls` from the options `add_options` added (fields absent from `args`
+    keep their defaults); `overrides` set fields directly."""
+    hints = typing.get_type_hints(cls)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if f.name not in NOT_OPTIONS and hasattr(args, f.name)}
+    for name, value in values.items():
+        if typing.get_origin(_unwrap_optional(hints[name])) is tuple and isinstance(value, list):
+            values[name] = tuple(value)  # argparse's nargs gives a list
+    values.update(overrides)
+    return cls(**values)
+
+
+def check_positive(config: Any, names: Sequence[str]) -> None:
+    """Raise WeloreError naming the first field in `names` that is not a positive integer."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise WeloreError(f"{flag(name)} must be a positive integer, got {value!r}.")
+

@@ -1,0 +1,141 @@
+"""The command line is generated from the config dataclasses (`welore.options`): its defaults
+are theirs, its help is their field comments, and what it parses builds them back."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+
+import pytest
+
+from welore.cli import RunOptions, build_parser
+from welore.compress import CompressConfig
+from welore.errors import WeloreError
+from welore.evaluate import EvalOptions
+from welore.finetune import FinetuneConfig
+from welore.gradients import GradientRunConfig
+from welore.models import LoadOptions, load_model
+from welore.options import add_options, field_comments, from_args, option_fields
+from welore.tasks import TaskOptions
+
+# command -> (the shortest valid argv, the config classes whose options it has)
+COMMANDS = {
+    "analyze": (["m"], [RunOptions, LoadOptions, GradientRunConfig]),
+    "compress": (["m", "--out", "o"], [RunOptions, LoadOptions, CompressConfig]),
+    "evaluate": (["m"], [RunOptions, LoadOptions, EvalOptions, TaskOptions]),
+    "compare": (["a", "b"], [RunOptions, LoadOptions, EvalOptions]),
+    "finetune": (["m", "--out", "o"], [RunOptions, LoadOptions, FinetuneConfig]),
+    "export": (["c", "--dense", "d"], [RunOptions]),
+}
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_parser_defaults_are_the_dataclass_defaults(command: str) -> None:
+    argv, classes = COMMANDS[command]
+    args = build_parser().parse_args([command, *argv])
+    for cls in classes:
+        for f in option_fields(cls):
+            assert getattr(args, f.name) == _default(f), f"{command} {cls.__name__}.{f.name}"
+        assert from_args(cls, args) == cls()
+
+
+def test_analyze_plan_options_and_demo_overrides() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["analyze", "m"])
+    for name in ("ratio", "method", "targets", "lrc_min_cut"):
+        assert getattr(args, name) == _default(CompressConfig.__dataclass_fields__[name])
+    assert not hasattr(args, "factorizer")  # analyze plans ranks; it does not factorize
+    demo = parser.parse_args(["demo"])
+    assert demo.ratio == 0.02 and demo.max_tokens == 8192  # the demo's own, smaller run
+    assert from_args(EvalOptions, demo) == EvalOptions(max_tokens=8192)
+
+
+def test_every_option_reaches_its_config() -> None:
+    args = build_parser().parse_args([
+        "finetune", "m", "--out", "o", "--mode", "lora", "--optimizer", "galore", "--lr", "0.001", "--betas", "0.8",
+        "0.9", "--max-grad-norm", "0", "--lora-targets", "*.q_proj", "re:.*v_proj", "--train-nlrc", "--seq-len", "64",
+    ])
+    config = from_args(FinetuneConfig, args)
+    assert (config.mode, config.optimizer, config.lr, config.betas) == ("lora", "galore", 0.001, (0.8, 0.9))
+    assert config.max_grad_norm is None  # 0 = no clipping
+    assert config.lora_targets == ["*.q_proj", "re:.*v_proj"] and config.train_nlrc and config.seq_len == 64
+    args = build_parser().parse_args(["compress", "m", "--out", "o", "--ratio", "0.3", "--factorizer", "whiten",
+                                      "--calib", "news", "--calib-tokens", "1024", "--sequential", "--dtype", "bfloat16"])
+    assert from_args(CompressConfig, args) == CompressConfig(ratio=0.3, factorizer="whiten", calib="news",
+                                                             calib_tokens=1024, sequential=True)
+    assert from_args(LoadOptions, args) == LoadOptions(dtype="bfloat16")
+    assert from_args(EvalOptions, build_parser().parse_args(["evaluate", "m", "--no-speed"])).speed is False
+
+
+def test_help_is_the_field_comment() -> None:
+    comments = field_comments(FinetuneConfig)
+    assert comments["steps"] == "optimizer steps"
+    assert "Adam's moment decay rates" in comments["betas"]
+    assert {f.name for f in option_fields(FinetuneConfig)} <= set(comments)  # every option has help
+    for cls in (LoadOptions, CompressConfig, EvalOptions, TaskOptions, GradientRunConfig, RunOptions):
+        assert {f.name for f in option_fields(cls)} <= set(field_comments(cls)), cls
+
+
+def test_load_options_are_load_model_keywords() -> None:
+    """Adding a field to LoadOptions adds an option to every model-loading command; load_model
+    must take it by the same name."""
+    keywords = inspect.signature(load_model).parameters
+    assert all(f.name in keywords for f in dataclasses.fields(LoadOptions))
+
+
+@dataclasses.dataclass
+class _Toy:
+    size: int = 3  # how many
+    scale: float | None = None  # how much
+    names: list[str] | None = None  # which ones
+    pair: tuple[int, int] = (1, 2)  # two numbers
+    kind: str = dataclasses.field(default="a", metadata={"choices": lambda: ["a", "b"]})  # a or b
+    loud: bool = False  # shout
+    fast: bool = True  # hurry
+    secret: dict = dataclasses.field(default_factory=dict, metadata={"cli": False})  # not an option
+    version: int = 1
+
+
+def _toy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toy")
+    add_options(parser, _Toy)
+    return parser
+
+
+def test_generator_on_a_toy_config(capsys: pytest.CaptureFixture) -> None:
+    parser = _toy_parser()
+    assert from_args(_Toy, parser.parse_args([])) == _Toy()
+    args = parser.parse_args(["--size", "5", "--scale", "0.5", "--names", "x", "y", "--pair", "3", "4",
+                              "--kind", "b", "--loud", "--no-fast"])
+    assert from_args(_Toy, args) == _Toy(size=5, scale=0.5, names=["x", "y"], pair=(3, 4), kind="b", loud=True, fast=False)
+    assert not hasattr(args, "secret") and not hasattr(args, "version")
+    text = parser.format_help()
+    assert "how many (default: 3)" in text and "--no-fast" in text and "{a,b}" in text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kind", "c"])
+    assert "invalid choice: 'c'" in capsys.readouterr().err
+
+
+def test_a_field_without_a_command_line_form_is_a_bug() -> None:
+    @dataclasses.dataclass
+    class Bad:
+        table: dict = dataclasses.field(default_factory=dict)  # no CLI form
+
+    with pytest.raises(TypeError, match="no command-line form"):
+        add_options(argparse.ArgumentParser(), Bad)
+
+
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (EvalOptions, {"seq_len": 0}, "--seq-len must be a positive integer"),
+    (CompressConfig, {"calib": "wiki", "calib_tokens": -1}, "--calib-tokens must be a positive integer"),
+    (GradientRunConfig, {"grad_every": 0}, "--grad-every must be a positive integer"),
+    (LoadOptions, {"dtype": "float8"}, "Unknown dtype"),
+])
+def test_configs_check_their_values(cls, kwargs, match) -> None:
+    with pytest.raises(WeloreError, match=match):
+        cls(**kwargs)
