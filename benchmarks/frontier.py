@@ -28,11 +28,12 @@ import time
 from _common import DOC, machine, write_section
 
 from welore.calibrate import iter_block_stats
-from welore.compress import CompressConfig, compress_, factorize_layer, swap_module
+from welore.compress import CompressConfig, compress_, factorize_layer
 from welore.data import describe_text, load_text, token_windows
 from welore.evaluate import perplexity
 from welore.factorize import FACTORIZERS
 from welore.models import load_model
+from welore.modules import swap_module
 from welore.plan import allocate
 from welore.report import plot_perplexity_vs_ratio
 from welore.spectrum import compute_spectra

@@ -17,9 +17,8 @@ from welore import stream
 from welore.checkpoint import FORMAT_VERSION, WEIGHTS, export_dense, is_checkpoint, load, save
 from welore.compress import CompressConfig, compress_
 from welore.errors import WeloreError
-from welore.evaluate import count_parameters
 from welore.factorize import FACTORIZERS
-from welore.modules import LowRankLinear
+from welore.modules import LowRankLinear, count_parameters
 from welore.plan import RankPlan
 
 

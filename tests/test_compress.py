@@ -12,9 +12,8 @@ from transformers.pytorch_utils import Conv1D
 
 from welore.compress import CompressConfig, apply_plan_, compress_
 from welore.errors import WeloreError
-from welore.evaluate import count_parameters
 from welore.factorize import FACTORIZERS, svd_factors
-from welore.modules import LowRankLinear
+from welore.modules import LowRankLinear, count_parameters
 from welore.plan import RankPlan
 from welore.targets import find_targets, matrix_shape, weight_matrix
 

@@ -24,9 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore.errors import WeloreError
-from welore.evaluate import count_parameters
 from welore.factorize import FACTORIZERS
-from welore.modules import LowRankLinear
+from welore.modules import LowRankLinear, count_parameters, swap_module
 from welore.options import check_positive
 from welore.plan import POLICIES, RankPlan, allocate, check_ratio
 from welore.spectrum import check_finite, compute_spectra
@@ -126,11 +125,6 @@ def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
             raise WeloreError(f"{name} is already factorized; apply plans to an uncompressed model.")
         if not isinstance(module, DENSE_TYPES) or matrix_shape(module) != tuple(shape):
             raise WeloreError(f"The rank plan expects {name} to be a {shape[0]}x{shape[1]} Linear layer, which it is not here; use a plan made for this model.")
-
-
-def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def factorize_layer(dense: nn.Module, name: str, rank: int, factorizer: str, stats=None) -> LowRankLinear:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from welore.data import DEFAULT_TEXT
 from welore.errors import WeloreError
+from welore.modules import count_parameters
 from welore.options import check_positive
 
 logger = logging.getLogger(__name__)
@@ -284,23 +285,6 @@ def _safe_exp(x: float) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Size
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters of `model`: tied weights (one Parameter, or one storage) counted once."""
-    seen: set[Any] = set()
-    total = 0
-    for param in model.parameters():  # already skips repeats of the same Parameter object
-        if param.device.type == "meta":
-            key: Any = id(param)
-        else:
-            key = (str(param.device), param.untyped_storage().data_ptr(), param.storage_offset(),
-                   tuple(param.shape), param.stride())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += param.numel()
-    return total
 
 
 def weights_size_on_disk(path: str | os.PathLike[str]) -> int:

@@ -6,12 +6,40 @@
 
 Both factors are plain `nn.Linear` modules so that optimizers, PEFT and hooks see ordinary
 layers. A `Conv1D` (GPT-2) replaced by this module computes the same function.
+
+`swap_module` puts a module in place of another by its qualified name, and `count_parameters`
+counts a model's unique parameters (tied weights once); compression and fine-tuning use both.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+
+def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called `name` (e.g. "model.layers.0.mlp.up_proj") by `module`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters of `model`: tied weights (one Parameter, or one storage) counted once."""
+    seen: set[Any] = set()
+    total = 0
+    for param in model.parameters():  # already skips repeats of the same Parameter object
+        if param.device.type == "meta":
+            key: Any = id(param)
+        else:
+            key = (str(param.device), param.untyped_storage().data_ptr(), param.storage_offset(),
+                   tuple(param.shape), param.stride())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += param.numel()
+    return total
 
 
 class LowRankLinear(nn.Module):

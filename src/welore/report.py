@@ -1,16 +1,18 @@
 """Plots: spectra by matrix type, a layer × matrix-type heatmap of kept-rank fractions,
-perplexity against compression ratio, and gradient spectra against weight spectra."""
+perplexity against compression ratio, and gradient spectra against weight spectra.
+
+Figures are built with matplotlib's object API (`Figure`, not `pyplot`) and written straight
+to PNG, so no global state changes: a notebook's backend and open figures are untouched.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display is needed or assumed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     from welore.analyze import Analysis
@@ -23,9 +25,10 @@ def plot_spectra(analysis: Analysis, path: Path) -> None:
     groups = analysis.by_type()
     cols = min(4, len(groups))
     rows = (len(groups) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (kind, members) in zip(axes.flat, groups.items(), strict=False):
-        colors = plt.cm.viridis(np.linspace(0, 0.9, len(members)))
+        colors = colormaps["viridis"](np.linspace(0, 0.9, len(members)))
         for color, row in zip(colors, members, strict=True):
             s = analysis.spectra[row["name"]].numpy()
             ax.semilogy(np.arange(len(s)) / len(s), s / s[0], color=color, lw=0.8)
@@ -38,7 +41,6 @@ def plot_spectra(analysis: Analysis, path: Path) -> None:
     fig.suptitle(f"Singular-value spectra of {analysis.model} (dark = first layer)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
 
 
 def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
@@ -50,7 +52,8 @@ def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
     for row in analysis.rows:
         if row["layer"] is not None:
             grid[types.index(row["type"]), layers.index(row["layer"])] = row["kept_fraction"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(layers) + 2), 0.45 * len(types) + 1.6))
+    fig = Figure(figsize=(max(6, 0.28 * len(layers) + 2), 0.45 * len(types) + 1.6))
+    ax = fig.subplots()
     image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1)
     ax.set_yticks(range(len(types)), types, fontsize=8)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
@@ -61,7 +64,6 @@ def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
 
 
 def plot_perplexity_vs_ratio(
@@ -75,8 +77,9 @@ def plot_perplexity_vs_ratio(
     by_method: dict[str, list[tuple[float, float]]] = {}
     for label, ratio, ppl in points:
         by_method.setdefault(label, []).append((ratio, ppl))
-    fig, ax = plt.subplots(figsize=(8.4, 4.4))
-    colors = plt.cm.tab10.colors if len(by_method) <= 10 else plt.cm.tab20.colors  # one colour per method
+    fig = Figure(figsize=(8.4, 4.4))
+    ax = fig.subplots()
+    colors = colormaps["tab10"].colors if len(by_method) <= 10 else colormaps["tab20"].colors  # one colour per method
     for i, (label, xy) in enumerate(by_method.items()):
         xy.sort()
         ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", lw=1.2, label=label, color=colors[i % len(colors)])
@@ -90,7 +93,6 @@ def plot_perplexity_vs_ratio(
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
 
 
 def plot_gradient_ranks(report: GradientReport, path: Path) -> None:
@@ -99,7 +101,8 @@ def plot_gradient_ranks(report: GradientReport, path: Path) -> None:
     by_type: dict[str, dict[int, list[float]]] = {}
     for row in report.steps:
         by_type.setdefault(row["type"], {}).setdefault(row["step"], []).append(row["effective_rank"] / row["full_rank"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
     for kind, steps in by_type.items():
         xs = sorted(steps)
         ax.plot(xs, [sum(steps[x]) / len(steps[x]) for x in xs], marker=".", lw=1.2, label=kind)
@@ -111,13 +114,13 @@ def plot_gradient_ranks(report: GradientReport, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
 
 
 def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
     """One point per target matrix: mean gradient effective rank vs weight effective rank
     (both as fractions of full rank), coloured by matrix type."""
-    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    fig = Figure(figsize=(5.6, 4.4))
+    ax = fig.subplots()
     for kind, rows in report.by_type().items():
         ax.scatter([r["grad_effective_fraction"] for r in rows], [r["weight_effective_fraction"] for r in rows],
                    s=14, label=kind)
@@ -129,4 +132,3 @@ def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)

@@ -25,9 +25,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from welore.errors import WeloreError
-from welore.evaluate import count_parameters
 from welore.finetune.config import FinetuneConfig
-from welore.modules import LowRankLinear
+from welore.modules import LowRankLinear, count_parameters
 from welore.targets import DENSE_TYPES, _matches, find_targets
 
 log = logging.getLogger(__name__)
