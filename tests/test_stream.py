@@ -170,3 +170,41 @@ def test_budget_too_small_is_a_clear_error(sharded_dir: Path) -> None:
     windows = token_ids(batch=64, length=64)
     with pytest.raises(WeloreError, match="hidden states of 64x64 tokens"):
         perplexity(model, windows, progress=False)
+
+
+@pytest.mark.slow
+def test_default_model_streamed_equals_resident(tmp_path: Path) -> None:
+    """smollm2-135m at ratio 0.2: the streamed path's factors and wiki perplexity are bit-identical."""
+    from welore.data import load_text, token_windows
+
+    try:
+        resident = load_model("smollm2-135m")
+    except WeloreError as err:
+        pytest.skip(str(err))
+    streamed = load_model("smollm2-135m", max_memory="4GB")
+    assert isinstance(block_access(streamed.model), StreamedBlocks)
+    windows = token_windows(resident.tokenizer, load_text("wiki", split="eval"), 256, 2048)
+    config = CompressConfig(ratio=0.2, method="welore")
+    reports = {}
+    for kind, loaded in (("resident", resident), ("streamed", streamed)):
+        reports[kind] = compress_(loaded.model, config, progress=False)
+        save(loaded.model, tmp_path / kind)
+    assert reports["streamed"].plan == reports["resident"].plan
+    assert block_access(streamed.model).max_resident == 1
+    _assert_identical(_tensors(tmp_path / "resident"), _tensors(tmp_path / "streamed"))
+    ppl = perplexity(resident.model, windows, progress=False)
+    assert perplexity(streamed.model, windows, progress=False) == ppl
+    assert perplexity(load(tmp_path / "streamed", stream=True), windows, progress=False) == ppl
+
+
+def test_process_peak_memory_survives_peak_memory_reset() -> None:
+    from welore.evaluate import PeakMemory, _proc_status_kb, process_peak_memory
+
+    with PeakMemory():  # start from a reset peak
+        pass
+    before = _proc_status_kb("VmRSS") * 1024
+    big = torch.ones(25_000_000)  # 100 MB, every page touched
+    del big
+    with PeakMemory():  # resets the kernel's peak (VmHWM) to the current, smaller RSS
+        pass
+    assert process_peak_memory()["rss"] >= before + 0.9 * 100e6

@@ -46,6 +46,7 @@ from welore.stream import (
     ShardWriter,
     TensorFiles,
     block_access,
+    should_stream,
     stream_,
 )
 from welore.stream import WEIGHTS as WEIGHTS  # the single-file name, re-exported
@@ -248,18 +249,21 @@ def _skeleton_types(model: PreTrainedModel) -> dict[str, type]:
 
 
 def export_dense(
-    path: str | Path, out: str | Path, overwrite: bool = False, stream: bool = False, max_shard_bytes: int | None = None,
-    budget: int | None = None,
+    path: str | Path, out: str | Path, overwrite: bool = False, stream: bool | None = None,
+    max_shard_bytes: int | None = None, budget: int | None = None,
 ) -> Path:
     """Write checkpoint `path` as a plain transformers folder that `from_pretrained` loads.
 
     The folder holds what `save_pretrained` writes (config, generation config, weights in
     shards of at most `max_shard_bytes` plus their index, tied weights stored once). Blocks are
     multiplied back and written one at a time; with `stream=True` each is also read from `path`
-    only then, so the whole model is never in memory.
+    only then, so the whole model is never in memory (within `budget` bytes, if given). By
+    default it streams when a `budget` is given or the checkpoint would not fit in memory.
     """
     check_output_dir(out, overwrite)
-    model = load(path, stream=stream)
+    if stream is None:
+        stream = should_stream(Path(path), None, budget)
+    model = load(path, stream=stream, budget=budget)
     access = block_access(model)
     skeleton = _skeleton_types(model)
     densify_(model, skeleton, skip=access.list_name if access.streamed else None)  # streamed: outside the blocks

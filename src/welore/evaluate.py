@@ -352,6 +352,31 @@ def _lifetime_max_rss() -> int | None:
     return int(max_rss) if sys.platform == "darwin" else int(max_rss) * 1024  # bytes on macOS, kB elsewhere
 
 
+_peaks_before_reset: dict[str, int] = {}  # highest peak seen per watched memory before PeakMemory reset it
+
+
+def _remember_peak(key: str, value: int | None) -> None:
+    if value is not None:
+        _peaks_before_reset[key] = max(_peaks_before_reset.get(key, 0), value)
+
+
+def process_peak_memory() -> dict[str, int]:
+    """The process's peak memory so far, in bytes: "rss" (resident set size, also across the
+    resets `PeakMemory` makes) and, once CUDA was used, "cuda:N" (memory allocated by torch)."""
+    hwm_kb = _proc_status_kb("VmHWM")
+    rss = hwm_kb * 1024 if hwm_kb is not None else _lifetime_max_rss()
+    peaks = {}
+    if rss is not None:
+        peaks["rss"] = max(rss, _peaks_before_reset.get("rss", 0))
+    if "torch" in sys.modules and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            key = f"cuda:{index}"
+            peak = max(torch.cuda.max_memory_allocated(index), _peaks_before_reset.get(key, 0))
+            if peak:
+                peaks[key] = peak
+    return peaks
+
+
 class PeakMemory:
     """Context manager measuring peak memory inside its block, above the level at entry.
 
@@ -380,9 +405,12 @@ class PeakMemory:
             device = self.device if self.device.index is not None else torch.device("cuda", torch.cuda.current_device())
             self.device = device
             torch.cuda.synchronize(device)
+            _remember_peak(str(device), torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
             self.baseline_bytes = torch.cuda.memory_allocated(device)
             return self
+        hwm_kb = _proc_status_kb("VmHWM")
+        _remember_peak("rss", hwm_kb * 1024 if hwm_kb is not None else None)
         reset = _reset_peak_rss()
         rss_kb = _proc_status_kb("VmRSS")
         if rss_kb is not None:

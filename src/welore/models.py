@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from welore._io import atomic_dir, cache_dir
 from welore.checkpoint import empty_model, is_checkpoint, load
 from welore.errors import WeloreError
-from welore.stream import TensorFiles, available_memory, format_bytes, parse_memory, stream_
+from welore.stream import parse_memory, should_stream, stream_
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,12 @@ class LoadOptions:
     and an option of those commands (`welore.options`)."""
 
     dtype: str = "float32"  # weights' dtype: float32, bfloat16, float16, or auto (as the source stores them)
+    max_memory: str | None = None  # memory budget, e.g. 4GB or 4GiB: read the decoder blocks from disk one at a time (automatic when the model would not fit in memory)
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
+        if self.max_memory is not None:
+            parse_memory(self.max_memory)
 
 
 def parse_dtype(dtype: str | None) -> torch.dtype | None:
@@ -142,23 +145,6 @@ def _pretrained(source: str | Path, dtype: torch.dtype | None) -> PreTrainedMode
         raise WeloreError(f"Cannot load a causal language model from {source} ({str(err).splitlines()[0]}); check the name or folder.") from None
 
 
-def _should_stream(path: Path, dtype: torch.dtype | None, budget: int | None) -> bool:
-    """Stream a folder's blocks when the user stated a budget, or when its weights (in `dtype`)
-    exceed the memory the system has available."""
-    if budget is not None:
-        return True
-    available = available_memory()
-    try:
-        size = TensorFiles(path).nbytes(dtype=dtype)
-    except WeloreError:
-        return False  # no safetensors weights (e.g. *.bin only): load it whole
-    if available is not None and size > available:
-        log.warning("%s needs %s in memory but %s is available: reading its decoder blocks one at a time",
-                    path, format_bytes(size), format_bytes(available))
-        return True
-    return False
-
-
 def _streamed(path: Path, dtype: torch.dtype | None, budget: int | None, device: str | None) -> PreTrainedModel:
     """The folder's model with only the weights outside its decoder blocks in memory."""
     if is_checkpoint(path):
@@ -185,7 +171,7 @@ def load_model(
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS:
         path = builtin_model_dir(spec)
-    if path.is_dir() and _should_stream(path, weights_dtype, budget):
+    if path.is_dir() and should_stream(path, weights_dtype, budget):
         model = _streamed(path, weights_dtype, budget, device)
         model.eval()
         return LoadedModel(model=model, tokenizer=_tokenizer(path), name=spec, path=path)

@@ -402,6 +402,23 @@ def available_memory() -> int | None:
     return None
 
 
+def should_stream(folder: Path, dtype: torch.dtype | None, budget: int | None) -> bool:
+    """Stream a folder's blocks when the user stated a budget, or when its weights (in `dtype`)
+    exceed the memory the system has available."""
+    if budget is not None:
+        return True
+    available = available_memory()
+    try:
+        size = TensorFiles(folder).nbytes(dtype=dtype)
+    except WeloreError:
+        return False  # no safetensors weights (e.g. *.bin only): load it whole
+    if available is not None and size > available:
+        log.warning("%s needs %s in memory but %s is available: reading its decoder blocks one at a time",
+                    folder, format_bytes(size), format_bytes(available))
+        return True
+    return False
+
+
 def _tensor_names(module: nn.Module) -> list[str]:
     """Names of a module's parameters and persistent buffers (what a state dict holds)."""
     return list(module.state_dict(keep_vars=True))

@@ -229,6 +229,11 @@ def run_tasks(
         raise WeloreError(f"Batch size must be at least 1, got {batch_size!r}.")
     if tokenizer is None:
         raise WeloreError("Task evaluation needs the model's tokenizer; pass a model folder that includes one.")
+    from welore.stream import is_streamed
+
+    if is_streamed(model):
+        raise WeloreError("lm-eval tasks need the whole model in memory, but this one reads its decoder blocks from disk "
+                          "one at a time; drop --tasks or --max-memory.")
     lm_eval = _import_lm_eval("tasks", "models.huggingface", "evaluator")
     tasks = list(dict.fromkeys(tasks))  # each task once, in the order given
     manager = _task_manager(tasks, folder)

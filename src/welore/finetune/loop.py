@@ -111,6 +111,11 @@ def finetune(
     The model is trained in place, except that LoRA wraps it (the result holds the model).
     """
     config = config or FinetuneConfig()
+    from welore.stream import is_streamed
+
+    if is_streamed(model):
+        raise WeloreError("Fine-tuning needs the whole model in memory, but this one reads its decoder blocks from disk "
+                          "one at a time; load it without --max-memory (on a machine with room for it).")
     out = Path(out) if out is not None else None
     check_precision(config.precision)
     check_output(out, config, overwrite, resume)

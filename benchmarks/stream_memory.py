@@ -1,0 +1,216 @@
+"""Peak resident memory of compress / analyze / evaluate / export, whole model vs one block at a time.
+
+Every job runs in its own process (so each peak is that job's alone) and reports the process's
+peak resident set size (VmHWM), its time, and a digest of what it produced (the saved
+factors' bytes, the perplexity), so the resident and streamed runs are compared side by side
+in one run and checked to give identical results. Next to each streamed peak stands the
+peak-memory law of the README:
+
+    peak ≈ P (python + torch + welore, measured by an empty job)
+         + W_out (weights outside the decoder blocks: embeddings, final norm, LM head)
+         + 2·W_block (the block being processed and its factorized / working copy)
+         + N·T·d·b (hidden states of all N windows of T tokens; b bytes per value)
+         + S (XᵀX statistics of one block, float64: Σ over its distinct inputs of in²·8; calibration only)
+         + L (one batch's logits and their float32 log-probabilities, 2·B·T·V·4; perplexity only)
+
+    python benchmarks/stream_memory.py                     # SmolLM2-135M (float32), writes docs/benchmarks.md
+    python benchmarks/stream_memory.py --model DIR --dtype bfloat16 --section stream-memory-1b --jobs ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_section  # noqa: E402
+
+JOBS = ("baseline", "compress-svd", "compress-whiten-seq", "analyze", "evaluate", "export")
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _digest(folder: Path) -> str:
+    from welore.stream import TensorFiles
+
+    files = TensorFiles(folder)
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(files.files):
+        tensor = files.read([name])[name]
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def child(args: argparse.Namespace) -> dict:
+    """Run one job in this process; return its peak RSS, time and result digest."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from welore.checkpoint import export_dense, save
+    from welore.compress import CompressConfig, compress_
+    from welore.data import load_text, token_windows
+    from welore.evaluate import perplexity
+    from welore.models import load_model
+
+    max_memory = args.max_memory if args.streamed else None
+    start = time.perf_counter()
+    result: dict = {}
+    out = Path(args.work) / f"{args.job}-{'streamed' if args.streamed else 'resident'}"
+    if args.job == "baseline":
+        import welore.analyze  # noqa: F401  (everything a job imports, nothing loaded)
+    elif args.job == "export":
+        export_dense(Path(args.work) / "compress-svd-resident", out, stream=args.streamed)
+        result["digest"] = _digest(out)
+    else:
+        loaded = load_model(args.model, dtype=args.dtype, max_memory=max_memory)
+        if args.job == "compress-svd":
+            compress_(loaded.model, CompressConfig(ratio=args.ratio, method="welore"), progress=False)
+            save(loaded.model, out)
+            result["digest"] = _digest(out)
+        elif args.job == "compress-whiten-seq":
+            windows = token_windows(loaded.tokenizer, load_text("wiki", split="calib"), args.seq_len, args.calib_tokens)
+            config = CompressConfig(ratio=args.ratio, method="welore", factorizer="whiten", sequential=True,
+                                    calib="wiki", calib_tokens=windows.numel())
+            compress_(loaded.model, config, calibration=windows, progress=False)
+            save(loaded.model, out)
+            result["digest"] = _digest(out)
+            result["tokens"] = windows.numel()
+        elif args.job == "analyze":
+            from welore.analyze import analyze
+
+            analysis = analyze(loaded.model, ratio=args.ratio, progress=False)
+            result["digest"] = hashlib.blake2b(
+                b"".join(s.numpy().tobytes() for s in analysis.spectra.values()), digest_size=8).hexdigest()
+        elif args.job == "evaluate":
+            windows = token_windows(loaded.tokenizer, load_text("wiki", split="eval"), args.seq_len, args.eval_tokens)
+            ppl, _ = perplexity(loaded.model, windows, progress=False)
+            result["digest"] = f"ppl {ppl!r}"
+            result["tokens"] = windows.numel()
+    result.update(seconds=time.perf_counter() - start, peak_rss=_peak_rss())
+    return result
+
+
+def law(args: argparse.Namespace, tokens: int, job: str, base: int) -> dict[str, int]:
+    """The README's peak-memory law for `job`, term by term, in bytes."""
+    import torch
+
+    from welore.models import DTYPES, builtin_model_dir
+    from welore.stream import StreamedBlocks, TensorFiles, decoder_blocks
+
+    folder = builtin_model_dir(args.model) if not Path(args.model).is_dir() else Path(args.model)
+    config = json.loads((folder / "config.json").read_text())
+    dtype = DTYPES.get(args.dtype, torch.float32)
+    files = TensorFiles(folder)
+    from welore.checkpoint import empty_model
+
+    skeleton = empty_model(folder, dtype)
+    access = StreamedBlocks(skeleton, files)
+    d, mlp, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    _, blocks = decoder_blocks(skeleton)
+    terms = {"P": base, "W_out": access.outside_bytes, "2·W_block": 2 * access.block_bytes}
+    if job in ("compress-whiten-seq", "evaluate"):
+        terms["N·T·d·b"] = tokens * d * dtype.itemsize
+    if job == "compress-whiten-seq":
+        terms["S"] = (3 * d * d + mlp * mlp) * 8  # q/k/v, o, gate/up and down inputs
+    if job == "evaluate":
+        terms["L"] = 2 * args.batch_size * args.seq_len * vocab * 4
+    del blocks
+    return terms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name or model folder (safetensors)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--max-memory", default="4GB", help="the budget given to the streamed runs (default 4GB)")
+    parser.add_argument("--calib-tokens", type=int, nargs="+", default=[2048, 8192], help="calibration token counts to measure")
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
+    parser.add_argument("--section", default="stream-memory", help="section of docs/benchmarks.md to write")
+    parser.add_argument("--json", default="docs/stream_memory.json", help="raw results (default docs/stream_memory.json)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--streamed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    command = "python benchmarks/stream_memory.py " + " ".join(sys.argv[1:])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stream-memory-") as work:
+        def run(job: str, streamed: bool, **extra) -> dict:
+            cmd = [sys.executable, __file__, "--child", "1", "--job", job, "--work", work, "--model", args.model,
+                   "--dtype", args.dtype, "--ratio", str(args.ratio), "--max-memory", args.max_memory,
+                   "--eval-tokens", str(args.eval_tokens), "--seq-len", str(args.seq_len),
+                   "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+            cmd += ["--calib-tokens", str(extra.get("calib_tokens", args.calib_tokens[0]))]
+            if streamed:
+                cmd.append("--streamed")
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"{job} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            print(job, "streamed" if streamed else "resident", extra, result, flush=True)
+            return result
+
+        base = run("baseline", False)["peak_rss"]
+        jobs = [j for j in args.jobs if j != "baseline"]
+        if "export" in jobs and "compress-svd" not in jobs:
+            jobs.insert(0, "compress-svd")
+        for job in jobs:
+            sizes = args.calib_tokens if job == "compress-whiten-seq" else [None]
+            for calib_tokens in sizes:
+                extra = {"calib_tokens": calib_tokens} if calib_tokens else {}
+                pair = {kind: run(job, kind == "streamed", **extra) for kind in ("resident", "streamed")}
+                tokens = pair["streamed"].get("tokens", 0)
+                terms = law(args, tokens, job, base)
+                rows.append({"job": job, "tokens": tokens, "resident": pair["resident"], "streamed": pair["streamed"],
+                             "identical": pair["resident"].get("digest") == pair["streamed"].get("digest"),
+                             "law": terms, "predicted": sum(terms.values())})
+    Path(args.json).write_text(json.dumps({"command": command, "machine": machine(), "baseline_rss": base,
+                                           "rows": rows}, indent=2) + "\n")
+    gb = 1e9
+    lines = [
+        f"Peak resident memory (VmHWM of the job's own process) of {args.model} ({args.dtype}), whole model "
+        f"vs `max_memory={args.max_memory}` (one decoder block at a time), ratio {args.ratio}; "
+        f"an empty job (python + torch + welore imported) peaks at {base / gb:.2f} GB. "
+        "`law` is the README's peak-memory law for the streamed run; `identical` compares the saved "
+        "factors' bytes (or the perplexity) of the two runs.",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}",
+        "",
+        "| job | tokens | resident peak | streamed peak | streamed / resident | law (streamed) | law terms (GB) | time resident → streamed | identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r, s = row["resident"], row["streamed"]
+        terms = ", ".join(f"{k} {v / gb:.3f}" for k, v in row["law"].items())
+        lines.append(
+            f"| {row['job']} | {row['tokens'] or '-'} | {r['peak_rss'] / gb:.2f} GB | {s['peak_rss'] / gb:.2f} GB | "
+            f"{s['peak_rss'] / r['peak_rss']:.2f}× | {row['predicted'] / gb:.2f} GB | {terms} | "
+            f"{r['seconds']:.0f} s → {s['seconds']:.0f} s | {'yes' if row['identical'] else 'NO'} |"
+        )
+    write_section(args.section, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
