@@ -208,3 +208,53 @@ def test_process_peak_memory_survives_peak_memory_reset() -> None:
     with PeakMemory():  # resets the kernel's peak (VmHWM) to the current, smaller RSS
         pass
     assert process_peak_memory()["rss"] >= before + 0.9 * 100e6
+
+
+# --- the CLI: --max-memory and the peak-memory line -----------------------------------------
+
+CLI_CALIB = ["--calib-tokens", "256", "--calib-seq-len", "32"]
+CLI_EVAL = ["--seq-len", "32", "--max-tokens", "256", "--no-speed", "--batch-size", "4"]
+
+
+def _cli(capsys: pytest.CaptureFixture, *argv) -> tuple[int, str, str]:
+    from welore.cli import main
+
+    code = main([argv[0], "-q", *map(str, argv[1:])])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("extra", [[], ["--factorizer", "whiten", "--sequential"]], ids=["svd", "whiten-seq"])
+def test_cli_max_memory_gives_the_same_checkpoint(capsys, tmp_path: Path, cli_model_dir: Path,
+                                                  english_text_file: Path, extra: list[str]) -> None:
+    calib = ["--calib", english_text_file, *CLI_CALIB] if extra else []
+    for kind, budget in (("resident", []), ("streamed", ["--max-memory", "1GiB"])):
+        code, out, err = _cli(capsys, "compress", cli_model_dir, "--ratio", "0.3", *extra, *calib,
+                              "--out", tmp_path / kind, *budget)
+        assert code == 0, err
+        assert out.strip().splitlines()[-1].startswith("peak memory: ") and " resident" in out
+    assert (tmp_path / "streamed" / INDEX).is_file()  # written block by block
+    _assert_identical(_tensors(tmp_path / "resident"), _tensors(tmp_path / "streamed"))
+    ppl = {}
+    for kind, budget in (("resident", []), ("streamed", ["--max-memory", "1GiB"])):
+        report = tmp_path / f"{kind}.json"
+        code, out, err = _cli(capsys, "evaluate", tmp_path / "resident", "--text", english_text_file, *CLI_EVAL,
+                              "--json", report, *budget)
+        assert code == 0, err
+        assert "peak memory: " in out
+        ppl[kind] = json.loads(report.read_text())["results"][str(tmp_path / "resident")]["perplexity"]
+    assert ppl["streamed"] == ppl["resident"]
+    code, out, err = _cli(capsys, "export", tmp_path / "streamed", "--dense", tmp_path / "dense", "--max-memory", "1GB")
+    assert code == 0, err
+    assert "peak memory: " in out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "dense") is not None
+
+
+def test_cli_max_memory_errors(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
+    code, out, err = _cli(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--out", tmp_path / "x", "--max-memory", "lots")
+    assert code == 2 and err.startswith("welore: error: --max-memory 'lots' is not a memory size") and "Traceback" not in err
+    code, out, err = _cli(capsys, "analyze", cli_model_dir, "--max-memory", "1kB")
+    assert code == 2 and "below what one block at a time needs" in err and "Traceback" not in err
+    code, out, err = _cli(capsys, "analyze", cli_model_dir, "--max-memory", "1GB")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("peak memory: ")

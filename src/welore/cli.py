@@ -147,8 +147,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a welore checkpoint as a plain dense transformers folder (factors multiplied back)."""
     from welore.checkpoint import export_dense
+    from welore.models import LoadOptions
+    from welore.stream import parse_memory
 
-    export_dense(args.checkpoint, args.dense, overwrite=args.overwrite)
+    options = from_args(LoadOptions, args)
+    budget = parse_memory(options.max_memory) if options.max_memory is not None else None
+    export_dense(args.checkpoint, args.dense, overwrite=args.overwrite, budget=budget)
     print(f"wrote {args.dense}/ (loads with transformers' AutoModelForCausalLM.from_pretrained)")
 
 
@@ -348,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a welore checkpoint folder")
     p.add_argument("--dense", required=True, help="folder for the plain transformers model")
     p.add_argument("--overwrite", action="store_true", help="replace --dense if it exists")
+    add_options(p.add_argument_group("model loading"), LoadOptions, only=["max_memory"])
 
     p = command("evaluate", cmd_evaluate)
     p.add_argument("model", help=MODEL_HELP)
@@ -397,7 +402,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("welore: interrupted; nothing partial was left behind.", file=sys.stderr)
         return 130
+    print(_peak_memory_line())
     return 0
+
+
+def _peak_memory_line() -> str:
+    """The process's peak resident memory (and GPU memory, where used) over the whole command."""
+    from welore.evaluate import process_peak_memory
+    from welore.stream import format_bytes
+
+    peaks = process_peak_memory()
+    parts = [f"{format_bytes(peaks.pop('rss'))} resident"] if "rss" in peaks else []
+    parts += [f"{format_bytes(v)} on {k}" for k, v in peaks.items()]
+    return f"peak memory: {', '.join(parts) or 'not measurable here'}"
 
 
 if __name__ == "__main__":

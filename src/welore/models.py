@@ -61,7 +61,10 @@ class LoadOptions:
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
         if self.max_memory is not None:
-            parse_memory(self.max_memory)
+            try:
+                parse_memory(self.max_memory)
+            except WeloreError:
+                raise WeloreError(f"--max-memory {self.max_memory!r} is not a memory size; write e.g. 4GB, 4GiB or 512MB.") from None
 
 
 def parse_dtype(dtype: str | None) -> torch.dtype | None:
