@@ -13,7 +13,7 @@ import torch
 
 from welore.calibrate import InputStats
 from welore.errors import WeloreError
-from welore.factorize import ASVD, FACTORIZERS, Whiten, svd_factors, whitening
+from welore.factorize import ASVD, FACTORIZERS, GRAM_MIN_RELATIVE_SIGMA, Whiten, svd_factors, top_factors, whitening
 
 OUT, IN, TOKENS = 24, 16, 200
 
@@ -185,3 +185,93 @@ def test_asvd_checks_alpha() -> None:
     assert ASVD(alpha=1.0).alpha == 1.0
     with pytest.raises(WeloreError, match="alpha"):
         ASVD(alpha=-0.5)
+
+
+# --- top_factors: the top-r triplets from the Gram matrix, with a full-SVD fallback -----------
+
+
+def with_spectrum(rows: int, cols: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A (rows, cols) float64 matrix U·diag(σ)·Vᵀ with random orthonormal U, V."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=generator, dtype=torch.float64))  # (rows, k)
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=generator, dtype=torch.float64))  # (cols, k)
+    return (u * sigma) @ v.T
+
+
+def truncated(a: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-r truncated SVD of a, by the full float64 SVD."""
+    u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+class SVDCalls:
+    """Counts the full SVDs `top_factors` falls back to."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = torch.linalg.svd
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, "svd", counted)
+
+
+SHAPES = [(48, 48), (72, 30), (30, 72)]  # square, tall, wide
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rank", [1, 7, 29])
+def test_top_factors_match_the_truncated_svd_on_well_conditioned_matrices(
+    shape: tuple[int, int], rank: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k = min(shape)
+    a = with_spectrum(*shape, torch.logspace(0, -2, k, dtype=torch.float64))  # σ from 1 to 0.01
+    calls = SVDCalls(monkeypatch)
+    up, down = top_factors(a, rank)
+    assert calls.count == 0  # the Gram route, no SVD
+    assert up.shape == (shape[0], rank) and down.shape == (rank, shape[1]) and up.dtype == torch.float64
+    reference = truncated(a, rank)
+    assert (up @ down - reference).norm() / reference.norm() < 1e-12
+    # balanced: the columns of up and the rows of down both have norm √σ_j
+    sigma = torch.linalg.svdvals(a)[:rank]
+    assert torch.allclose(up.norm(dim=0), sigma.sqrt(), rtol=1e-10)
+    assert torch.allclose(down.norm(dim=1), sigma.sqrt(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_top_factors_stay_accurate_on_ill_conditioned_matrices(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """σ from 1 to 1e-14: cuts above the threshold take the Gram route, cuts below the full SVD;
+    both give the truncated SVD's product to a relative error far below float32 round-off."""
+    k = min(shape)
+    sigma = torch.logspace(0, -14, k, dtype=torch.float64)
+    a = with_spectrum(*shape, sigma, seed=3)
+    for rank in range(1, k + 1, 4):
+        calls = SVDCalls(monkeypatch)
+        up, down = top_factors(a, rank)
+        assert calls.count == (0 if sigma[rank - 1] >= GRAM_MIN_RELATIVE_SIGMA else 1), rank
+        reference = truncated(a, rank)
+        assert (up @ down - reference).norm() / reference.norm() < 1e-9, rank
+
+
+def test_top_factors_fall_back_for_a_rank_deficient_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = with_spectrum(30, 20, torch.tensor([3.0, 2.0, 1.0] + [0.0] * 17, dtype=torch.float64))
+    calls = SVDCalls(monkeypatch)
+    up, down = top_factors(a, 3)
+    assert calls.count == 0 and torch.allclose(up @ down, a, atol=1e-12)
+    up, down = top_factors(a, 5)  # σ_5 = 0: nothing to divide by on the Gram route
+    assert calls.count == 1 and torch.isfinite(up).all() and torch.isfinite(down).all()
+    assert torch.allclose(up @ down, a, atol=1e-12)
+
+
+def test_top_factors_of_a_float32_matrix_beat_float32_svd() -> None:
+    """The svd factorizer used to take a float32 SVD; the float64 Gram route is closer to the
+    exact truncation of the stored float32 weight."""
+    a = with_spectrum(64, 40, torch.logspace(0, -3, 40, dtype=torch.float64), seed=5).float()
+    reference = truncated(a, 12)
+    ours = torch.matmul(*svd_factors(a, 12)).double()
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)  # float32
+    old = ((u[:, :12] * s[:12]) @ vh[:12]).double()
+    assert (ours - reference).norm() <= (old - reference).norm() * 1.01
