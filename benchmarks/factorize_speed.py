@@ -18,8 +18,8 @@ import argparse
 import time
 
 import torch
-from threadpoolctl import threadpool_limits
 from _common import machine, write_section
+from threadpoolctl import threadpool_limits
 
 from welore.factorize import top_factors
 
@@ -94,7 +94,7 @@ def main() -> None:
             best = {name: (float("inf"), float("inf")) for name in methods}
             for _ in range(args.repeats):  # the methods alternate
                 for name, fn in methods.items():
-                    wall, cpu = timed(lambda fn=fn: fn(w, rank))
+                    wall, cpu = timed(lambda fn=fn, w=w, rank=rank: fn(w, rank))
                     best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
             up, down = top_factors(w, rank)
             reference = torch.matmul(*full_svd(w.double(), rank))

@@ -13,7 +13,15 @@ import torch
 
 from welore.calibrate import InputStats
 from welore.errors import WeloreError
-from welore.factorize import ASVD, FACTORIZERS, GRAM_MIN_RELATIVE_SIGMA, Whiten, svd_factors, top_factors, whitening
+from welore.factorize import (
+    ASVD,
+    FACTORIZERS,
+    GRAM_MIN_RELATIVE_SIGMA,
+    Whiten,
+    svd_factors,
+    top_factors,
+    whitening,
+)
 
 OUT, IN, TOKENS = 24, 16, 200
 
