@@ -333,3 +333,59 @@ def test_load_without_plan(saved) -> None:
     (path / "rank_plan.json").unlink()
     with pytest.raises(WeloreError):
         load(path)
+
+
+# --- versioned files: one clear sentence for a missing, mistyped or newer version ----------------
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.pop("format_version"), "has no 'format_version'"),
+    (lambda d: d.update(format_version="1"), "not an integer"),
+    (lambda d: d.update(format_version=None), "not an integer"),
+    (lambda d: d["compress_config"].update(version=99), "newer than this welore reads"),
+    (lambda d: d["compress_config"].pop("version"), "has no 'version'"),
+    (lambda d: d["compress_config"].update(ratio="a lot"), "wrong type"),
+])
+def test_checkpoint_versions_are_checked(tmp_path: Path, edit, match) -> None:
+    model = build_tiny("llama")
+    compress_(model, CompressConfig(ratio=0.2), progress=False)
+    path = save(model, tmp_path / "ckpt")
+    _edit_json(path / "welore.json", edit)
+    with pytest.raises(WeloreError, match=match):
+        load(path)
+
+
+def test_unknown_keys_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = build_tiny("llama")
+    compress_(model, CompressConfig(ratio=0.2), progress=False)
+    path = save(model, tmp_path / "ckpt")
+    _edit_json(path / "welore.json", lambda d: (d.update(extra=1), d["compress_config"].update(future_knob=3)))
+    _edit_json(path / "rank_plan.json", lambda d: d.update(notes="hand edit"))
+    with caplog.at_level("WARNING", logger="welore.versioned"):
+        load(path)
+    text = caplog.text
+    assert "extra" in text and "future_knob" in text and "notes" in text
+
+
+def test_a_checkpoint_of_a_replayed_plan_written_before_method_none_loads(tmp_path: Path) -> None:
+    """Checkpoints written by earlier code recorded a replayed plan as method "plan"."""
+    model = build_tiny("llama")
+    report = compress_(model, CompressConfig(ratio=0.2), progress=False)
+    replayed = build_tiny("llama")
+    compress_(replayed, CompressConfig(method=None), plan=report.plan, progress=False)
+    path = save(replayed, tmp_path / "ckpt")
+    assert json.loads((path / "welore.json").read_text())["compress_config"]["method"] is None
+    _edit_json(path / "welore.json", lambda d: d["compress_config"].update(method="plan"))
+    loaded = load(path)
+    assert loaded.welore_config.method is None and loaded.welore_plan.ranks == report.plan.ranks
+
+
+def test_a_checkpoint_written_by_welore_0_1_0_still_loads() -> None:
+    """tests/data/checkpoint-0.1.0 was written by welore 0.1.0 (commit aa9fde7: a tiny LLaMA
+    compressed by replaying a welore plan, recorded then as method "plan"); its logits were
+    saved beside it by that code."""
+    data = Path(__file__).parent / "data"
+    model = load(data / "checkpoint-0.1.0")
+    expected = torch.load(data / "checkpoint-0.1.0-logits.pt", weights_only=True)
+    torch.testing.assert_close(logits_of(model, token_ids()), expected)
+    assert model.welore_config.method is None and model.welore_plan.method == "welore"

@@ -139,3 +139,28 @@ def test_a_field_without_a_command_line_form_is_a_bug() -> None:
 def test_configs_check_their_values(cls, kwargs, match) -> None:
     with pytest.raises(WeloreError, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d.pop("version"), "has no 'version'"),
+    (lambda d: d.update(version=2.0), "not an integer"),
+    (lambda d: d.update(version=FinetuneConfig().version + 1), "newer than this welore reads"),
+    (lambda d: d.update(steps="many"), "bad value: --steps must be a positive integer, got .many."),
+    (lambda d: d.update(lr="fast"), "wrong type"),
+    (lambda d: d.update(steps=0), "bad value: --steps must be a positive integer"),
+])
+def test_finetune_config_file_errors_are_one_sentence(edit, match) -> None:
+    data = FinetuneConfig(mode="full").to_dict()
+    edit(data)
+    with pytest.raises(WeloreError, match=match):
+        FinetuneConfig.from_dict(data)
+
+
+def test_configs_round_trip_and_report_unknown_keys(caplog: pytest.LogCaptureFixture) -> None:
+    config = FinetuneConfig(mode="lora", betas=(0.8, 0.9), lora_targets=["*.q_proj"])
+    assert FinetuneConfig.from_dict(config.to_dict()) == config
+    compress = CompressConfig(ratio=0.2, factorizer="whiten", calib="wiki", sequential=True)
+    assert CompressConfig.from_dict(compress.to_dict()) == compress
+    with caplog.at_level("WARNING", logger="welore.versioned"):
+        assert FinetuneConfig.from_dict({**config.to_dict(), "new_knob": 1}) == config
+    assert "new_knob" in caplog.text

@@ -50,11 +50,13 @@ from welore.stream import (
     stream_,
 )
 from welore.stream import WEIGHTS as WEIGHTS  # the single-file name, re-exported
+from welore.versioned import check_version, report_unknown
 
 log = logging.getLogger(__name__)
 
 FORMAT = "welore-checkpoint"
 FORMAT_VERSION = 1
+META_KEYS = ("format", "format_version", "welore_version", "source", "compress_config", "aliases", "achieved_ratio")  # save() writes
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -109,7 +111,7 @@ def save(
     plan: RankPlan | None = getattr(model, "welore_plan", None)
     if plan is None:
         raise WeloreError("This model was not compressed by welore (it has no rank plan); compress it first or use save_pretrained.")
-    config: CompressConfig = getattr(model, "welore_config", CompressConfig(method="plan"))
+    config: CompressConfig = getattr(model, "welore_config", CompressConfig(method=None))
     access = block_access(model)
     if max_shard_bytes is None:
         max_shard_bytes = 1 if access.streamed else DEFAULT_SHARD_BYTES
@@ -144,11 +146,10 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads((path / "welore.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WeloreError(f"{path / 'welore.json'} is unreadable ({err}); re-create the checkpoint.") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise WeloreError(f"{path / 'welore.json'} does not describe a welore checkpoint; re-create the checkpoint.")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise WeloreError(f"{path} has checkpoint format {meta['format_version']}, newer than this welore reads ({FORMAT_VERSION}); upgrade welore.")
-    return meta
+    check_version(meta, "format_version", FORMAT_VERSION, str(path / "welore.json"))
+    return report_unknown(meta, META_KEYS, str(path / "welore.json"))
 
 
 def empty_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -202,7 +203,8 @@ def load(
             model = model.to(dtype)
     model.eval()
     model.welore_plan = plan
-    model.welore_config = CompressConfig.from_dict(meta.get("compress_config", {}))
+    model.welore_config = CompressConfig.from_dict(meta.get("compress_config", {}),
+                                                   f"The compression config in {path / 'welore.json'}")
     model.welore_source = meta.get("source")
     return model
 

@@ -125,7 +125,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite)
     plan = RankPlan.load(args.plan) if args.plan else None
     if plan is not None:
-        config = from_args(CompressConfig, args, method="plan")
+        config = from_args(CompressConfig, args, method=None)  # the plan sets the ranks
     loaded = _load(args.model, args)
     calibration = calibration_windows(loaded.tokenizer, config, args.model)
     start = time.perf_counter()

@@ -17,7 +17,7 @@ nothing to read.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from welore.plan import POLICIES, RankPlan, allocate, check_ratio
 from welore.spectrum import check_finite, compute_spectra
 from welore.stream import block_access
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
+from welore.versioned import config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def _factorizers() -> list[str]:
 @dataclass
 class CompressConfig:
     ratio: float | None = None  # fraction of the target matrices' parameters to remove, in (0, 1)
-    method: str = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy (welore.plan.POLICIES)
+    method: str | None = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy (welore.plan.POLICIES); None when a given rank plan sets the ranks
     factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd (data-free), whiten (SVD-LLM) or asvd (activation-scaled); the last two need --calib
     targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # target modules by exact name, glob (*.q_proj) or re:regex; default: Linear layers in decoder blocks
     lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
@@ -59,7 +60,7 @@ class CompressConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.method not in POLICIES and self.method != "plan":
+        if self.method is not None and self.method not in POLICIES:
             raise WeloreError(f"Unknown method {self.method!r}; choose one of {', '.join(sorted(POLICIES))}.")
         if self.factorizer not in FACTORIZERS:
             raise WeloreError(f"Unknown factorizer {self.factorizer!r}; choose one of {', '.join(sorted(FACTORIZERS))}.")
@@ -75,9 +76,11 @@ class CompressConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> CompressConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: dict, what: str = "The compression config") -> CompressConfig:
+        """Read `to_dict` output back (version checked, unknown keys reported)."""
+        if isinstance(data, dict) and data.get("method") == "plan":  # how earlier versions recorded a replayed plan
+            data = {**data, "method": None}
+        return config_from_dict(cls, data, what, CONFIG_VERSION)
 
 
 @dataclass
@@ -97,6 +100,8 @@ def plan_ranks(model: nn.Module, config: CompressConfig, progress: bool = True) 
     """Decide every target matrix's rank with the configured policy (no weights change)."""
     if config.ratio is None:
         raise WeloreError("No ratio given; pass --ratio (e.g. 0.2) or a saved --plan.")
+    if config.method is None:
+        raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); pass --method or a saved --plan.")
     targets = find_targets(model, config.targets)
     spectra = block_spectra(model, targets, progress=progress)
     shapes = {n: matrix_shape(m) for n, m in targets.items()}
@@ -238,6 +243,8 @@ def compress_(
         raise WeloreError(f"The {config.factorizer} factorizer is data-free and uses no calibration text; drop --calib or choose whiten or asvd.")
     if config.sequential and not factorizer.needs_stats:
         raise WeloreError(f"Sequential calibration needs a data-aware factorizer, but {config.factorizer} uses no calibration text; drop --sequential or choose whiten or asvd.")
+    if plan is None and config.method is None:
+        raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); pass --method or a saved --plan.")
     before = count_parameters(model)
     with torch.no_grad():
         if plan is None and factorizer.needs_stats:

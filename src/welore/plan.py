@@ -35,8 +35,10 @@ import torch
 from welore._io import atomic_file
 from welore.errors import WeloreError
 from welore.spectrum import normalized
+from welore.versioned import check_version, report_unknown
 
 PLAN_FORMAT_VERSION = 1
+PLAN_KEYS = ("format", "version", "method", "requested_ratio", "achieved_ratio", "meta", "matrices")  # to_dict's
 
 Shape = tuple[int, int]  # (out_features, in_features)
 Policy = Callable[[dict[str, torch.Tensor], dict[str, Shape], float], dict[str, "int | None"]]
@@ -128,11 +130,8 @@ class RankPlan:
     def from_dict(cls, data: dict) -> RankPlan:
         if not isinstance(data, dict) or data.get("format") != "welore-rank-plan":
             raise WeloreError("This JSON is not a welore rank plan (no \"format\": \"welore-rank-plan\"); pass a plan written by welore.")
-        version = data.get("version", 0)
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise WeloreError(f"The rank plan's version {version!r} is not an integer; regenerate the plan with welore.")
-        if version > PLAN_FORMAT_VERSION:
-            raise WeloreError(f"The rank plan has format version {version}, newer than this welore understands ({PLAN_FORMAT_VERSION}); upgrade welore.")
+        check_version(data, "version", PLAN_FORMAT_VERSION, "The rank plan")
+        data = report_unknown(data, PLAN_KEYS, "The rank plan")
         matrices = data.get("matrices")
         if not isinstance(matrices, dict) or not matrices:
             raise WeloreError("The rank plan has no \"matrices\" object naming modules; regenerate it with welore.")

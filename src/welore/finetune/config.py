@@ -15,6 +15,7 @@ from torch import nn
 
 from welore.data import DEFAULT_TEXT
 from welore.errors import WeloreError
+from welore.versioned import config_from_dict
 
 CONFIG_VERSION = 1
 PRECISIONS = ("no", "bf16", "fp16")
@@ -125,9 +126,9 @@ class FinetuneConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: dict, what: str = "The fine-tuning config") -> FinetuneConfig:
+        """Read `to_dict` output back (version checked, unknown keys reported)."""
+        return config_from_dict(cls, data, what, CONFIG_VERSION)
 
 
 @dataclass
