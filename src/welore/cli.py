@@ -295,6 +295,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     loaded = _load(args.model, args)
     result = finetune(loaded.model, loaded.tokenizer, config, out=args.out, overwrite=args.overwrite,
                       resume=args.resume, source=args.model, progress=not args.quiet)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch, the main process reports
+        return
     print(f"{config.mode} fine-tuning with {config.optimizer} (lr {config.lr:g}) on {config.data}")
     print(result.summary())
     for point in result.history[1:-1]:

@@ -143,11 +143,13 @@ class FinetuneResult:
     val_ppl_before: float | None = None  # validation perplexity before the first step
     val_ppl_after: float | None = None  # and after the last
     history: list[dict] = field(default_factory=list)  # {"step", "val_ppl"} before, every eval_every, after
-    losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step
+    losses: list[float] = field(default_factory=list)  # mean training loss of each optimizer step, all processes
     train_seconds: float = 0.0  # wall time of this process's training steps (no evaluation, no saving)
     tokens_per_s: float | None = None  # training tokens per second of this run's steps
     peak_memory_bytes: int | None = None  # peak during training above the level before it (RSS / CUDA)
     total_peak_memory_bytes: int | None = None  # absolute peak during training
+    processes: int = 1  # processes that trained together (DDP under accelerate launch)
+    process_peak_memory_bytes: list[int | None] = field(default_factory=list)  # absolute peak of each process, 0 first
     resumed_from: int | None = None  # the step this run resumed from, if it did
     out: Path | None = None  # where the checkpoint was saved
 
@@ -169,5 +171,6 @@ class FinetuneResult:
             lines.append(f"validation perplexity: {self.val_ppl_before:.3f} -> {self.val_ppl_after:.3f}")
         if self.tokens_per_s is not None:
             memory = f", peak memory +{self.peak_memory_bytes / 1e6:.0f} MB" if self.peak_memory_bytes is not None else ""
-            lines.append(f"training speed: {self.tokens_per_s:.1f} tokens/s{memory}")
+            processes = f" ({self.processes} processes; memory of the main process)" if self.processes > 1 else ""
+            lines.append(f"training speed: {self.tokens_per_s:.1f} tokens/s{memory}{processes}")
         return "\n".join(lines)

@@ -1,11 +1,19 @@
 """`finetune(model, tokenizer, config)`: the training loop, run through `accelerate`.
 
 One loop for every mode and optimizer. It runs in one process on a CPU or GPU, and unchanged
-on several GPUs under `accelerate launch` (DDP): `Accelerator.prepare` wraps the model,
-optimizer, scheduler and data loader; gradient accumulation uses `accelerator.accumulate`.
-Per optimizer step: micro-batches forward/backward -> unscale -> `on_gradients(step, model)`
--> clip -> optimizer and scheduler step. Validation perplexity is measured before the first
-step, every `eval_every` steps and after the last.
+in several processes under `accelerate launch` (DDP, on GPUs or on CPUs with gloo):
+`Accelerator.prepare` wraps the model, optimizer, scheduler and data loader; gradient
+accumulation uses `accelerator.accumulate`. Per optimizer step: micro-batches forward/backward
+-> unscale -> `on_gradients(step, model)` -> clip -> optimizer and scheduler step. Validation
+perplexity is measured before the first step, every `eval_every` steps and after the last.
+
+Under P processes each optimizer step reads P x batch_size x grad_accum blocks of the one
+training stream (process p takes micro-batches p, p + P, ...), so a run with P processes
+follows the run of one process with P times the batch size: the same blocks per step, the
+same mean loss (reduced over processes), gradients averaged by DDP's all-reduce. GaLore and
+Fira see that all-reduced gradient in every process and compute the same projection, so the
+processes stay identical. Only the main process writes (checkpoints, the output folder); the
+others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -37,6 +46,7 @@ from welore.finetune.state import (
     latest_checkpoint,
     load_checkpoint,
     model_fingerprint,
+    rng_state,
     run_identity,
     save_checkpoint,
     start_run,
@@ -71,16 +81,31 @@ def check_output(out: Path | None, config: FinetuneConfig, overwrite: bool, resu
                           "or --overwrite to start over.")
 
 
-def _accelerator(config: FinetuneConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+def launched() -> bool:
+    """True in a process started by `accelerate launch` / torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != config.precision and PartialState().num_processes == 1:
-        # accelerate keeps its precision in a process-wide singleton; in one process (tests, a
-        # notebook, a benchmark) successive runs may differ, so start it afresh.
-        AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=config.precision, gradient_accumulation_steps=config.grad_accum)
+
+def _accelerator(config: FinetuneConfig, device: torch.device):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and not launched():
+        # accelerate keeps its state (precision, device) in a process-wide singleton; in one
+        # process (tests, a notebook, a benchmark) successive runs may differ, so start afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    # cpu=True is also what makes accelerate use gloo (MULTI_CPU) when launched without GPUs.
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=config.precision,
+                       gradient_accumulation_steps=config.grad_accum)
+
+
+def _default_device() -> torch.device:
+    """The accelerator when there is one (CUDA, then MPS), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def _evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
@@ -119,9 +144,11 @@ def finetune(
     out = Path(out) if out is not None else None
     check_precision(config.precision)
     check_output(out, config, overwrite, resume)
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
+    accelerator = _accelerator(config, _default_device())
+    world = accelerator.num_processes
     model_print = model_fingerprint(model) if out is not None else {}
     set_seed(config.seed)
     model = prepare_model(model, config)  # mode checks; LoRA wraps the model here
@@ -129,22 +156,22 @@ def finetune(
         blocks = make_blocks(tokenizer, config.data, config.seq_len, config.max_train_tokens, config.val_tokens,
                              config.val_fraction)
     run_dir = checkpoints_dir(out) if out is not None else None
-    identity = run_identity(config, model_print, blocks.fingerprint())
+    identity = run_identity(config, model_print, blocks.fingerprint(), processes=world)
     checkpoint = check_resumable(run_dir, identity) if resume else None
     trainable = mark_trainable_(model, config)
     optimizer = build_optimizer(model, trainable.matrices, trainable.names, config)
-
-    accelerator = _accelerator(config)
-    world = accelerator.num_processes
+    # An AcceleratedScheduler steps once per process at every optimizer step: hence `* world`.
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps * world, config.steps * world)
     per_step = config.batch_size * config.grad_accum * world  # blocks per optimizer step, all processes
     state = TrainingState()
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, trainable.names, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, trainable.names, optimizer, scheduler,
+                                rank=accelerator.process_index)
     else:
         state.history.append({"step": 0, "val_ppl": _evaluate(model, blocks.val, config.batch_size)})
         if run_dir is not None and config.save_every and accelerator.is_main_process:
             start_run(run_dir, identity)
+        accelerator.wait_for_everyone()
     stream = BlockStream(blocks.train, config.seed, start=state.items, stop=config.steps * per_step)
     # Its own generator: a DataLoader iterator otherwise draws a seed from torch's global RNG
     # when it starts, which a resumed run would do at another point of the RNG stream.
@@ -180,7 +207,8 @@ def finetune(
                     continue
                 state.step += 1
                 state.items += per_step
-                state.losses.append(torch.stack(micro_losses).float().mean().item())
+                loss = accelerator.reduce(torch.stack(micro_losses).float().mean(), reduction="mean")
+                state.losses.append(loss.item())  # the mean over all processes' blocks of the step
                 micro_losses = []
                 bar.update(1)
                 bar.set_postfix(loss=f"{state.losses[-1]:.3f}")
@@ -191,13 +219,15 @@ def finetune(
                     log.info("step %d: validation perplexity %.3f", state.step, ppl)
                     model.train()
                 if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
+                    rng_states = gather_object([rng_state()])  # every process's, process 0 first
                     if accelerator.is_main_process:
                         save_checkpoint(run_dir, state, accelerator.unwrap_model(model), trainable.names,
-                                        optimizer, scheduler)
+                                        optimizer, scheduler, rng_states)
                     accelerator.wait_for_everyone()
                 tick = time.perf_counter()
     finally:
         bar.close()
+    process_peaks = gather_object([memory.total_peak_bytes])
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     accelerator.free_memory()
     model.eval()
@@ -212,7 +242,7 @@ def finetune(
         val_ppl_after=state.history[-1]["val_ppl"], history=state.history, losses=state.losses,
         train_seconds=seconds, tokens_per_s=run_steps * per_step * config.seq_len / seconds if seconds else None,
         peak_memory_bytes=memory.peak_bytes, total_peak_memory_bytes=memory.total_peak_bytes,
-        resumed_from=resumed_from,
+        processes=world, process_peak_memory_bytes=process_peaks, resumed_from=resumed_from,
     )
     log.info("fine-tuning done: %s", result.summary().replace("\n", "; "))
     if out is not None:

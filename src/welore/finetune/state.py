@@ -7,9 +7,14 @@
             trainable.safetensors   the trainable parameters (frozen ones come from the model)
             optimizer.pt            the optimizer's state dict (tensors, numbers and strings only:
                                     read back with torch.load(..., weights_only=True))
-            rng.safetensors         torch's CPU (and CUDA) generator states
+            rng.safetensors         every process's torch CPU (and CUDA) generator states
             state.json              step, position in the data stream, losses, validation history,
-                                    the scheduler's state, python's and numpy's RNG states
+                                    the scheduler's state, every process's python and numpy RNG states
+
+Under several processes (DDP) only the main process writes; the other processes' RNG states
+reach it through the loop (`rng_state` in each, gathered), so a resumed run restores each
+process's own RNG streams. The number of processes is part of the run's identity: it sets the
+global batch, so a run resumes only under as many processes as it started with.
 
 A run folder exists only while a run is unfinished: it is removed once the final checkpoint
 is saved to OUT. `--resume` refuses a run folder whose run.json differs from the current run's.
@@ -35,7 +40,7 @@ from welore.finetune.config import FinetuneConfig
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "welore-finetune-run"
-RUN_VERSION = 1
+RUN_VERSION = 2  # 2: RNG states per process, the number of processes in run.json
 # Options that change neither the trained weights nor the data order: a resume may change them.
 _FREE_OPTIONS = ("eval_every", "save_every", "version")
 
@@ -56,15 +61,20 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     return prints
 
 
-def run_identity(config: FinetuneConfig, model_print: dict[str, str], data_print: str) -> dict:
+def run_identity(config: FinetuneConfig, model_print: dict[str, str], data_print: str, processes: int = 1) -> dict:
     options = {k: v for k, v in config.to_dict().items() if k not in _FREE_OPTIONS}
-    return {"format": RUN_FORMAT, "version": RUN_VERSION, "config": options, "model": model_print, "data": data_print}
+    return {"format": RUN_FORMAT, "version": RUN_VERSION, "config": options, "model": model_print, "data": data_print,
+            "processes": processes}
 
 
 def _difference(saved: dict, current: dict) -> str | None:
     """What differs between two run identities, in words, or None."""
     if saved.get("format") != RUN_FORMAT:
         return "its run.json is not a welore fine-tuning run"
+    if saved.get("version") != RUN_VERSION:
+        return f"its run.json is of version {saved.get('version')} and this welore writes version {RUN_VERSION}"
+    if saved.get("processes") != current["processes"]:
+        return f"the number of processes, {saved.get('processes')} vs {current['processes']},"
     for key, value in current["config"].items():
         if saved.get("config", {}).get(key) != value:
             return f"--{key.replace('_', '-')} {saved.get('config', {}).get(key)!r} vs {value!r}"
@@ -113,34 +123,53 @@ class TrainingState:
     history: list[dict] = field(default_factory=list)  # {"step", "val_ppl"}
 
 
-def _python_rng() -> list:
+def rng_state() -> dict:
+    """This process's RNG states: torch's CPU (and CUDA) generators, python's and numpy's."""
     version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _numpy_rng() -> list | None:
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss], "numpy": None}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
     except ImportError:
-        return None
+        return state
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("numpy") is not None:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def save_checkpoint(run_dir: Path, state: TrainingState, model: nn.Module, names: list[str],
-                    optimizer: torch.optim.Optimizer, scheduler) -> Path:
-    """Write checkpoint `step-N` atomically, then remove the older ones."""
+                    optimizer: torch.optim.Optimizer, scheduler, rng_states: list[dict]) -> Path:
+    """Write checkpoint `step-N` atomically, then remove the older ones (the main process only).
+
+    `rng_states` holds every process's `rng_state()`, process 0 first.
+    """
     params = dict(model.named_parameters())
     path = run_dir / f"step-{state.step:06d}"
     with atomic_dir(path, overwrite=True) as tmp:
         save_file({n: params[n].detach().contiguous().cpu() for n in names}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-        save_file(rng, str(tmp / "rng.safetensors"))
+        generators = {}
+        for rank, rng in enumerate(rng_states):
+            generators[f"rank{rank}.torch"] = rng["torch"]
+            generators |= {f"rank{rank}.cuda{i}": s for i, s in enumerate(rng.get("cuda", []))}
+        save_file(generators, str(tmp / "rng.safetensors"))
         payload = {"step": state.step, "items": state.items, "losses": state.losses, "history": state.history,
-                   "scheduler": scheduler.state_dict(), "python_rng": _python_rng(), "numpy_rng": _numpy_rng()}
+                   "scheduler": scheduler.state_dict(),
+                   "rng": [{"python": rng["python"], "numpy": rng["numpy"]} for rng in rng_states]}
         (tmp / "state.json").write_text(json.dumps(payload) + "\n")
     for old in run_dir.glob("step-*"):
         if old != path:
@@ -150,8 +179,8 @@ def save_checkpoint(run_dir: Path, state: TrainingState, model: nn.Module, names
 
 
 def load_checkpoint(path: Path, model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer,
-                    scheduler) -> TrainingState:
-    """Restore weights, optimizer, scheduler and RNG states from checkpoint `path`."""
+                    scheduler, rank: int = 0) -> TrainingState:
+    """Restore weights, optimizer, scheduler and process `rank`'s RNG states from checkpoint `path`."""
     data = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "trainable.safetensors")
     if set(tensors) != set(names):
@@ -162,18 +191,9 @@ def load_checkpoint(path: Path, model: nn.Module, names: list[str], optimizer: t
             params[name].copy_(tensor)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(data["scheduler"])
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        states = [rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng]
-        if states:
-            torch.cuda.set_rng_state_all(states)
-    version, internal, gauss = data["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    if data.get("numpy_rng") is not None:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = data["numpy_rng"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    generators = load_file(path / "rng.safetensors")
+    prefix = f"rank{rank}."
+    cuda = sorted((k for k in generators if k.startswith(prefix + "cuda")), key=lambda k: int(k.removeprefix(prefix + "cuda")))
+    set_rng_state({"torch": generators[prefix + "torch"], "cuda": [generators[k] for k in cuda]} | data["rng"][rank])
     log.info("resumed from %s", path)
     return TrainingState(step=data["step"], items=data["items"], losses=data["losses"], history=data["history"])
