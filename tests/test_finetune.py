@@ -372,3 +372,29 @@ def test_lrc_finetuning_of_compressed_smollm2(tmp_path: Path) -> None:
     reloaded = load(tmp_path / "ft")
     ids = val[:1, :32]
     assert torch.allclose(logits_of(result.model, ids), logits_of(reloaded, ids), atol=1e-4)
+
+
+# --- devices ---------------------------------------------------------------------------------------
+
+
+def test_device_that_is_not_here_is_refused_in_one_sentence() -> None:
+    with pytest.raises(WeloreError, match=r"Unknown device 'tpu'; use one of auto, cpu, cuda, cuda:N, mps\."):
+        config(device="tpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = "cuda" if count == 0 else f"cuda:{count}"
+    with pytest.raises(WeloreError, match=rf"--device {missing} asks for .*; use "):
+        config(device=missing)
+
+
+def test_finetune_on_the_cpu_by_name(blocks) -> None:
+    result = run(compressed(), blocks, steps=2, device="cpu")
+    assert all(p.device.type == "cpu" for p in result.model.parameters())
+    assert result.config.device == "cpu" and math.isfinite(result.val_ppl_after)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("device", ["cuda", "auto", "cuda:0"])
+def test_finetune_on_a_gpu(device: str, blocks) -> None:
+    result = run(compressed(), blocks, steps=2, device=device)
+    assert all(p.device.type == "cuda" for p in result.model.parameters())
+    assert math.isfinite(result.val_ppl_after)

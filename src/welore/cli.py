@@ -290,7 +290,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     config = from_args(FinetuneConfig, args)  # checks the options before anything is loaded
     _check_load_options(args)
-    check_precision(config.precision)
+    check_precision(config.precision, config.device)
     check_output(Path(args.out), config, args.overwrite, args.resume)
     loaded = _load(args.model, args)
     result = finetune(loaded.model, loaded.tokenizer, config, out=args.out, overwrite=args.overwrite,

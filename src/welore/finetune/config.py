@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from welore.data import DEFAULT_TEXT
+from welore.devices import resolve_device
 from welore.errors import WeloreError
 from welore.versioned import config_from_dict
 
@@ -50,6 +51,7 @@ class FinetuneConfig:
     max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; 0 or None = no clipping
     precision: str = field(default="no", metadata={"choices": PRECISIONS})  # autocast: no, bf16 or fp16 (accelerate's mixed_precision; fp16 needs CUDA)
     seed: int = 0  # seeds torch/python/numpy RNGs, the data order and LoRA's initialisation
+    device: str = "auto"  # where to train: auto (the GPU when there is one), cpu, cuda, cuda:N or mps
     # data
     data: str = DEFAULT_TEXT  # text spec: wiki/news (train on calib split, validate on eval split), a file, hf:...
     seq_len: int = 256  # tokens per training/validation block
@@ -83,6 +85,7 @@ class FinetuneConfig:
             raise WeloreError(f"Unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODES)}.")
         if self.optimizer not in OPTIMIZERS:
             raise WeloreError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        resolve_device(self.device)  # a device that is not here: one sentence, before anything loads
         if self.precision not in PRECISIONS:
             raise WeloreError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         self.betas = (float(self.betas[0]), float(self.betas[1]))

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from welore import __version__
 from welore._io import atomic_dir, check_output_dir
+from welore.devices import resolve_device
 from welore.errors import WeloreError
 from welore.evaluate import PeakMemory, perplexity
 from welore.finetune.config import FinetuneConfig, FinetuneResult
@@ -60,11 +61,12 @@ FINETUNE_FORMAT = "welore-finetune"
 FINETUNE_VERSION = 1
 
 
-def check_precision(precision: str) -> None:
-    """Refuse autocast modes the machine cannot run."""
-    if precision == "fp16" and not torch.cuda.is_available():
+def check_precision(precision: str, device: str = "auto") -> None:
+    """Refuse autocast modes the device cannot run."""
+    cuda = resolve_device(device).type == "cuda"
+    if precision == "fp16" and not cuda:
         raise WeloreError("fp16 autocast needs a CUDA GPU and there is none here; use --precision bf16 or no.")
-    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise WeloreError("This GPU does not support bf16; use --precision fp16 or no.")
 
 
@@ -86,26 +88,26 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _accelerator(config: FinetuneConfig, device: torch.device):
+def _accelerator(config: FinetuneConfig):
+    """The Accelerator on `config.device`: one process, or each process of `accelerate launch`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import patch_environment
 
+    device = resolve_device(config.device)
+    if launched() and device.index is not None:
+        raise WeloreError(f"--device {config.device} names one GPU, and under accelerate launch each process uses "
+                          "its own; use --device cuda (or auto).")
     if AcceleratorState._shared_state and not launched():
         # accelerate keeps its state (precision, device) in a process-wide singleton; in one
         # process (tests, a notebook, a benchmark) successive runs may differ, so start afresh.
         AcceleratorState._reset_state(reset_partial_state=True)
-    # cpu=True is also what makes accelerate use gloo (MULTI_CPU) when launched without GPUs.
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=config.precision,
-                       gradient_accumulation_steps=config.grad_accum)
-
-
-def _default_device() -> torch.device:
-    """The accelerator when there is one (CUDA, then MPS), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    # cpu=True is also what makes accelerate use gloo (MULTI_CPU) when launched without GPUs;
+    # in one process, ACCELERATE_TORCH_DEVICE is accelerate's way to name a device (cuda:1, mps).
+    named = {} if launched() or device.type == "cpu" else {"accelerate_torch_device": str(device)}
+    with patch_environment(**named):
+        return Accelerator(cpu=device.type == "cpu", mixed_precision=config.precision,
+                           gradient_accumulation_steps=config.grad_accum)
 
 
 def _evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
@@ -142,16 +144,17 @@ def finetune(
         raise WeloreError("Fine-tuning needs the whole model in memory, but this one reads its decoder blocks from disk "
                           "one at a time; load it without --max-memory (on a machine with room for it).")
     out = Path(out) if out is not None else None
-    check_precision(config.precision)
+    check_precision(config.precision, config.device)
     check_output(out, config, overwrite, resume)
     from accelerate.utils import gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = _accelerator(config, _default_device())
+    accelerator = _accelerator(config)
     world = accelerator.num_processes
     model_print = model_fingerprint(model) if out is not None else {}
     set_seed(config.seed)
     model = prepare_model(model, config)  # mode checks; LoRA wraps the model here
+    model.to(accelerator.device)  # before the optimizer is built and the model first evaluated
     if blocks is None:
         blocks = make_blocks(tokenizer, config.data, config.seq_len, config.max_train_tokens, config.val_tokens,
                              config.val_fraction)

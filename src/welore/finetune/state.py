@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 RUN_FORMAT = "welore-finetune-run"
 RUN_VERSION = 2  # 2: RNG states per process, the number of processes in run.json
-# Options that change neither the trained weights nor the data order: a resume may change them.
-_FREE_OPTIONS = ("eval_every", "save_every", "version")
+# Options that change neither the trained weights nor the data order (the device: only their
+# rounding): a resume may change them.
+_FREE_OPTIONS = ("eval_every", "save_every", "device", "version")
 
 
 def checkpoints_dir(out: str | Path) -> Path:
