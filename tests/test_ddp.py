@@ -43,7 +43,7 @@ def launch(*argv, driver: bool = False, **env: str) -> subprocess.CompletedProce
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               *target, "finetune", "-q", *map(str, argv)]
+               *target, "finetune", "-q", "--device", "cpu", *map(str, argv)]
     environment = os.environ | {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""} | env
     return subprocess.run(command, env=environment, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 

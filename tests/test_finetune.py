@@ -326,6 +326,9 @@ def test_cli_user_errors(capsys, cli_model_dir: Path, compressed_dir: Path, engl
     assert_user_error(*cli(capsys, compressed_dir, "--data", short, "--out", out, *CLI), "smaller --seq-len", tmp_path)
     if not torch.cuda.is_available():
         assert_user_error(*cli(capsys, compressed_dir, *text, "--precision", "fp16", "--out", out, *CLI), "--precision bf16 or no", tmp_path)
+    if not torch.cuda.is_available():
+        assert_user_error(*cli(capsys, compressed_dir, *text, "--device", "cuda", "--out", out, *CLI),
+                          "asks for a CUDA GPU and there is none here; use --device cpu or auto", tmp_path)
     out.mkdir()
     code, stdout, err = cli(capsys, compressed_dir, *text, "--out", out, *CLI)
     assert code == 2 and "already exists" in err and "--overwrite" in err and not any(out.iterdir())
