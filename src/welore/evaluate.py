@@ -100,7 +100,7 @@ def _model_device(model: nn.Module) -> torch.device:
     """Where inputs must go: the input embeddings' device, else the first parameter's or buffer's."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     if callable(get_embeddings):
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(NotImplementedError, AttributeError):  # models without embeddings raise these
             embeddings = get_embeddings()
             if embeddings is not None and getattr(embeddings, "weight", None) is not None:
                 return embeddings.weight.device
@@ -115,7 +115,7 @@ def _vocab_size(model: nn.Module) -> int | None:
     """Number of token ids the model can embed, or None when it cannot be found out."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     if callable(get_embeddings):
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(NotImplementedError, AttributeError):  # models without embeddings raise these
             embeddings = get_embeddings()
             if isinstance(embeddings, nn.Embedding):
                 return embeddings.num_embeddings
@@ -130,7 +130,7 @@ def _context_length(model: nn.Module) -> int | None:
     if config is None:
         return None
     if hasattr(config, "get_text_config"):
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(ValueError, AttributeError):  # a config without a decoder text config
             config = config.get_text_config(decoder=True)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)

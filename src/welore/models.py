@@ -133,10 +133,14 @@ def _tokenizer(source: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as err:
-        log.info("no tokenizer at %s: %s", source, err)
+        # A folder with tokenizer files whose tokenizer fails is worth a warning: it says why
+        # a later "has no tokenizer" error happens. A hub id may simply have none.
+        level = logging.WARNING if isinstance(source, Path) else logging.INFO
+        log.log(level, "the tokenizer in %s cannot be loaded (%s: %s); continuing without one",
+                source, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         return None
     if not tokenizer("a tokenizer test", add_special_tokens=False)["input_ids"]:
-        log.info("the tokenizer at %s turns text into no tokens; ignoring it", source)
+        log.warning("the tokenizer in %s turns text into no tokens; continuing without one", source)
         return None
     return tokenizer
 

@@ -62,24 +62,12 @@ class FiraAdamW(GaLoreAdamW):
 
     name = "FiraAdamW"
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        *,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: str = "std",
-        proj_method: str = "subspace",
-        limiter: float = 1.01,
-    ) -> None:
-        super().__init__(
-            params, lr, betas, eps, weight_decay, update_proj_gap=update_proj_gap, scale=scale,
-            proj_type=proj_type, proj_method=proj_method, limiter=limiter,
-        )
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], *args: Any, limiter: float = 1.01,
+                 **kwargs: Any) -> None:
+        """GaLoreAdamW's arguments (lr, betas, eps, weight_decay, update_proj_gap, scale,
+        proj_type, proj_method), plus `limiter`: the residual's norm may grow at most this
+        factor per step (Fira's γ)."""
+        super().__init__(params, *args, limiter=limiter, **kwargs)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "alpha" in param_group:  # Fira's name for the scale: store it under galore-torch's key

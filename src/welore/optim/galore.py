@@ -161,7 +161,7 @@ class GaLoreAdamW(Optimizer):
         where = f"{self.name} parameter group {len(self.param_groups) - 1}"
         try:
             self._check_group(group, where)
-        except Exception:
+        except OptimizerConfigError:  # leave the optimizer as it was
             self.param_groups.pop()
             raise
 
