@@ -155,3 +155,15 @@ def test_fira_under_two_processes_matches_one_process(capsys, folders, english_t
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-6)
     assert two["val_ppl_after"] < two["val_ppl_before"]
     assert_same_weights(tmp_path / "ddp", tmp_path / "one", atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer,match", [("adamw", "runs under DDP but not yet under FSDP"),
+                                             ("galore", "galore projects each matrix's whole gradient and FSDP splits it")])
+def test_fsdp_is_refused_in_one_sentence(optimizer: str, match: str, capsys, folders, english_text_file: Path,
+                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
+    code = main(["finetune", "-q", str(folders["llama"]), "--mode", "full", "--optimizer", optimizer,
+                 "--data", str(english_text_file), "--out", str(tmp_path / "ft"), *OPTIONS])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    assert not (tmp_path / "ft").exists()

@@ -13,7 +13,8 @@ follows the run of one process with P times the batch size: the same blocks per 
 same mean loss (reduced over processes), gradients averaged by DDP's all-reduce. GaLore and
 Fira see that all-reduced gradient in every process and compute the same projection, so the
 processes stay identical. Only the main process writes (checkpoints, the output folder); the
-others wait at a barrier.
+others wait at a barrier. FSDP and DeepSpeed are refused (`check_engine`): saving, checkpoints and
+GaLore/Fira here need whole tensors.
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ def check_precision(precision: str, device: str = "auto") -> None:
         raise WeloreError("fp16 autocast needs a CUDA GPU and there is none here; use --precision bf16 or no.")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise WeloreError("This GPU does not support bf16; use --precision fp16 or no.")
+
+
+# Engines `accelerate launch` can start that this loop does not support: the environment
+# variable the launcher sets -> the engine's name.
+UNSUPPORTED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def check_engine(config: FinetuneConfig) -> None:
+    """Refuse sharded engines: the loop checkpoints, saves and projects whole tensors (DDP only)."""
+    for variable, engine in UNSUPPORTED_ENGINES.items():
+        if os.environ.get(variable, "false").lower() != "true":
+            continue
+        if config.optimizer != "adamw":
+            raise WeloreError(f"{config.optimizer} projects each matrix's whole gradient and {engine} splits it "
+                              f"across processes; launch without {engine} (plain DDP keeps whole gradients).")
+        raise WeloreError(f"welore fine-tuning runs under DDP but not yet under {engine}; launch without {engine} "
+                          "(every process then holds the whole model).")
 
 
 def check_output(out: Path | None, config: FinetuneConfig, overwrite: bool, resume: bool) -> None:
@@ -145,6 +163,7 @@ def finetune(
                           "one at a time; load it without --max-memory (on a machine with room for it).")
     out = Path(out) if out is not None else None
     check_precision(config.precision, config.device)
+    check_engine(config)
     check_output(out, config, overwrite, resume)
     from accelerate.utils import gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
