@@ -283,3 +283,37 @@ def test_top_factors_of_a_float32_matrix_beat_float32_svd() -> None:
     u, s, vh = torch.linalg.svd(a, full_matrices=False)  # float32
     old = ((u[:, :12] * s[:12]) @ vh[:12]).double()
     assert (ours - reference).norm() <= (old - reference).norm() * 1.01
+
+
+# --- factorizers carry their own parameters (typed, checked, recorded in CompressConfig) ---------
+
+
+def test_make_factorizer_sets_and_checks_parameters() -> None:
+    from welore.compress import CompressConfig
+    from welore.factorize import make_factorizer
+
+    assert make_factorizer("whiten") is FACTORIZERS["whiten"]  # no parameters: the registered default
+    assert make_factorizer("asvd", {"alpha": 1.0}).alpha == 1.0
+    with pytest.raises(WeloreError, match="has no parameter beta; it takes alpha, floor"):
+        make_factorizer("asvd", {"beta": 1.0})
+    with pytest.raises(WeloreError, match="shrinkage -1 must be a non-negative number"):
+        CompressConfig(factorizer="whiten", factorizer_params={"shrinkage": -1})
+    config = CompressConfig(factorizer="whiten", factorizer_params={"shrinkage": 0.1})
+    assert CompressConfig.from_dict(config.to_dict()) == config
+    assert config.make_factorizer() == Whiten(shrinkage=0.1)
+
+
+def test_whiten_shrinkage_whitens_the_ridged_gram_matrix() -> None:
+    """λ = 0 is SVD-LLM exactly; λ > 0 is the whitening of XᵀX + λ·diag(XᵀX)."""
+    x, w = correlated_inputs(), weight()
+    stats = stats_of(x)
+    plain = FACTORIZERS["whiten"].factors(w, IN // 2, stats)
+    assert all(torch.equal(a, b) for a, b in zip(Whiten(shrinkage=0.0).factors(w, IN // 2, stats), plain, strict=True))
+    up, down = Whiten(shrinkage=0.5).factors(w, IN // 2, stats)
+    xtx = stats.xtx.double()
+    ridged = xtx + 0.5 * torch.diag(xtx.diagonal())
+    root = torch.linalg.cholesky(ridged)
+    u, s, vh = torch.linalg.svd(w.double() @ root)
+    best = (u[:, : IN // 2] * s[: IN // 2]) @ vh[: IN // 2] @ torch.linalg.inv(root)
+    torch.testing.assert_close((up @ down).double(), best, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(up @ down, plain[0] @ plain[1])

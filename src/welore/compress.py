@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS
+from welore.factorize import FACTORIZERS, Factorizer, make_factorizer
 from welore.modules import LowRankLinear, count_parameters, swap_module
 from welore.options import check_positive
 from welore.plan import POLICIES, RankPlan, allocate, check_ratio
@@ -56,14 +56,14 @@ class CompressConfig:
     calib: str | None = None  # calibration text for whiten/asvd: wiki or news (their calibration half), a text file, or hf:DATASET
     calib_tokens: int | None = 8192  # calibration tokens (with --calib)
     calib_seq_len: int | None = 512  # tokens per calibration window (with --calib)
+    factorizer_params: dict = field(default_factory=dict, metadata={"cli": False})  # the factorizer's own parameters, e.g. {"alpha": 0.5} (asvd), {"shrinkage": 0.1} (whiten)
     sequential: bool = False  # calibrate each block on the outputs of the already-compressed blocks before it
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in POLICIES:
             raise WeloreError(f"Unknown method {self.method!r}; choose one of {', '.join(sorted(POLICIES))}.")
-        if self.factorizer not in FACTORIZERS:
-            raise WeloreError(f"Unknown factorizer {self.factorizer!r}; choose one of {', '.join(sorted(FACTORIZERS))}.")
+        self.make_factorizer()  # checks the name and its parameters
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise WeloreError(f"Ratio {self.ratio} is outside (0, 1); it is the fraction of target parameters to remove, e.g. 0.2.")
         if not 0 < self.lrc_min_cut <= 1:
@@ -71,6 +71,10 @@ class CompressConfig:
         if self.calib is None:  # provenance: no calibration, so no calibration sizes
             self.calib_tokens = self.calib_seq_len = None
         check_positive(self, ("calib_tokens", "calib_seq_len"))
+
+    def make_factorizer(self) -> Factorizer:
+        """The configured factorizer with its parameters (`welore.factorize.make_factorizer`)."""
+        return make_factorizer(self.factorizer, self.factorizer_params)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,17 +136,18 @@ def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
             raise WeloreError(f"The rank plan expects {name} to be a {shape[0]}x{shape[1]} Linear layer, which it is not here; use a plan made for this model.")
 
 
-def factorize_layer(dense: nn.Module, name: str, rank: int, factorizer: str, stats=None) -> LowRankLinear:
+def factorize_layer(dense: nn.Module, name: str, rank: int, factorizer: str | Factorizer, stats=None) -> LowRankLinear:
     """Factorize one dense layer at `rank` (bias, dtype and device kept)."""
     weight = weight_matrix(dense)
     check_finite(name, weight)
-    up, down = FACTORIZERS[factorizer].factors(weight, rank, stats)
+    factorizer = FACTORIZERS[factorizer] if isinstance(factorizer, str) else factorizer
+    up, down = factorizer.factors(weight, rank, stats)
     bias = dense.bias.detach() if dense.bias is not None else None
     return LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), bias, dtype=weight.dtype)
 
 
 def apply_plan_(
-    model: nn.Module, plan: RankPlan, factorizer: str = "svd", progress: bool = True, empty: bool = False
+    model: nn.Module, plan: RankPlan, factorizer: str | Factorizer = "svd", progress: bool = True, empty: bool = False
 ) -> list[str]:
     """Swap every matrix the plan factorizes for a `LowRankLinear`; return the names replaced.
 
@@ -179,7 +184,7 @@ def calibrated_spectra(
     """The spectra a data-aware factorizer sees (e.g. singular values of W·S), block by block."""
     from welore.calibrate import iter_block_stats
 
-    factorizer = FACTORIZERS[config.factorizer]
+    factorizer = config.make_factorizer()
     targets = find_targets(model, config.targets)
     spectra = {}
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
@@ -207,7 +212,7 @@ def _apply_plan_calibrated_(
             stats.check(name)
             rank = plan.ranks[name]
             assert rank is not None
-            swap_module(model, name, factorize_layer(targets[name], name, rank, config.factorizer, stats))
+            swap_module(model, name, factorize_layer(targets[name], name, rank, config.make_factorizer(), stats))
     return list(plan.factorized)
 
 
@@ -236,7 +241,7 @@ def compress_(
     Data-aware factorizers (`whiten`, `asvd`) need `calibration`, a LongTensor (N, T) of token
     windows from text disjoint from any evaluation text (`welore.data.load_text(..., split="calib")`).
     """
-    factorizer = FACTORIZERS[config.factorizer]
+    factorizer = config.make_factorizer()
     if factorizer.needs_stats and calibration is None:
         raise WeloreError(f"The {config.factorizer} factorizer needs calibration text; pass --calib (e.g. --calib wiki).")
     if not factorizer.needs_stats and calibration is not None:
@@ -261,7 +266,7 @@ def compress_(
         if factorizer.needs_stats:
             replaced = _apply_plan_calibrated_(model, plan, config, calibration, batch_size, progress)
         else:
-            replaced = apply_plan_(model, plan, factorizer=config.factorizer, progress=progress)
+            replaced = apply_plan_(model, plan, factorizer=config.make_factorizer(), progress=progress)
     model.welore_plan = plan  # so that save() finds it
     if calibration is not None:  # record what was used, whoever built the windows
         config = replace(config, calib_tokens=calibration.numel(), calib_seq_len=calibration.shape[1])

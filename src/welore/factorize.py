@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import scipy.linalg
@@ -52,6 +52,22 @@ class Factorizer(Protocol):
 
 
 FACTORIZERS: dict[str, Factorizer] = {}
+
+
+def make_factorizer(name: str, params: dict[str, Any] | None = None) -> Factorizer:
+    """The registered factorizer `name` with its own parameters set (each factorizer is a frozen
+    dataclass, so they are typed and checked): make_factorizer("asvd", {"alpha": 1.0})."""
+    if name not in FACTORIZERS:
+        raise WeloreError(f"Unknown factorizer {name!r}; choose one of {', '.join(sorted(FACTORIZERS))}.")
+    default = FACTORIZERS[name]
+    if not params:
+        return default
+    known = {f.name for f in fields(default)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise WeloreError(f"The {name} factorizer has no parameter {', '.join(unknown)}; "
+                          f"it takes {', '.join(sorted(known)) or 'none'}.")
+    return replace(default, **params)
 
 
 def register_factorizer(name: str) -> Callable[[type], type]:
@@ -126,6 +142,7 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
 
 
 @register_factorizer("svd")
+@dataclass(frozen=True)
 class PlainSVD:
     """Data-free truncated SVD of the weight itself."""
 
@@ -187,13 +204,17 @@ class Whitening:
 _WHITENINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def whitening(stats: InputStats) -> Whitening:
-    """S with XᵀX = S·Sᵀ (+ jitter if needed), float64 on the statistics' device, cached per stats."""
-    key = (stats.xtx._version, stats.xtx.data_ptr())
+def whitening(stats: InputStats, shrinkage: float = 0.0) -> Whitening:
+    """S with S·Sᵀ = XᵀX + shrinkage·diag(XᵀX) (+ jitter if needed), float64 on the statistics'
+    device, cached per stats."""
+    key = (stats.xtx._version, stats.xtx.data_ptr(), shrinkage)
     cached = _WHITENINGS.get(stats)
     if cached is not None and cached[0] == key:
         return cached[1]
-    result = _whitening(stats.xtx.to(torch.float64), _label(stats))
+    xtx = stats.xtx.to(torch.float64)
+    if shrinkage:
+        xtx = xtx + torch.diag(shrinkage * xtx.diagonal())
+    result = _whitening(xtx, _label(stats))
     _WHITENINGS[stats] = (key, result)
     return result
 
@@ -224,20 +245,29 @@ def _whitening(xtx: torch.Tensor, label: str) -> Whitening:
 
 
 @register_factorizer("whiten")
+@dataclass(frozen=True)
 class Whiten:
-    """SVD-LLM: truncated SVD of W·S, S the Cholesky factor of the inputs' XᵀX; output-optimal."""
+    """SVD-LLM: truncated SVD of W·S, S the Cholesky factor of the inputs' XᵀX; output-optimal.
 
+    With `shrinkage` λ > 0, S·Sᵀ = XᵀX + λ·diag(XᵀX): a ridge towards per-channel scaling
+    that trusts few calibration tokens less (λ = 0, the default, is SVD-LLM exactly)."""
+
+    shrinkage: float = 0.0  # λ ≥ 0: whiten with XᵀX + λ·diag(XᵀX)
     needs_stats: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.shrinkage < float("inf"):
+            raise WeloreError(f"Whitening shrinkage {self.shrinkage} must be a non-negative number; 0 is SVD-LLM's whitening.")
 
     def spectrum(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         """Singular values of W·S: σ_j² is the output error (on the calibration tokens) of cutting j."""
         stats = _require_stats("whiten", weight, stats)
-        root = whitening(stats).root
+        root = whitening(stats, self.shrinkage).root
         return singular_values(weight.detach().to(root.device, torch.float64) @ root)
 
     def factors(self, weight: torch.Tensor, rank: int, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
         stats = _require_stats("whiten", weight, stats)
-        white = whitening(stats)
+        white = whitening(stats, self.shrinkage)
         w = weight.detach().to(white.root.device, torch.float64)  # (out, in)
         up, down = top_factors(w @ white.root, rank)  # (out, r), (r, in) in the whitened space
         down = white.right_solve(down)  # (r, in): √Σ_r·V_rᵀ·S⁻¹
