@@ -276,6 +276,15 @@ def test_builtin_text_trains_on_calib_and_validates_on_eval(smollm2_tokenizer) -
     assert not any(tuple(row) in train_rows for row in blocks.val.tolist())
 
 
+def test_too_few_training_tokens_name_the_finetune_option(smollm2_tokenizer) -> None:
+    """The message names --max-train-tokens, the option the user set, not evaluate's --max-tokens."""
+    if importlib.util.find_spec("gensim") is None:
+        pytest.skip("the built-in texts come from the gensim wheel, which is not installed")
+    with pytest.raises(WeloreError, match="--max-train-tokens") as err:
+        make_blocks(smollm2_tokenizer, "news", seq_len=64, max_train_tokens=32, val_tokens=512)
+    assert "--max-tokens " not in str(err.value)
+
+
 # --- CLI -------------------------------------------------------------------------------------------
 
 

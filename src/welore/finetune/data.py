@@ -54,11 +54,14 @@ def make_blocks(tokenizer, spec: str, seq_len: int, max_train_tokens: int | None
     if val_tokens < seq_len:
         raise WeloreError(f"--val-tokens ({val_tokens}) is less than one block of --seq-len ({seq_len}); raise it or lower --seq-len.")
     if spec in BUILTIN_TEXTS:
-        train = token_windows(tokenizer, load_text(spec, split="calib"), seq_len, max_train_tokens)
-        val = token_windows(tokenizer, load_text(spec, split="eval"), seq_len, val_tokens)
+        train = token_windows(tokenizer, load_text(spec, split="calib"), seq_len, max_train_tokens,
+                              options=("--seq-len", "--max-train-tokens"))
+        val = token_windows(tokenizer, load_text(spec, split="eval"), seq_len, val_tokens,
+                            options=("--seq-len", "--val-tokens"))
         return TokenBlocks(train, val, f"{spec}: calib split for training, eval split for validation")
     limit = None if max_train_tokens is None else max_train_tokens + val_tokens
-    blocks = token_windows(tokenizer, load_text(spec, split="all"), seq_len, limit)  # (N, T)
+    blocks = token_windows(tokenizer, load_text(spec, split="all"), seq_len, limit,
+                           options=("--seq-len", "--max-train-tokens"))  # (N, T)
     n = len(blocks)
     if n < 2:
         raise WeloreError(f"{spec} gives only one block of {seq_len} tokens, and fine-tuning needs at least two "
