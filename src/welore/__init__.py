@@ -20,10 +20,11 @@ from welore.finetune import FinetuneConfig, FinetuneResult, finetune
 from welore.models import load_model
 from welore.modules import LowRankLinear
 from welore.plan import POLICIES, RankPlan, allocate
+from welore.quantize import QuantConfig, QuantizedLinear, QuantPlan, QuantReport, quantize_
 
 __all__ = [
     "POLICIES", "Analysis", "CompressConfig", "CompressReport", "EvalResult", "FinetuneConfig", "FinetuneResult",
-    "LowRankLinear",
+    "LowRankLinear", "QuantConfig", "QuantPlan", "QuantReport", "QuantizedLinear", "quantize_",
     "RankPlan", "WeloreError", "allocate", "analyze", "apply_plan_", "compress_", "densify_",
     "evaluate", "export_dense", "finetune", "load", "load_model", "perplexity", "save",
 ]

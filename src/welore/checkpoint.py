@@ -6,13 +6,16 @@ A welore checkpoint is a folder:
     welore.json             format name and version, the CompressConfig, the source model,
                             and which state-dict names alias one stored tensor (tied weights)
     rank_plan.json          the rank plan (module name -> shape, kept rank or null = dense)
+    quant_plan.json         for a quantized model: per matrix its bits, group size and
+                            compensation rank (`welore.quantize`); its packed codes, float16
+                            scales/zero points and factors are ordinary tensors of the weights
     model.safetensors       the weights, low-rank factors included; no pickle anywhere (or, past
                             `max_shard_bytes`, shards model-0000i-of-0000N.safetensors plus
                             model.safetensors.index.json, as save_pretrained writes them)
     tokenizer files         when the source model had a tokenizer
 
 `load` never recomputes an SVD: it builds the model from its config with empty (meta)
-parameters, swaps in empty `LowRankLinear` modules from the plan, then assigns the stored
+parameters, swaps in empty `LowRankLinear` (and `QuantizedLinear`) modules from the plans, then assigns the stored
 tensors (`load_state_dict(..., assign=True)`), checking that names and shapes match exactly;
 `load(path, stream=True)` instead reads only the weights outside the decoder blocks and
 leaves the blocks on disk until they are used (`welore.stream`).
@@ -40,6 +43,7 @@ from welore.compress import CompressConfig, apply_plan_
 from welore.errors import WeloreError
 from welore.modules import LowRankLinear
 from welore.plan import RankPlan
+from welore.quantize import QuantConfig, QuantizedLinear, QuantPlan, apply_quant_plan_
 from welore.stream import (
     DEFAULT_SHARD_BYTES,
     Blocks,
@@ -56,7 +60,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "welore-checkpoint"
 FORMAT_VERSION = 1
-META_KEYS = ("format", "format_version", "welore_version", "source", "compress_config", "aliases", "achieved_ratio")  # save() writes
+META_KEYS = ("format", "format_version", "welore_version", "source", "compress_config", "aliases", "achieved_ratio", "quant_config")  # save() writes
+QUANT_PLAN = "quant_plan.json"
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -126,10 +131,16 @@ def save(
             "aliases": aliases,
             "achieved_ratio": plan.achieved_ratio,
         }
+        quant_config = getattr(model, "welore_quant_config", None)
+        if quant_config is not None:
+            meta["quant_config"] = quant_config.to_dict()
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         plan.save(tmp / "rank_plan.json")
+        quant_plan = getattr(model, "welore_quant_plan", None)
+        if quant_plan is not None:
+            quant_plan.save(tmp / QUANT_PLAN)
         (tmp / "welore.json").write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -178,13 +189,16 @@ def load(
     path = Path(path)
     meta = _read_meta(path)
     plan = RankPlan.load(path / "rank_plan.json")
+    quant_plan = QuantPlan.load(path / QUANT_PLAN) if (path / QUANT_PLAN).is_file() else None
     aliases = meta.get("aliases", {})
     if stream:
         model = empty_model(path, dtype)
         apply_plan_(model, plan, empty=True)
+        if quant_plan is not None:
+            apply_quant_plan_(model, quant_plan, empty=True)
         stream_(model, path, aliases=aliases, device=device or "cpu", budget=budget)
     else:
-        model = _empty_model_stored(path, plan)
+        model = _empty_model_stored(path, plan, quant_plan)
         files = TensorFiles(path, aliases)
         tensors = files.read(files.names(), device=device if device is not None else "cpu")
         expected = model.state_dict()
@@ -206,30 +220,38 @@ def load(
     model.welore_config = CompressConfig.from_dict(meta.get("compress_config", {}),
                                                    f"The compression config in {path / 'welore.json'}")
     model.welore_source = meta.get("source")
+    if quant_plan is not None:
+        model.welore_quant_plan = quant_plan
+        model.welore_quant_config = QuantConfig.from_dict(meta.get("quant_config", {}))
     return model
 
 
-def _empty_model_stored(path: Path, plan: RankPlan) -> PreTrainedModel:
+def _empty_model_stored(path: Path, plan: RankPlan, quant_plan: QuantPlan | None = None) -> PreTrainedModel:
     """The empty model whose parameters `load_state_dict(assign=True)` replaces as stored."""
     model = empty_model(path)
     apply_plan_(model, plan, empty=True)
+    if quant_plan is not None:
+        apply_quant_plan_(model, quant_plan, empty=True)
     return model
 
 
 def densify_(
     model: nn.Module, skeleton: dict[str, type] | None = None, prefix: str = "", skip: str | None = None
 ) -> list[str]:
-    """Multiply every `LowRankLinear` back into the dense layer type the architecture uses.
+    """Multiply every `LowRankLinear` back (and dequantize every `QuantizedLinear`, its
+    compensation added) into the dense layer type the architecture uses.
 
     `model` may be one decoder block, with `prefix` its name in the whole model and `skeleton`
     the whole model's module types (`_skeleton_types`). Modules under `skip.` are left alone."""
     skeleton = skeleton if skeleton is not None else _skeleton_types(model)
     replaced = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, LowRankLinear) or (skip and name.startswith(f"{skip}.")):
+        if not isinstance(module, (LowRankLinear, QuantizedLinear)) or (skip and name.startswith(f"{skip}.")):
             continue
         weight = module.dense_weight().detach()  # (out, in)
-        bias = module.up.bias
+        if isinstance(module, QuantizedLinear):
+            weight = weight.to(module.weight_dtype)
+        bias = module.up.bias if isinstance(module, LowRankLinear) else module.bias
         if skeleton.get(prefix + name) is Conv1D:
             dense: nn.Module = Conv1D(module.out_features, module.in_features)
             dense.weight = nn.Parameter(weight.t().contiguous())  # Conv1D stores (in, out)

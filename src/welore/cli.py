@@ -111,13 +111,16 @@ def _describe_replaced(replaced: list[str]) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    """Replace target matrices by low-rank factors with per-matrix ranks, and save the result."""
+    """Replace target matrices by low-rank factors with per-matrix ranks (or, with --quantize or
+    --target-size, by packed low-bit codes plus an optional low-rank correction), and save the result."""
     from welore._io import check_output_dir
     from welore.checkpoint import save
     from welore.compress import CompressConfig, calibration_windows, compress_
     from welore.evaluate import weights_size_on_disk
     from welore.plan import RankPlan
 
+    if args.quantize or args.target_size:
+        return _compress_quantized(args)
     if (args.ratio is None) == (args.plan is None):
         raise WeloreError("Give exactly one of --ratio (with --method) or --plan; e.g. --ratio 0.2 --method welore.")
     config = from_args(CompressConfig, args)
@@ -141,6 +144,46 @@ def cmd_compress(args: argparse.Namespace) -> None:
     calib_note = f", calibrated on {calibration.numel()} tokens of {config.calib}" if calibration is not None else ""
     print(f"LRC (rank cut >= {config.lrc_min_cut:.0%}): {len(plan.lrc(config.lrc_min_cut))}; "
           f"factorizer {config.factorizer}{calib_note}; compression took {elapsed:.1f}s")
+    print(f"saved {args.out}/ ({weights_size_on_disk(args.out) / 1e6:.1f} MB of weights)")
+
+
+def _compress_quantized(args: argparse.Namespace) -> None:
+    """`compress --quantize/--target-size`: weight-only quantization (+ compensation) of the targets."""
+    from welore._io import check_output_dir
+    from welore.checkpoint import save
+    from welore.evaluate import weights_size_on_disk
+    from welore.compress import CompressConfig, calibration_windows
+    from welore.quantize import QuantOptions, quantize_
+
+    if args.ratio is not None or args.plan is not None:
+        raise WeloreError("--quantize/--target-size quantize the full-rank matrices; drop --ratio/--plan (low rank and quantization together is not built yet).")
+    compress = from_args(CompressConfig, args)
+    config = from_args(QuantOptions, args).config(compress)
+    _check_load_options(args)
+    check_output_dir(args.out, args.overwrite)
+    loaded = _load(args.model, args)
+    calibration = calibration_windows(loaded.tokenizer, compress, args.model)
+    start = time.perf_counter()
+    report = quantize_(loaded.model, config, calibration=calibration, progress=not args.quiet)
+    elapsed = time.perf_counter() - start
+    save(loaded.model, args.out, tokenizer=loaded.tokenizer, overwrite=args.overwrite, source=args.model)
+    plan = report.plan
+    target = config.target_size
+    widths = ", ".join(f"{n} at {b} bits" for b, n in sorted(Counter(plan.bits.values()).items(), reverse=True))
+    ranks = Counter(plan.ranks.values())
+    rank_note = ("no compensation" if set(ranks) == {0} else
+                 "compensation ranks " + ", ".join(f"{r} ({n})" for r, n in sorted(ranks.items())))
+    space = f"EoRA, whitened by {calibration.numel()} tokens of {compress.calib}" if calibration is not None else "weight space"
+    print(f"quantized {len(report.replaced)} target matrices ({config.quantizer}, groups of {config.group_size}): "
+          f"{widths}; {rank_note}" + ("" if set(ranks) == {0} else f" ({space})"))
+    request = f" (requested {target / 1e6:.3f} MB, {plan.nbytes / target - 1:+.2%})" if target else ""
+    print(f"target matrices: {report.dense_bytes / 1e6:.2f} MB -> {plan.nbytes / 1e6:.3f} MB{request}, "
+          f"{plan.bits_per_param:.3f} bits per parameter; took {elapsed:.1f}s")
+    if report.output_error:
+        before = sum(b for b, _ in report.output_error.values()) / len(report.output_error)
+        after = sum(a for _, a in report.output_error.values()) / len(report.output_error)
+        print(f"mean relative output error on the calibration tokens: {before:.4f} quantized"
+              + (f", {after:.4f} compensated" if set(ranks) != {0} else ""))
     print(f"saved {args.out}/ ({weights_size_on_disk(args.out) / 1e6:.1f} MB of weights)")
 
 
@@ -316,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     from welore.finetune import FinetuneConfig
     from welore.gradients import GradientRunConfig
     from welore.models import LoadOptions
+    from welore.quantize import QuantOptions
     from welore.tasks import TaskOptions
 
     common = argparse.ArgumentParser(add_help=False)
@@ -351,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the compressed checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     loading(p)
+    add_options(p.add_argument_group("quantization (instead of --ratio/--plan)"), QuantOptions)
 
     p = command("export", cmd_export)
     p.add_argument("checkpoint", help="a welore checkpoint folder")

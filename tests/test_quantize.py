@@ -1,0 +1,381 @@
+"""Tests for welore.quantize: bit packing, RTN error bounds, packed sizes, compensation
+(weight space and EoRA), target-size allocation, and save -> load without re-quantizing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny, logits_of, token_ids
+from safetensors import safe_open
+
+from welore import checkpoint
+from welore.calibrate import InputStats
+from welore.checkpoint import WEIGHTS, export_dense, load, save
+from welore.errors import WeloreError
+from welore.factorize import whitening
+from welore.quantize import (
+    BITS,
+    QuantConfig,
+    QuantizedLinear,
+    matrix_bytes,
+    pack_codes,
+    parse_size,
+    quantize_,
+    quantize_layer,
+    quantize_weight,
+    unpack_codes,
+)
+from welore.targets import find_targets, weight_matrix
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_round_trip_and_size(bits: int) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    for numel in (8, 64, 1000, 1003):
+        codes = torch.randint(0, 2**bits, (numel,), generator=generator).to(torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == -(-numel // 8) * bits  # exactly bits/8 bytes per code (per run of 8)
+        assert torch.equal(unpack_codes(packed, bits, numel), codes)
+
+
+def test_four_bit_packing_is_nibbles_low_first() -> None:
+    packed = pack_codes(torch.tensor([1, 2, 3, 4, 5, 6, 7, 8], dtype=torch.uint8), 4)
+    assert packed.tolist() == [0x21, 0x43, 0x65, 0x87]
+
+
+def _weight(out: int = 48, inp: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 64])
+def test_int8_round_trip_error_bound(group_size: int) -> None:
+    w = _weight()
+    q = quantize_weight(w, 8, group_size)
+    groups = w.reshape(-1, group_size)
+    step = (groups.amax(1) - groups.amin(1)) / 255  # (groups,) the grid step of each group
+    err = (q.dequantize() - w).reshape(-1, group_size).abs().amax(1)
+    # half a step of rounding, plus the float16 rounding of scale (×255 codes) and offset
+    bound = step / 2 + 255 * step * 2**-11 + groups.abs().amax(1) * 2**-11
+    assert (err <= bound + 1e-7).all()
+    assert (q.dequantize() - w).norm() / w.norm() < 0.01
+
+
+def test_fewer_bits_more_error() -> None:
+    w = _weight()
+    errors = [float((quantize_weight(w, b, 32).dequantize() - w).norm()) for b in BITS]
+    assert errors == sorted(errors)
+
+
+def test_rtn_reproduces_a_grid_exactly() -> None:
+    """A weight that already lies on a 4-bit grid (as the default model's, from Q4_1) is
+    re-quantized at 4 bits with its groups without loss (up to float16 scales)."""
+    g = 32
+    codes = torch.randint(0, 16, (16, 64), generator=torch.Generator().manual_seed(0)).float()
+    codes.view(-1, g)[:, 0], codes.view(-1, g)[:, 1] = 0, 15  # every group spans the full grid
+    scale = torch.rand(16 * 64 // g, 1, generator=torch.Generator().manual_seed(1)).half().float() * 0.01 + 0.001
+    w = (codes.view(-1, g) * scale).view(16, 64)
+    q = quantize_weight(w, 4, g)
+    assert (q.dequantize() - w).norm() / w.norm() < 1e-3
+    assert (quantize_weight(w, 4, 64).dequantize() - w).norm() / w.norm() > 0.01
+
+
+def test_group_size_must_divide() -> None:
+    with pytest.raises(WeloreError, match="Group size 7"):
+        quantize_weight(_weight(), 4, 7)
+    with pytest.raises(WeloreError, match="bits"):
+        quantize_weight(_weight(), 5, 32)
+
+
+def test_hqq_quantizer_not_worse_in_output() -> None:
+    w = _weight(64, 128)
+    rtn = (quantize_weight(w, 3, 64, "rtn").dequantize() - w).norm()
+    hqq = (quantize_weight(w, 3, 64, "hqq").dequantize() - w).norm()
+    assert hqq < 1.05 * rtn  # HQQ minimises an l_p (p<1) error, so its l2 error is close, rarely worse
+
+
+def _stats(inp: int, tokens: int = 512, seed: int = 0) -> tuple[InputStats, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g) * torch.logspace(0, -2, inp)  # correlated, uneven channels
+    x = torch.randn(tokens, inp, generator=g) @ mix  # (tokens, in)
+    stats = InputStats.zeros(inp)
+    stats.add_(x)
+    return stats, x
+
+
+def _output_error(module: torch.nn.Module, w: torch.Tensor, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((module(x) - x @ w.T).norm() / (x @ w.T).norm())
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_compensation_never_increases_calibration_error(bits: int, rank: int) -> None:
+    dense = torch.nn.Linear(64, 48, bias=False)
+    dense.weight.data = _weight()
+    stats, x = _stats(64)
+    plain, (before, _) = quantize_layer(dense, "layer", bits, 32, rank=0, stats=stats)
+    comp, (before2, after) = quantize_layer(dense, "layer", bits, 32, rank=rank, stats=stats)
+    assert before == pytest.approx(before2)
+    assert after < before
+    assert _output_error(comp, dense.weight, x) < _output_error(plain, dense.weight, x)
+    assert _output_error(plain, dense.weight, x) == pytest.approx(before, rel=1e-3)
+
+
+def test_eora_beats_weight_space_on_the_calibration_outputs() -> None:
+    dense = torch.nn.Linear(64, 48, bias=False)
+    dense.weight.data = _weight()
+    stats, x = _stats(64)
+    eora, _ = quantize_layer(dense, "layer", 2, 32, rank=8, stats=stats)
+    plain, _ = quantize_layer(dense, "layer", 2, 32, rank=8)
+    assert _output_error(eora, dense.weight, x) < _output_error(plain, dense.weight, x)
+    # ... and the weight-space one is better on the weights
+    assert (plain.dense_weight() - dense.weight).norm() < (eora.dense_weight() - dense.weight).norm()
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_full_rank_compensation_recovers_the_weight(calibrated: bool) -> None:
+    dense = torch.nn.Linear(64, 48, bias=True)
+    dense.weight.data = _weight()
+    stats = _stats(64)[0] if calibrated else None
+    module, _ = quantize_layer(dense, "layer", 2, 32, rank=48, stats=stats, factor_dtype="float32")
+    w = dense.weight.detach()
+    assert (module.dense_weight() - w).norm() / w.norm() < 1e-5
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), dense(x), atol=1e-5, rtol=1e-4)
+
+
+def test_whitening_is_shared_not_copied() -> None:
+    stats, _ = _stats(64)
+    assert whitening(stats) is whitening(stats)  # EoRA reuses welore.factorize's cached root
+
+
+# --- whole models --------------------------------------------------------------------------
+
+
+def test_quantize_replaces_targets_and_counts_bytes(family: str) -> None:
+    model = build_tiny(family)
+    targets = find_targets(model)
+    shapes = {n: tuple(weight_matrix(m).shape) for n, m in targets.items()}
+    report = quantize_(model, QuantConfig(bits=3, group_size=32, compensate_rank=4), progress=False)
+    assert set(report.replaced) == set(targets)
+    expected = 0
+    for name, shape in shapes.items():
+        module = model.get_submodule(name)
+        assert isinstance(module, QuantizedLinear) and module.bits == 3 and module.rank == 4
+        m, n = shape
+        # codes + float16 scale and offset per group + float16 factors
+        assert module.nbytes == m * n * 3 // 8 + 4 * (m * n // 32) + 4 * (m + n) * 2
+        expected += module.nbytes
+    assert report.nbytes == expected == report.plan.nbytes
+
+
+def test_quantized_model_close_to_dense(family: str) -> None:
+    model = build_tiny(family)
+    ids = token_ids()
+    dense = logits_of(model, ids)
+    quantize_(model, QuantConfig(bits=8, group_size=32), progress=False)
+    assert (logits_of(model, ids) - dense).abs().max() < 0.05 * dense.abs().max()
+
+
+def test_calibrated_quantization_reports_errors() -> None:
+    model = build_tiny("llama")
+    windows = token_ids(batch=4, length=32)
+    report = quantize_(model, QuantConfig(bits=2, group_size=32, compensate_rank=8), calibration=windows, progress=False)
+    assert set(report.output_error) == set(report.replaced)
+    assert all(after <= before for before, after in report.output_error.values())
+
+
+def _saved(tmp_path: Path, family: str = "llama", **config) -> tuple[torch.nn.Module, Path]:
+    model = build_tiny(family)
+    quantize_(model, QuantConfig(**{"bits": 3, "group_size": 32, "compensate_rank": 4, **config}), progress=False)
+    return model, save(model, tmp_path / "q")
+
+
+def test_save_load_identical_logits_without_requantizing(tmp_path: Path, family: str, monkeypatch) -> None:
+    model, path = _saved(tmp_path, family)
+    ids = token_ids()
+    expected = logits_of(model, ids)
+    import welore.quantize as quantize
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("load must not quantize again")
+
+    monkeypatch.setattr(quantize, "quantize_weight", no_quantizing)
+    reloaded = load(path)
+    assert torch.equal(logits_of(reloaded, ids), expected)
+    assert reloaded.welore_quant_plan.to_dict() == model.welore_quant_plan.to_dict()
+
+
+def test_packed_bytes_on_disk(tmp_path: Path) -> None:
+    model, path = _saved(tmp_path, bits=2, compensate_rank=0)
+    plan = model.welore_quant_plan
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        stored = {k: f.get_slice(k) for k in f.keys()}
+        target_bytes = 0
+        for name in plan.shapes:
+            for part in ("codes", "scale", "offset"):
+                tensor = f.get_tensor(f"{name}.{part}")
+                target_bytes += tensor.numel() * tensor.element_size()
+            assert f.get_tensor(f"{name}.codes").dtype == torch.uint8
+            assert f.get_tensor(f"{name}.scale").dtype == torch.float16
+    assert target_bytes == plan.nbytes
+    assert plan.nbytes == sum(m * n * 2 // 8 + 4 * (m * n // 32) for m, n in plan.shapes.values())
+    assert not any(name.endswith(".weight") and name.rsplit(".", 1)[0] in plan.shapes for name in stored)
+    assert json.loads((path / "quant_plan.json").read_text())["bytes"] == plan.nbytes
+
+
+def test_stored_format_survives_a_dtype_cast(tmp_path: Path) -> None:
+    model, _ = _saved(tmp_path)
+    model.to(torch.float32)  # upcasts float16 scales in memory only
+    state = model.state_dict()
+    name = next(iter(model.welore_quant_plan.shapes))
+    assert state[f"{name}.scale"].dtype == torch.float16 and state[f"{name}.up"].dtype == torch.float16
+
+
+def test_export_dense_of_a_quantized_model(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model, path = _saved(tmp_path)
+    ids = token_ids()
+    export_dense(path, tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    torch.testing.assert_close(logits_of(dense, ids), logits_of(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_module_knows_the_plan_file() -> None:
+    assert checkpoint.QUANT_PLAN == "quant_plan.json"
+
+
+# --- target size ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [("60MB", 60_000_000), ("1.5 MiB", 1_572_864), ("2000", 2000), ("3kb", 3000)])
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+def test_parse_size_rejects_garbage() -> None:
+    with pytest.raises(WeloreError, match="60MB"):
+        parse_size("sixty")
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.3, 0.45])
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_target_size_is_met_within_one_percent(fraction: float, calibrated: bool) -> None:
+    model = build_tiny("llama", hidden=64, layers=2)
+    shapes = {n: tuple(weight_matrix(m).shape) for n, m in find_targets(model).items()}
+    dense_bytes = sum(m * n * 4 for m, n in shapes.values())
+    target = int(fraction * dense_bytes)
+    windows = token_ids(batch=4, length=32) if calibrated else None
+    report = quantize_(model, QuantConfig(bits=None, group_size=32, target_size=target, max_compensate_rank=16),
+                       calibration=windows, progress=False)
+    assert report.nbytes <= target
+    assert report.nbytes >= 0.99 * target
+    assert report.plan.nbytes == sum(model.get_submodule(n).nbytes for n in shapes)
+    assert len(set(report.plan.bits.values())) >= 1
+
+
+def test_target_size_spends_more_bytes_for_less_error() -> None:
+    errors = []
+    for fraction in (0.12, 0.3):
+        model = build_tiny("llama")
+        ids = token_ids()
+        dense = logits_of(build_tiny("llama"), ids)
+        shapes = [tuple(weight_matrix(m).shape) for m in find_targets(model).values()]
+        target = int(fraction * sum(m * n * 4 for m, n in shapes))
+        quantize_(model, QuantConfig(bits=None, group_size=32, target_size=target), progress=False)
+        errors.append(float((logits_of(model, ids) - dense).norm()))
+    assert errors[1] < errors[0]
+
+
+def test_unreachable_target_size() -> None:
+    model = build_tiny("llama")
+    with pytest.raises(WeloreError, match="below the smallest reachable"):
+        quantize_(model, QuantConfig(bits=None, group_size=32, target_size=100), progress=False)
+
+
+def test_matrix_bytes() -> None:
+    assert matrix_bytes((576, 1536), 4, 64) == 576 * 1536 // 2 + 4 * 576 * 1536 // 64
+    assert matrix_bytes((576, 1536), 3, 64, rank=8) == 576 * 1536 * 3 // 8 + 4 * 576 * 1536 // 64 + 8 * 2112 * 2
+
+
+def test_config_errors() -> None:
+    with pytest.raises(WeloreError, match="int8, int4, int3, int2"):
+        QuantConfig(bits=5)
+    with pytest.raises(WeloreError, match="Compensation rank"):
+        QuantConfig(compensate_rank=-1)
+    with pytest.raises(WeloreError, match="quantizer"):
+        QuantConfig(quantizer="gptq")
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def test_cli_quantize_with_compensation_and_evaluate(tmp_path: Path, cli_model_dir: Path, capsys) -> None:
+    from welore.cli import main
+
+    out = tmp_path / "q3"
+    code = main(["compress", "-q", str(cli_model_dir), "--quantize", "int3", "--group-size", "32",
+                 "--compensate-rank", "4", "--calib", str(_text_file(tmp_path)), "--calib-tokens", "256",
+                 "--calib-seq-len", "64", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "at 3 bits" in printed and "EoRA" in printed and "compensated" in printed
+    model = load(out)
+    assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in model.welore_quant_plan.shapes)
+    assert model.welore_quant_config.calib == str(_text_file(tmp_path))
+    assert main(["evaluate", "-q", str(out), "--text", str(_text_file(tmp_path)), "--max-tokens", "128",
+                 "--seq-len", "64", "--no-speed"]) == 0
+
+
+def test_cli_target_size(tmp_path: Path, cli_model_dir: Path, capsys) -> None:
+    from welore.cli import main
+
+    out = tmp_path / "sized"
+    dense = load_dense_target_bytes(cli_model_dir)
+    size = int(dense * 0.2)
+    assert main(["compress", "-q", str(cli_model_dir), "--target-size", str(size), "--group-size", "32",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "requested" in printed
+    plan = load(out).welore_quant_plan
+    assert 0.99 * size <= plan.nbytes <= size
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--quantize", "int3", "--ratio", "0.2"], "drop --ratio"),
+    (["--quantize", "int3", "--target-size", "1MB"], "not both"),
+    (["--target-size", "lots"], "Cannot read size"),
+    (["--quantize", "int4", "--group-size", "7"], "Group size 7"),
+])
+def test_cli_quantize_mistakes(tmp_path: Path, cli_model_dir: Path, capsys, argv, match) -> None:
+    from welore.cli import main
+
+    code = main(["compress", "-q", str(cli_model_dir), *argv, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err
+
+
+def _text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "text.txt"
+    if not path.exists():
+        path.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(400)))
+    return path
+
+
+def load_dense_target_bytes(folder: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return sum(weight_matrix(m).numel() * 4 for m in find_targets(model).values())
+
+
+def test_target_size_above_the_largest() -> None:
+    model = build_tiny("llama")
+    with pytest.raises(WeloreError, match="more than the largest"):
+        quantize_(model, QuantConfig(bits=None, group_size=32, target_size=10**9), progress=False)
