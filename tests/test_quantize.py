@@ -379,3 +379,12 @@ def test_target_size_above_the_largest() -> None:
     model = build_tiny("llama")
     with pytest.raises(WeloreError, match="more than the largest"):
         quantize_(model, QuantConfig(bits=None, group_size=32, target_size=10**9), progress=False)
+
+
+def test_streamed_load_of_a_quantized_checkpoint(tmp_path: Path) -> None:
+    from welore.evaluate import perplexity
+
+    model, path = _saved(tmp_path)
+    windows = token_ids(batch=3, length=12)
+    streamed = load(path, stream=True)
+    assert perplexity(streamed, windows, batch_size=2, progress=False) == perplexity(model, windows, batch_size=2, progress=False)
