@@ -151,8 +151,8 @@ def _compress_quantized(args: argparse.Namespace) -> None:
     """`compress --quantize/--target-size`: weight-only quantization (+ compensation) of the targets."""
     from welore._io import check_output_dir
     from welore.checkpoint import save
-    from welore.evaluate import weights_size_on_disk
     from welore.compress import CompressConfig, calibration_windows
+    from welore.evaluate import weights_size_on_disk
     from welore.quantize import QuantOptions, quantize_
 
     if args.ratio is not None or args.plan is not None:

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from welore._io import atomic_file
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS, whitening
+from welore.factorize import FACTORIZERS, svd_factors, whitening
 from welore.spectrum import _one_thread_per_op, check_finite
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
 
@@ -476,34 +476,13 @@ def _error_matrix(weight: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
     return weight.detach().to(torch.float64).cpu() - q.dequantize(torch.float64)
 
 
-def top_factors(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced rank-r truncated SVD of a (m, n) float64 matrix, U_r·√Σ_r (m, r) and √Σ_r·V_rᵀ
-    (r, n), from the eigen-decomposition of the smaller Gram matrix (the spectrum module's
-    trick: 4× faster than a full SVD here, on one thread; with two threads on a shared 2-core CPU
-    the eigen-solver took 34 s instead of 0.6 s for a 576×576 Gram matrix)."""
-    tall = a.shape[0] >= a.shape[1]
-    gram = a.T @ a if tall else a @ a.T  # (k, k), k = min(m, n)
-    with _one_thread_per_op():  # CPU eigen-solvers of this size slow down, not up, with threads
-        eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
-    keep = vectors[:, -rank:].flip(1)  # (k, r) top eigenvectors
-    sigma = eigenvalues[-rank:].flip(0).clamp_min(0).sqrt()  # (r,)
-    root = sigma.sqrt()
-    safe = torch.where(sigma > 0, root, torch.ones_like(root))  # a zero σ has a zero product either way
-    if tall:  # keep = V_r; U_r·Σ_r = a·V_r
-        return (a @ keep) / safe, root[:, None] * keep.T
-    return keep * root, (keep.T @ a) / safe[:, None]  # keep = U_r; Σ_r·V_rᵀ = U_rᵀ·a
-
-
 def _compensation(error: torch.Tensor, rank: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors (up (out, r), down (r, in), float32) of E: the truncated SVD of E·S mapped
-    back by S⁻¹ with the calibration statistics' whitening S (EoRA; `welore.factorize`'s
-    `whiten`), else of E itself."""
-    if stats is None:
-        up, down = top_factors(error.to(torch.float64), rank)
-        return up.float(), down.float()
-    white = whitening(stats)
-    up, down = top_factors(error.to(white.root.device, torch.float64) @ white.root, rank)  # in the whitened space
-    return up.to(error.device, torch.float32), white.right_solve(down).to(error.device, torch.float32)  # down·S⁻¹
+    back by S⁻¹ with the calibration statistics' whitening S (EoRA: `welore.factorize`'s
+    `whiten` factorizer applied to E), else the truncated SVD of E itself."""
+    if stats is not None:
+        return FACTORIZERS["whiten"].factors(error, rank, stats)
+    return svd_factors(error, rank)
 
 
 def _error_spectrum(error: torch.Tensor, stats) -> torch.Tensor:
