@@ -388,3 +388,12 @@ def test_streamed_load_of_a_quantized_checkpoint(tmp_path: Path) -> None:
     windows = token_ids(batch=3, length=12)
     streamed = load(path, stream=True)
     assert perplexity(streamed, windows, batch_size=2, progress=False) == perplexity(model, windows, batch_size=2, progress=False)
+
+
+def test_newer_quant_plan_is_refused(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    data = json.loads((path / "quant_plan.json").read_text())
+    data["version"] = 99
+    (path / "quant_plan.json").write_text(json.dumps(data))
+    with pytest.raises(WeloreError, match="newer than this welore"):
+        load(path)

@@ -222,7 +222,8 @@ def load(
     model.welore_source = meta.get("source")
     if quant_plan is not None:
         model.welore_quant_plan = quant_plan
-        model.welore_quant_config = QuantConfig.from_dict(meta.get("quant_config", {}))
+        model.welore_quant_config = (QuantConfig.from_dict(meta["quant_config"], f"The quantization config in {path / 'welore.json'}")
+                                     if "quant_config" in meta else None)
     return model
 
 

@@ -49,7 +49,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -338,10 +338,11 @@ class QuantPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantPlan:
+        from welore.versioned import check_version
+
         if not isinstance(data, dict) or data.get("format") != "welore-quant-plan":
             raise WeloreError("This JSON is not a welore quantization plan; pass a plan written by welore.")
-        if data.get("version", 0) > QUANT_PLAN_VERSION:
-            raise WeloreError(f"The quantization plan has version {data.get('version')}, newer than this welore reads ({QUANT_PLAN_VERSION}); upgrade welore.")
+        check_version(data, "version", QUANT_PLAN_VERSION, "The quantization plan")
         matrices = data.get("matrices") or {}
         try:
             return cls(
@@ -403,12 +404,13 @@ class QuantConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        if "target_bits" in data:
+    def from_dict(cls, data: dict, what: str = "The quantization config") -> QuantConfig:
+        from welore.versioned import config_from_dict
+
+        data = dict(data)
+        if "target_bits" in data and isinstance(data["target_bits"], list):
             data["target_bits"] = tuple(data["target_bits"])
-        return cls(**data)
+        return config_from_dict(cls, data, what, CONFIG_VERSION)
 
 
 @dataclass
