@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from welore.devices import float64_device
 from welore.errors import WeloreError
 from welore.stream import Blocks, activation_bytes, block_access, check_activations
 
@@ -58,6 +59,8 @@ class InputStats:
 
     @classmethod
     def zeros(cls, in_features: int, device: torch.device | str | None = None) -> InputStats:
+        """Empty statistics for inputs on `device`, kept in float64 there (on the CPU for MPS)."""
+        device = float64_device(device) if device is not None else None
         return cls(
             xtx=torch.zeros(in_features, in_features, dtype=torch.float64, device=device),
             abs_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
@@ -75,7 +78,7 @@ class InputStats:
 
     def add_(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs x (..., in)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)  # (tokens, in)
         self.xtx.addmm_(x.T, x)  # (in, in)
         self.abs_sum.add_(x.abs().sum(dim=0))  # (in,)
         self.tokens += x.shape[0]

@@ -34,11 +34,13 @@ class RunOptions:
     quiet: bool = field(default=False, metadata={"short": "-q"})  # no progress bars
 
 
-def _load(spec: str, args: argparse.Namespace):
-    """Load `spec` with the command's `LoadOptions` (every field is a keyword of load_model)."""
+def _load(spec: str, args: argparse.Namespace, place: bool = True):
+    """Load `spec` with the command's `LoadOptions` (every field is a keyword of load_model);
+    with `place=False` (fine-tuning places the model itself) it stays on the CPU."""
     from welore.models import LoadOptions, load_model
 
-    return load_model(spec, **asdict(from_args(LoadOptions, args)))
+    placement = {} if place else {"device": None}
+    return load_model(spec, **asdict(from_args(LoadOptions, args, **placement)))
 
 
 def _check_load_options(args: argparse.Namespace) -> None:
@@ -335,7 +337,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     _check_load_options(args)
     check_precision(config.precision, config.device)
     check_output(Path(args.out), config, args.overwrite, args.resume)
-    loaded = _load(args.model, args)
+    loaded = _load(args.model, args, place=False)
     result = finetune(loaded.model, loaded.tokenizer, config, out=args.out, overwrite=args.overwrite,
                       resume=args.resume, source=args.model, progress=not args.quiet)
     from accelerate import PartialState
@@ -372,8 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    def loading(p: argparse.ArgumentParser) -> None:
-        add_options(p.add_argument_group("model loading"), LoadOptions)
+    def loading(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+        add_options(p.add_argument_group("model loading"), LoadOptions, exclude=exclude)
 
     plan_fields = ("ratio", "method", "targets", "lrc_min_cut")
 
@@ -428,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out (and an unfinished run's checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished run of --out from its last checkpoint")
     add_options(p.add_argument_group("fine-tuning"), FinetuneConfig)
-    loading(p)
+    loading(p, exclude=("device",))  # fine-tuning places the model itself
     return parser
 
 

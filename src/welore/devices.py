@@ -3,6 +3,11 @@
 `auto` is the accelerator when there is one (a CUDA GPU, else Apple's MPS), else the CPU. A
 device that is not there, or a name torch does not know, is one clear `WeloreError` at once,
 not a CUDA traceback minutes later.
+
+The model, the calibration forwards, the XᵀX accumulation, the spectra and the factorizations
+run on the chosen device. The numerically sensitive steps (XᵀX, Cholesky/eigh, the Gram
+matrices and their eigen-decompositions) run in float64 there; MPS has no float64, so for a
+model on MPS they run in float64 on the CPU (`float64_device`).
 """
 
 from __future__ import annotations
@@ -43,3 +48,14 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cpu":
         return torch.device("cpu")
     return device
+
+
+def check_device(spec: str) -> None:
+    """Raise the one-sentence `WeloreError` of `resolve_device` for a device that is not here."""
+    resolve_device(spec)
+
+
+def float64_device(device: torch.device | str) -> torch.device:
+    """Where float64 work for tensors on `device` runs: the device itself, or the CPU for MPS."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device

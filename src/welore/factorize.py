@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import scipy.linalg
 import torch
 
+from welore.devices import float64_device
 from welore.errors import WeloreError
 from welore.spectrum import singular_values
 
@@ -120,7 +121,7 @@ def top_factors(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     with σ_r = 0) the full float64 SVD is used instead.
     """
     assert 1 <= rank <= min(a.shape), f"rank {rank} outside [1, {min(a.shape)}] for a {tuple(a.shape)} matrix"
-    a = a.detach().to(torch.float64)  # (m, n)
+    a = a.detach().to(float64_device(a.device), torch.float64)  # (m, n); MPS: on the CPU
     wide = a.shape[0] <= a.shape[1]
     gram = a @ a.T if wide else a.T @ a  # (k, k), k = min(m, n)
     top, vectors = _top_eigenpairs(gram, rank)  # (r,) σ_1² ≥ … ≥ σ_r², (k, r)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from welore._io import atomic_dir, cache_dir
 from welore.checkpoint import empty_model, is_checkpoint, load
+from welore.devices import DEVICES, check_device, resolve_device
 from welore.errors import WeloreError
 from welore.stream import parse_memory, should_stream, stream_
 
@@ -55,11 +56,14 @@ class LoadOptions:
     """How every command that loads a model loads it; each field is a keyword of `load_model`
     and an option of those commands (`welore.options`)."""
 
-    dtype: str = "float32"  # weights' dtype: float32, bfloat16, float16, or auto (as the source stores them)
+    dtype: str = "auto"  # weights' dtype: auto (as the source stores them, e.g. bfloat16), float32, bfloat16 or float16
+    device: str | None = field(default="auto", metadata={"metavar": "{" + ",".join(DEVICES) + "}"})  # where the model runs and is factorized: auto (the GPU when there is one), cpu, cuda, cuda:N or mps
     max_memory: str | None = None  # memory budget, e.g. 4GB or 4GiB: read the decoder blocks from disk one at a time (automatic when the model would not fit in memory)
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
+        if self.device is not None:
+            check_device(self.device)
         if self.max_memory is not None:
             try:
                 parse_memory(self.max_memory)
@@ -147,7 +151,7 @@ def _tokenizer(source: str | Path):
 
 def _pretrained(source: str | Path, dtype: torch.dtype | None) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
     except (OSError, ValueError) as err:
         raise WeloreError(f"Cannot load a causal language model from {source} ({str(err).splitlines()[0]}); check the name or folder.") from None
 
@@ -164,9 +168,13 @@ def _streamed(path: Path, dtype: torch.dtype | None, budget: int | None, device:
 
 
 def load_model(
-    spec: str, dtype: str | None = "float32", device: str | None = None, max_memory: str | int | None = None
+    spec: str, dtype: str | None = "auto", device: str | None = "auto", max_memory: str | int | None = None
 ) -> LoadedModel:
     """Load a model by built-in name, folder, GGUF file, welore checkpoint or hub id.
+
+    `dtype` "auto" keeps the dtype the source stores (float32 for the built-in model, bfloat16
+    for most modern checkpoints); `device` "auto" puts the model on the GPU when there is one
+    (`welore.devices`), None leaves it on the CPU where it was read.
 
     With `max_memory` (bytes, or a string such as "4GB" or "4GiB"), or when a folder's weights
     would not fit the memory available, only the weights outside the decoder blocks are read;
@@ -174,6 +182,7 @@ def load_model(
     analyze, evaluate and export work within that memory.
     """
     weights_dtype = parse_dtype(dtype)
+    device = str(resolve_device(device)) if device is not None else None
     budget = parse_memory(max_memory) if max_memory is not None else None
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS:

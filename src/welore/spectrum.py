@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore._io import atomic_file, cache_dir
+from welore.devices import float64_device
 from welore.errors import WeloreError
 from welore.targets import weight_matrix
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
     """All min(m, n) singular values of a 2-D matrix, descending, float64, on the CPU."""
-    w = weight.detach().to(torch.float64)
+    w = weight.detach().to(float64_device(weight.device), torch.float64)  # (m, n); MPS: on the CPU
     gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # (k, k), k = min(m, n)
     eigenvalues = torch.linalg.eigvalsh(gram)  # ascending; tiny negatives are round-off
     return eigenvalues.clamp_min(0).sqrt().flip(0).cpu()
