@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -106,10 +108,10 @@ def law(args: argparse.Namespace, tokens: int, job: str, base: int) -> dict[str,
     """The README's peak-memory law for `job`, term by term, in bytes."""
     import torch
 
-    from welore.models import DTYPES, builtin_model_dir
+    from welore.models import DTYPES
     from welore.stream import StreamedBlocks, TensorFiles, decoder_blocks
 
-    folder = builtin_model_dir(args.model) if not Path(args.model).is_dir() else Path(args.model)
+    folder = Path(args.model)
     config = json.loads((folder / "config.json").read_text())
     dtype = DTYPES.get(args.dtype, torch.float32)
     files = TensorFiles(folder)
@@ -141,6 +143,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=1, help="jobs run at once (times are then not comparable; peaks are)")
     parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
     parser.add_argument("--section", default="stream-memory", help="section of docs/benchmarks.md to write")
     parser.add_argument("--json", default="docs/stream_memory.json", help="raw results (default docs/stream_memory.json)")
@@ -153,6 +156,11 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     command = "python benchmarks/stream_memory.py " + " ".join(sys.argv[1:])
+    label = args.model
+    if not Path(args.model).is_dir():  # a built-in name: its converted folder, so the jobs' private caches need not convert it
+        from welore.models import builtin_model_dir
+
+        args.model = str(builtin_model_dir(args.model))
     rows = []
     with tempfile.TemporaryDirectory(prefix="stream-memory-") as work:
         def run(job: str, streamed: bool, **extra) -> dict:
@@ -163,7 +171,8 @@ def main() -> None:
             cmd += ["--calib-tokens", str(extra.get("calib_tokens", args.calib_tokens[0]))]
             if streamed:
                 cmd.append("--streamed")
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            env = {**os.environ, "WELORE_CACHE": tempfile.mkdtemp(prefix="cache-", dir=work)}  # no cached spectra
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if done.returncode:
                 raise RuntimeError(f"{job} failed:\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -174,30 +183,39 @@ def main() -> None:
         jobs = [j for j in args.jobs if j != "baseline"]
         if "export" in jobs and "compress-svd" not in jobs:
             jobs.insert(0, "compress-svd")
-        for job in jobs:
-            sizes = args.calib_tokens if job == "compress-whiten-seq" else [None]
-            for calib_tokens in sizes:
-                extra = {"calib_tokens": calib_tokens} if calib_tokens else {}
-                pair = {kind: run(job, kind == "streamed", **extra) for kind in ("resident", "streamed")}
-                tokens = pair["streamed"].get("tokens", 0)
-                terms = law(args, tokens, job, base)
-                rows.append({"job": job, "tokens": tokens, "resident": pair["resident"], "streamed": pair["streamed"],
-                             "identical": pair["resident"].get("digest") == pair["streamed"].get("digest"),
-                             "law": terms, "predicted": sum(terms.values())})
-    Path(args.json).write_text(json.dumps({"command": command, "machine": machine(), "baseline_rss": base,
+        cases = [(job, {"calib_tokens": n} if n else {}) for job in jobs
+                 for n in (args.calib_tokens if job == "compress-whiten-seq" else [None])]
+        # Peaks are per process, so jobs may run side by side (--parallel); export reads compress-svd's output.
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            futures = {(job, str(extra), kind): pool.submit(run, job, kind == "streamed", **extra)
+                       for job, extra in cases if job != "export" for kind in ("resident", "streamed")}
+            for future in futures.values():
+                future.result()
+            futures.update({(job, str(extra), kind): pool.submit(run, job, kind == "streamed", **extra)
+                            for job, extra in cases if job == "export" for kind in ("resident", "streamed")})
+        for job, extra in cases:
+            pair = {kind: futures[(job, str(extra), kind)].result() for kind in ("resident", "streamed")}
+            tokens = pair["streamed"].get("tokens", 0)
+            terms = law(args, tokens, job, base)
+            rows.append({"job": job, "tokens": tokens, "resident": pair["resident"], "streamed": pair["streamed"],
+                         "identical": pair["resident"].get("digest") == pair["streamed"].get("digest"),
+                         "law": terms, "predicted": sum(terms.values())})
+    Path(args.json).write_text(json.dumps({"command": command, "machine": machine(), "model": label, "baseline_rss": base,
                                            "rows": rows}, indent=2) + "\n")
     gb = 1e9
     lines = [
-        f"Peak resident memory (VmHWM of the job's own process) of {args.model} ({args.dtype}), whole model "
+        f"Peak resident memory (VmHWM of the job's own process) of {label} ({args.dtype}), whole model "
         f"vs `max_memory={args.max_memory}` (one decoder block at a time), ratio {args.ratio}; "
         f"an empty job (python + torch + welore imported) peaks at {base / gb:.2f} GB. "
         "`law` is the README's peak-memory law for the streamed run; `identical` compares the saved "
-        "factors' bytes (or the perplexity) of the two runs.",
+        "factors' bytes (or the perplexity) of the two runs. "
+        + (f"{args.parallel} jobs ran at once on a shared machine, so the wall times only say the streamed runs "
+           "are not slower by much; the peaks are each process's own." if args.parallel > 1 else ""),
         "",
         f"Command: `{command}`  ",
         f"Machine: {machine()}",
         "",
-        "| job | tokens | resident peak | streamed peak | streamed / resident | law (streamed) | law terms (GB) | time resident → streamed | identical |",
+        "| job | tokens | resident peak | streamed peak | streamed / resident | law (streamed) | law terms (GB) | wall time resident → streamed | identical |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
