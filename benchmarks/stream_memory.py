@@ -67,6 +67,10 @@ def child(args: argparse.Namespace) -> dict:
     from welore.models import load_model
 
     max_memory = args.max_memory if args.streamed else None
+    if args.streamed:  # as the CLI does when --max-memory is given
+        from welore.stream import return_freed_memory
+
+        return_freed_memory()
     start = time.perf_counter()
     result: dict = {}
     out = Path(args.work) / f"{args.job}-{'streamed' if args.streamed else 'resident'}"
@@ -82,7 +86,7 @@ def child(args: argparse.Namespace) -> dict:
             save(loaded.model, out)
             result["digest"] = _digest(out)
         elif args.job == "compress-whiten-seq":
-            windows = token_windows(loaded.tokenizer, load_text("wiki", split="calib"), args.seq_len, args.calib_tokens)
+            windows = token_windows(loaded.tokenizer, load_text("wiki", split="calib"), args.seq_len, args.calib_tokens[0])
             config = CompressConfig(ratio=args.ratio, method="welore", factorizer="whiten", sequential=True,
                                     calib="wiki", calib_tokens=windows.numel())
             compress_(loaded.model, config, calibration=windows, progress=False)
@@ -104,32 +108,59 @@ def child(args: argparse.Namespace) -> dict:
     return result
 
 
-def law(args: argparse.Namespace, tokens: int, job: str, base: int) -> dict[str, int]:
-    """The README's peak-memory law for `job`, term by term, in bytes."""
+def law(settings: dict, tokens: int, job: str, base: int) -> dict[str, int]:
+    """The README's peak-memory law for a streamed `job`, term by term, in bytes."""
     import torch
 
-    from welore.models import DTYPES
-    from welore.stream import StreamedBlocks, TensorFiles, decoder_blocks
-
-    folder = Path(args.model)
-    config = json.loads((folder / "config.json").read_text())
-    dtype = DTYPES.get(args.dtype, torch.float32)
-    files = TensorFiles(folder)
     from welore.checkpoint import empty_model
+    from welore.models import DTYPES
+    from welore.stream import StreamedBlocks, TensorFiles
 
-    skeleton = empty_model(folder, dtype)
-    access = StreamedBlocks(skeleton, files)
+    folder = Path(settings["model"])
+    config = json.loads((folder / "config.json").read_text())
+    dtype = DTYPES.get(settings["dtype"], torch.float32)
+    access = StreamedBlocks(empty_model(folder, dtype), TensorFiles(folder))
     d, mlp, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    _, blocks = decoder_blocks(skeleton)
     terms = {"P": base, "W_out": access.outside_bytes, "2·W_block": 2 * access.block_bytes}
     if job in ("compress-whiten-seq", "evaluate"):
         terms["N·T·d·b"] = tokens * d * dtype.itemsize
     if job == "compress-whiten-seq":
         terms["S"] = (3 * d * d + mlp * mlp) * 8  # q/k/v, o, gate/up and down inputs
     if job == "evaluate":
-        terms["L"] = 2 * args.batch_size * args.seq_len * vocab * 4
-    del blocks
+        terms["L"] = 2 * settings["batch_size"] * settings["seq_len"] * vocab * 4
+    if job.startswith(("compress", "export")):  # the largest shard written (the embeddings), serialized in memory
+        terms["2·W_shard"] = 2 * access.outside_bytes
     return terms
+
+
+def render(data: dict) -> str:
+    """The docs section for the results in `data` (the --json file), with the law beside each streamed peak."""
+    settings, base, gb = data["settings"], data["baseline_rss"], 1e9
+    lines = [
+        f"Peak resident memory (VmHWM of the job's own process) of {data['model']} ({settings['dtype']}), whole model "
+        f"vs `max_memory={settings['max_memory']}` (one decoder block at a time), ratio {settings['ratio']}; "
+        f"an empty job (python + torch + welore imported) peaks at {base / gb:.2f} GB. "
+        "`law` is the README's peak-memory law for the streamed run; `identical` compares the saved "
+        "factors' bytes (or the perplexity) of the two runs. "
+        + (f"{settings['parallel']} jobs ran at once on a shared machine, so the wall times only say the streamed "
+           "runs are not slower by much; the peaks are each process's own." if settings["parallel"] > 1 else ""),
+        "",
+        f"Command: `{data['command']}`  ",
+        f"Machine: {data['machine']}",
+        "",
+        "| job | tokens | resident peak | streamed peak | streamed / resident | law (streamed) | law terms (GB) | wall time resident → streamed | identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        r, s = row["resident"], row["streamed"]
+        terms = law(settings, row["tokens"], row["job"], base)
+        text = ", ".join(f"{k} {v / gb:.3f}" for k, v in terms.items())
+        lines.append(
+            f"| {row['job']} | {row['tokens'] or '-'} | {r['peak_rss'] / gb:.2f} GB | {s['peak_rss'] / gb:.2f} GB | "
+            f"{s['peak_rss'] / r['peak_rss']:.2f}× | {sum(terms.values()) / gb:.2f} GB | {text} | "
+            f"{r['seconds']:.0f} s → {s['seconds']:.0f} s | {'yes' if row['identical'] else 'NO'} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -147,6 +178,7 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
     parser.add_argument("--section", default="stream-memory", help="section of docs/benchmarks.md to write")
     parser.add_argument("--json", default="docs/stream_memory.json", help="raw results (default docs/stream_memory.json)")
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the docs section from a --json file of an earlier run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--streamed", action="store_true", help=argparse.SUPPRESS)
@@ -154,6 +186,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
+        return
+    if args.render:
+        _write(args.section, json.loads(Path(args.render).read_text()))
         return
     command = "python benchmarks/stream_memory.py " + " ".join(sys.argv[1:])
     label = args.model
@@ -195,39 +230,20 @@ def main() -> None:
                             for job, extra in cases if job == "export" for kind in ("resident", "streamed")})
         for job, extra in cases:
             pair = {kind: futures[(job, str(extra), kind)].result() for kind in ("resident", "streamed")}
-            tokens = pair["streamed"].get("tokens", 0)
-            terms = law(args, tokens, job, base)
-            rows.append({"job": job, "tokens": tokens, "resident": pair["resident"], "streamed": pair["streamed"],
-                         "identical": pair["resident"].get("digest") == pair["streamed"].get("digest"),
-                         "law": terms, "predicted": sum(terms.values())})
-    Path(args.json).write_text(json.dumps({"command": command, "machine": machine(), "model": label, "baseline_rss": base,
-                                           "rows": rows}, indent=2) + "\n")
-    gb = 1e9
-    lines = [
-        f"Peak resident memory (VmHWM of the job's own process) of {label} ({args.dtype}), whole model "
-        f"vs `max_memory={args.max_memory}` (one decoder block at a time), ratio {args.ratio}; "
-        f"an empty job (python + torch + welore imported) peaks at {base / gb:.2f} GB. "
-        "`law` is the README's peak-memory law for the streamed run; `identical` compares the saved "
-        "factors' bytes (or the perplexity) of the two runs. "
-        + (f"{args.parallel} jobs ran at once on a shared machine, so the wall times only say the streamed runs "
-           "are not slower by much; the peaks are each process's own." if args.parallel > 1 else ""),
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {machine()}",
-        "",
-        "| job | tokens | resident peak | streamed peak | streamed / resident | law (streamed) | law terms (GB) | wall time resident → streamed | identical |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        r, s = row["resident"], row["streamed"]
-        terms = ", ".join(f"{k} {v / gb:.3f}" for k, v in row["law"].items())
-        lines.append(
-            f"| {row['job']} | {row['tokens'] or '-'} | {r['peak_rss'] / gb:.2f} GB | {s['peak_rss'] / gb:.2f} GB | "
-            f"{s['peak_rss'] / r['peak_rss']:.2f}× | {row['predicted'] / gb:.2f} GB | {terms} | "
-            f"{r['seconds']:.0f} s → {s['seconds']:.0f} s | {'yes' if row['identical'] else 'NO'} |"
-        )
-    write_section(args.section, "\n".join(lines))
-    print("\n".join(lines))
+            rows.append({"job": job, "tokens": pair["streamed"].get("tokens", 0), "resident": pair["resident"],
+                         "streamed": pair["streamed"],
+                         "identical": pair["resident"].get("digest") == pair["streamed"].get("digest")})
+    settings = {k: getattr(args, k) for k in ("model", "dtype", "ratio", "max_memory", "batch_size", "seq_len", "parallel")}
+    data = {"command": command, "machine": machine(), "model": label, "settings": settings, "baseline_rss": base,
+            "rows": rows}
+    Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+    _write(args.section, data)
+
+
+def _write(section: str, data: dict) -> None:
+    text = render(data)
+    write_section(section, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -446,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         _quiet_libraries()
+        if getattr(args, "max_memory", None) is not None:
+            from welore.stream import return_freed_memory
+
+            return_freed_memory()  # a budget: hand freed blocks back to the system at once
         args.func(args)
     except WeloreError as err:
         print(f"welore: error: {err}", file=sys.stderr)
