@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), default="tinyllama-1.1b")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=["free"])
-    parser.add_argument("--dir", default="/tmp/welore-bigmodel", help="scratch folder (deleted after unless --keep)")
+    parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "welore-bigmodel"),
+                        help="scratch folder (deleted after unless --keep; default: welore-bigmodel in the system temp folder)")
     parser.add_argument("--max-memory", help="also pass --max-memory to every welore command")
     parser.add_argument("--keep", action="store_true", help="keep the model and outputs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
