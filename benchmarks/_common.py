@@ -39,3 +39,10 @@ def write_section(name: str, markdown: str) -> None:
     tmp = DOC.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(DOC)
+
+
+def publish(name: str, markdown: str, write: bool = True) -> None:
+    """Print a script's table and, unless the user passed --no-write, make it section `name`."""
+    print(markdown)
+    if write:
+        write_section(name, markdown)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine, write_section
+from _common import machine, publish
 from accelerate import init_empty_weights
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -169,9 +169,7 @@ def main() -> None:
         lines.append(f"| {run} | `welore {command}` | {f['rss_gb']:.2f} | {f['rss_gb'] * 1e9 / size:.2f} | "
                      f"{f['wall_s']:.0f} | {f['cpu_s']:.0f} | {f['wall_s'] / layers:.1f} |")
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(f"bigmodel-{args.model}", text)
+    publish(f"bigmodel-{args.model}", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DOC, machine, write_section
+from _common import DOC, machine, publish
 
 from welore.checkpoint import save
 from welore.compress import CompressConfig, compress_
@@ -99,9 +99,8 @@ def main() -> None:
             f"{r['generate_tokens_per_s']:.1f} ({r['generate_tokens_per_s'] / dense_generate:.2f}×) |"
         )
     text = "\n".join(lines)
-    print(text)
+    publish("compression", text, write=not args.no_write)
     if not args.no_write:
-        write_section("compression", text)
         (DOC.parent / "compression.json").write_text(json.dumps(records, indent=2) + "\n")
 
 

@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from _common import machine, write_section
+from _common import machine, publish
 from threadpoolctl import threadpool_limits
 
 from welore.factorize import top_factors
@@ -126,9 +126,7 @@ def main() -> None:
             f"{gram[0]:.2f} / {gram[1]:.2f} | {f32[1] / gram[1]:.1f}× | {f64[1] / gram[1]:.1f}× | {error:.1e} |"
         )
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("factorize-speed", text)
+    publish("factorize-speed", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

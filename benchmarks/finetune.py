@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DOC, machine, write_section
+from _common import DOC, machine, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 WELORE = [sys.executable, "-m", "welore.cli"]
@@ -148,9 +148,7 @@ def main() -> None:
         "",
         comparison,
     ])
-    print(text)
-    if not args.no_write:
-        write_section("finetune", text)
+    publish("finetune", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

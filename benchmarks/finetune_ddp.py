@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, write_section
+from _common import machine, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH = 4  # blocks per optimizer step, all processes together
@@ -138,9 +138,7 @@ def main() -> None:
         "",
         meaning(speed, memory, loads),
     ])
-    print(text)
-    if not args.no_write:
-        write_section("finetune-ddp", text)
+    publish("finetune-ddp", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import copy
 import json
 import time
 
-from _common import DOC, machine, write_section
+from _common import DOC, machine, publish
 
 from welore.calibrate import iter_block_stats
 from welore.compress import CompressConfig, compress_, factorize_layer
@@ -172,9 +172,8 @@ def main() -> None:
         lines.append(f"| {name} | {recs[0]['calibration_s']:.1f} | {recs[0]['spectra_s']:.1f} | {factorize:.1f} | {total:.1f} |")
     lines += ["", "![perplexity vs ratio](frontier.png)"]
     text = "\n".join(lines)
-    print(text)
+    publish("frontier", text, write=not args.no_write)
     if not args.no_write:
-        write_section("frontier", text)
         (DOC.parent / "frontier.json").write_text(json.dumps({"dense": dense, "records": records}, indent=2) + "\n")
         points = [(x["label"], x["achieved_ratio"], x["perplexity"]["wiki"]) for x in records]
         plot_perplexity_vs_ratio(points, DOC.parent / "frontier.png", dense=dense["wiki"],

@@ -30,7 +30,7 @@ import statistics
 import time
 
 import torch
-from _common import machine, write_section
+from _common import machine, publish
 
 from welore.models import load_model
 from welore.optim import FiraAdamW, GaLoreAdamW
@@ -127,9 +127,7 @@ def main() -> None:
         "passes, so on a CPU the step time grows with the rank whatever the refresh method; Fira adds two "
         "passes over G. Goal for the default method (GaLore, subspace): ≤ 1.5× AdamW.",
     ])
-    print(markdown)
-    if not args.no_write:
-        write_section("optim-speed", markdown)
+    publish("optim-speed", markdown, write=not args.no_write)
 
 
 if __name__ == "__main__":

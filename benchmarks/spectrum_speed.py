@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-from _common import machine, write_section
+from _common import machine, publish
 
 from welore.models import load_model
 from welore.spectrum import singular_values_many
@@ -75,9 +75,7 @@ def main() -> None:
     lines += ["", "Relative error: max over all singular values of |σ_welore − σ_ref| / σ_ref, "
               "with σ_ref from float64 `torch.linalg.svdvals`."]
     text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("spectrum-speed", text)
+    publish("spectrum-speed", text, write=not args.no_write)
 
 
 if __name__ == "__main__":
