@@ -93,6 +93,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(capsys, fold
     ddp = launch(*common, "--batch-size", "2", "--save-every", "2", "--out", tmp_path / "ddp")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert ddp.stdout.count("trainable parameters:") == 1  # only the main process reports
+    assert ddp.stdout.count("peak memory:") == 1
     assert "(2 processes" in ddp.stdout
     one_process(capsys, *common, "--batch-size", "4", "--out", tmp_path / "one")
 

@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -457,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("welore: interrupted; nothing partial was left behind.", file=sys.stderr)
         return 130
-    print(_peak_memory_line())
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the main process alone reports
+        print(_peak_memory_line())
     return 0
 
 
