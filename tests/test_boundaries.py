@@ -38,16 +38,7 @@ def _calls(path: Path) -> set[str]:
     return calls
 
 
-def _library_files() -> list:
-    known = {  # still does it: lm-eval resolves a task file's relative data paths against the working directory
-        "tasks.py": "tasks.py changes directory to --task-dir and patches lm-eval's tqdm (open in issue 11)",
-    }
-    return [pytest.param(p, id=str(p.relative_to(SRC)),
-                         marks=[pytest.mark.xfail(strict=True, reason=known[p.name])] if p.name in known else [])
-            for p in sorted(SRC.rglob("*.py"))]
-
-
-@pytest.mark.parametrize("path", _library_files())
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
 def test_library_code_leaves_global_state_alone(path: Path) -> None:
     assert not _calls(path) & {"os.chdir", "matplotlib.use"}
     assert not _imports(path) & {"matplotlib.pyplot", "unittest.mock", "unittest"}

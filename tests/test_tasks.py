@@ -105,6 +105,36 @@ def test_relative_data_files_resolve_against_the_task_dir(tiny_llama, smollm2_to
     assert Path.cwd() == tmp_path
 
 
+def test_task_folder_with_a_tag_and_data_in_a_subfolder(tiny_llama, smollm2_tokenizer, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy of the task whose data file sits in a subfolder, named as a list, and reached through
+    a tag: run from another working directory, both tasks score as the original does."""
+    folder = tmp_path / "tasks"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "q.jsonl").write_text((TASK_DIR / f"{TASK}.jsonl").read_text())
+    original = (TASK_DIR / f"{TASK}.yaml").read_text()
+    assert "    test: welore_tiny_mc.jsonl\n" in original
+    for name, files in [("copy_a", "    test: data/q.jsonl\n"), ("copy_b", "    test: [data/q.jsonl]\n")]:
+        text = original.replace(f"task: {TASK}", f"task: {name}\ntag: copies").replace(
+            "    test: welore_tiny_mc.jsonl\n", files)
+        (folder / f"{name}.yaml").write_text(text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    scores = run_tasks(tiny_llama, smollm2_tokenizer, ["copies"], task_dir=Path("..") / "tasks", limit=3,
+                       progress=False)
+    reference = run_tasks(tiny_llama, smollm2_tokenizer, [TASK], task_dir=TASK_DIR, limit=3, progress=False)[TASK]
+    assert scores == {"copy_a": reference, "copy_b": reference}
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bars_of_scoring(tiny_llama, smollm2_tokenizer, capfd: pytest.CaptureFixture,
+                                  progress: bool) -> None:
+    run_tasks(tiny_llama, smollm2_tokenizer, [TASK], task_dir=TASK_DIR, limit=2, progress=progress)
+    err = capfd.readouterr().err
+    assert ("Running loglikelihood requests" in err) == progress
+
+
 def test_tokenizer_is_not_modified(tiny_llama, smollm2_tokenizer) -> None:
     import copy
 

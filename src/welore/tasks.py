@@ -9,16 +9,21 @@ handed to lm-eval's `HFLM` wrapper, so a compressed model is scored exactly as i
 no export. A task is named as lm-eval names it: one of lm-eval's built-in tasks (e.g.
 `arc_easy`, `hellaswag`; `lm-eval ls tasks` lists them), whose datasets come from the Hugging
 Face hub and so need network access or the HF cache, or a task defined by a YAML file in a
-task folder (`task_dir`), which can read a local data file and needs no network. Relative
-paths inside task files (such as `dataset_kwargs: data_files:`) are resolved against the task
-folder. `tests/data/tasks/welore_tiny_mc.yaml` is a twelve-question example to copy.
+task folder (`task_dir`), which can read a local data file and needs no network. A task (or
+tag) of the task folder is read with lm-eval's YAML loader and handed to lm-eval as a config
+whose relative data paths (`dataset_kwargs: data_files:`, a local `dataset_path`) are made
+absolute against the task folder, so it runs from any working directory; a group is handed to
+lm-eval by name, so its tasks' data paths must be absolute.
+`tests/data/tasks/welore_tiny_mc.yaml` is a twelve-question example to copy.
 
 For a multiple-choice task, `acc` is the fraction of questions where the choice with the
 highest log-likelihood after the question is the right one, and `acc_norm` the same with
 log-likelihoods divided by the choices' lengths in characters; `*_stderr` are their standard errors.
 
 lm-eval is an optional dependency: `pip install 'welore[lmeval]'`. It is imported only when
-tasks are run. Its log messages are silenced unless welore's own logging shows INFO.
+tasks are run. Its log messages are silenced unless welore's own logging shows INFO; with
+`progress=False` its scoring loops run with their `disable_tqdm` switch (lm-eval 0.4.13 has
+none for the short bar it draws while it builds each task's prompts).
 """
 
 from __future__ import annotations
@@ -31,12 +36,10 @@ import importlib
 import logging
 import math
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from torch import nn
 
@@ -49,8 +52,6 @@ INSTALL_HINT = "Task evaluation needs lm-eval; run `pip install 'welore[lmeval]'
 LIST_HINT = ("`lm-eval ls tasks` lists the built-in ones, and a task of your own is a YAML file in a "
              "folder passed with --task-dir")
 _LM_EVAL_LOGGERS = ("lm_eval", "lm-eval")  # the second is the name older lm-eval versions use
-# lm-eval modules that draw progress bars with a module-level `tqdm` (silenced with progress=False)
-_TQDM_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
 _STDERR_SUFFIX = "_stderr"
 
 
@@ -135,30 +136,9 @@ def check_tasks(tasks: list[str], task_dir: str | os.PathLike[str] | None = None
 
 
 @contextlib.contextmanager
-def _working_dir(path: Path | None) -> Iterator[None]:
-    """Run the block in `path` (if given), so relative paths in task files resolve against it."""
-    if path is None:
-        yield
-        return
-    previous = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def _no_bar(tqdm_class: Any) -> Any:
-    """A stand-in for `tqdm_class` that never draws, whatever `disable=` its caller passes."""
-    def make(*args: Any, **kwargs: Any) -> Any:
-        return tqdm_class(*args, **{**kwargs, "disable": True})
-    return make
-
-
-@contextlib.contextmanager
-def _quiet(progress: bool) -> Iterator[None]:
+def _quiet() -> Iterator[None]:
     """Silence lm-eval's logging (unless welore logs INFO) and the datasets library's progress
-    bars; with `progress=False` also lm-eval's own progress bars. Everything is restored after."""
+    bars; both are restored after."""
     import datasets
 
     with contextlib.ExitStack() as stack:
@@ -170,12 +150,72 @@ def _quiet(progress: bool) -> Iterator[None]:
         if datasets.is_progress_bar_enabled():
             datasets.disable_progress_bars()
             stack.callback(datasets.enable_progress_bars)
-        if not progress:
-            for name in _TQDM_MODULES:
-                module = sys.modules.get(name)
-                if module is not None and hasattr(module, "tqdm"):
-                    stack.enter_context(mock.patch.object(module, "tqdm", _no_bar(module.tqdm)))
         yield
+
+
+def _language_model(lm_eval: Any, model: nn.Module, tokenizer: Any, batch_size: int, progress: bool) -> Any:
+    """lm-eval's HFLM wrapper of the in-memory `model`; with `progress=False` its request loops
+    run with the `disable_tqdm` switch lm-eval gives them."""
+    class QuietHFLM(lm_eval.models.huggingface.HFLM):
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            return super().generate_until(requests, disable_tqdm=True)
+
+    wrapper = lm_eval.models.huggingface.HFLM if progress else QuietHFLM
+    return wrapper(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+
+
+def _task_specs(tasks: list[str], manager: Any, task_dir: Path | None) -> list[str | dict[str, Any]]:
+    """What to hand lm-eval for each of `tasks`: a task of `task_dir` as its config, read with
+    lm-eval's YAML loader, with relative data paths made absolute against `task_dir`; a tag of
+    `task_dir` as its tasks' configs; anything else (a built-in task, a group) by name."""
+    if task_dir is None:
+        return list(tasks)
+    load_yaml = _import_lm_eval("tasks._yaml_loader").tasks._yaml_loader.load_yaml
+    index = manager.task_index
+
+    def from_folder(name: str) -> bool:
+        path = index[name].yaml_path
+        return path is not None and path.resolve().is_relative_to(task_dir)
+
+    def config(name: str) -> dict[str, Any]:
+        return _absolute_data_paths(load_yaml(index[name].yaml_path), task_dir)
+
+    specs: list[str | dict[str, Any]] = []
+    for name in tasks:
+        if name in manager.all_tags and all(from_folder(task) for task in index[name].tags):
+            specs.extend(config(task) for task in sorted(index[name].tags))
+        elif name in manager.all_subtasks and from_folder(name):
+            specs.append(config(name))
+        else:
+            specs.append(name)
+    return specs
+
+
+def _absolute_data_paths(config: dict[str, Any], task_dir: Path) -> dict[str, Any]:
+    """`config` with its `dataset_kwargs.data_files` (a path, a list or a {split: path(s)} dict)
+    made absolute against `task_dir`, as is `dataset_path` when it names something in `task_dir`."""
+    def absolute(paths: Any) -> Any:
+        if isinstance(paths, str):
+            return paths if "://" in paths else str(task_dir / paths)  # an absolute path stays as it is
+        if isinstance(paths, list):
+            return [absolute(p) for p in paths]
+        if isinstance(paths, dict):
+            return {split: absolute(p) for split, p in paths.items()}
+        return paths
+
+    kwargs = config.get("dataset_kwargs")
+    if isinstance(kwargs, dict) and "data_files" in kwargs:
+        config["dataset_kwargs"] = {**kwargs, "data_files": absolute(kwargs["data_files"])}
+    dataset_path = config.get("dataset_path")
+    if isinstance(dataset_path, str) and (task_dir / dataset_path).exists():
+        config["dataset_path"] = str(task_dir / dataset_path)
+    return config
 
 
 def _network_error(err: BaseException) -> ConnectionError | None:
@@ -239,10 +279,11 @@ def run_tasks(
     manager = _task_manager(tasks, folder)
     logger.info("Running lm-eval %s on %s (%d-shot%s).", lm_eval.__version__, ", ".join(tasks), num_fewshot,
                 f", at most {limit} examples per task" if limit else "")
-    with _eval_mode(model), _quiet(progress), _working_dir(folder):
-        lm = lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    specs = _task_specs(tasks, manager, folder)
+    with _eval_mode(model), _quiet():
+        lm = _language_model(lm_eval, model, tokenizer, batch_size, progress)
         try:
-            output = lm_eval.evaluator.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+            output = lm_eval.evaluator.simple_evaluate(model=lm, tasks=specs, task_manager=manager,
                                                        num_fewshot=num_fewshot, limit=limit, log_samples=False)
         except Exception as err:
             network = _network_error(err)
