@@ -1,17 +1,22 @@
 """Filesystem helpers: the cache folder and all-or-nothing output.
 
 Every folder or file welore writes is built under a temporary name next to its destination
-and renamed into place at the end, so an interrupted or failed run leaves nothing half-written.
+and renamed into place at the end, so an interrupted or failed run leaves nothing half-written:
+a folder through `atomic_dir`, a file through `atomic_file` or the `write_text`, `write_json`
+and `write_csv` helpers built on it (which are also used for the files inside an atomic folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from welore.errors import WeloreError
 
@@ -79,3 +84,22 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, payload: Any, indent: int | None = 2) -> None:
+    """Write `payload` as JSON (`indent` spaces per level, None: one line) and a newline to `path`."""
+    write_text(path, json.dumps(payload, indent=indent) + "\n")
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    """Write `rows` (dicts keyed by `columns`) as a CSV file with a header line to `path`."""
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -10,8 +10,6 @@ analysed without ever being whole in memory.
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from welore._io import atomic_dir
+from welore._io import atomic_dir, write_csv, write_json, write_text
 from welore.plan import RankPlan, allocate
 from welore.spectrum import spectral_metrics
+from welore.tables import format_table
 from welore.targets import find_targets, layer_index, matrix_shape, matrix_type
 
 COLUMNS = [
@@ -46,10 +45,7 @@ class Analysis:
         return dict(groups)
 
     def write_csv(self, path: Path) -> None:
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_csv(path, COLUMNS, self.rows)
 
     def to_dict(self) -> dict:
         return {
@@ -65,23 +61,22 @@ class Analysis:
     def summary(self) -> str:
         """A readable per-matrix-type summary, and the plan's headline numbers."""
         lines = [f"{len(self.rows)} target matrices in {self.model}", ""]
-        header = f"{'matrix type':<18}{'count':>6}{'shape':>12}{'eff.rank':>10}{'stable':>8}{'r99':>7}{'alpha':>7}"
+        header = ["matrix type", "count", "shape", "eff.rank", "stable", "r99", "alpha"]
         if self.plan:
-            header += f"{'kept':>8}{'LRC':>6}"
-        lines.append(header)
+            header += ["kept", "LRC"]
+        table = []
         for kind, rows in self.by_type().items():
             n = len(rows)
             full = rows[0]["full_rank"]
-            line = (
-                f"{kind:<18}{n:>6}{rows[0]['out_features']:>6}x{rows[0]['in_features']:<5}"
-                f"{sum(r['effective_rank'] for r in rows) / n / full:>9.0%} "
-                f"{sum(r['stable_rank'] for r in rows) / n:>7.1f}"
-                f"{sum(r['rank_99'] for r in rows) / n / full:>7.0%}"
-                f"{sum(r['alpha'] for r in rows) / n:>7.2f}"
-            )
+            cells = [kind, f"{n}", f"{rows[0]['out_features']}x{rows[0]['in_features']}",
+                     f"{sum(r['effective_rank'] for r in rows) / n / full:.0%}",
+                     f"{sum(r['stable_rank'] for r in rows) / n:.1f}",
+                     f"{sum(r['rank_99'] for r in rows) / n / full:.0%}",
+                     f"{sum(r['alpha'] for r in rows) / n:.2f}"]
             if self.plan:
-                line += f"{sum(r['kept_fraction'] for r in rows) / n:>8.0%}{sum(r['lrc'] for r in rows):>6}"
-            lines.append(line)
+                cells += [f"{sum(r['kept_fraction'] for r in rows) / n:.0%}", f"{sum(r['lrc'] for r in rows)}"]
+            table.append(cells)
+        lines.append(format_table(header, table))
         lines.append("(eff.rank and r99 as a fraction of full rank; kept = mean kept-rank fraction)")
         if self.plan:
             lrc = sum(r["lrc"] for r in self.rows)
@@ -105,8 +100,8 @@ class Analysis:
         from welore.report import plot_kept_heatmap, plot_spectra
 
         self.write_csv(folder / "spectra.csv")
-        (folder / "spectra.json").write_text(json.dumps(self.to_dict()) + "\n")
-        (folder / "summary.txt").write_text(self.summary() + "\n")
+        write_json(folder / "spectra.json", self.to_dict(), indent=None)
+        write_text(folder / "summary.txt", self.summary() + "\n")
         plot_spectra(self, folder / "spectra.png")
         if self.plan:
             self.plan.save(folder / "rank_plan.json")

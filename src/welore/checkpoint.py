@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from welore import __version__
-from welore._io import atomic_dir, check_output_dir
+from welore._io import atomic_dir, check_output_dir, write_json
 from welore.compress import CompressConfig, apply_plan_
 from welore.errors import WeloreError
 from welore.modules import LowRankLinear
@@ -141,7 +141,7 @@ def save(
         quant_plan = getattr(model, "welore_quant_plan", None)
         if quant_plan is not None:
             quant_plan.save(tmp / QUANT_PLAN)
-        (tmp / "welore.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(tmp / "welore.json", meta)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     log.info("saved welore checkpoint to %s", out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import sys
@@ -215,11 +214,10 @@ def _evaluate_one(spec: str, args: argparse.Namespace, options):
 
 
 def _write_json(path: str | None, payload: dict) -> None:
-    from welore._io import atomic_file
+    from welore._io import write_json
 
     if path:
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(path, payload)
         print(f"wrote {path}")
 
 
@@ -265,7 +263,6 @@ def _method_label(model) -> tuple[str, float] | None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """Several models measured one after another in one run, in one table (first = baseline)."""
-    from welore._io import atomic_file
     from welore.evaluate import EvalOptions, format_table
     from welore.report import plot_perplexity_vs_ratio
 
@@ -286,9 +283,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         if not points:
             raise WeloreError("None of the models is a welore checkpoint, so there is no ratio to plot; compare compressed models.")
         dense = [r.perplexity for k, r in results.items() if labels[k] is None]
-        with atomic_file(args.plot) as tmp:
-            plot_perplexity_vs_ratio(points, tmp, dense=dense[0] if dense else None,
-                                     title=f"perplexity on {options.text} vs compression ratio")
+        plot_perplexity_vs_ratio(points, args.plot, dense=dense[0] if dense else None,
+                                 title=f"perplexity on {options.text} vs compression ratio")
         print(f"wrote {args.plot}")
 
 
@@ -296,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The main job on the built-in model and text: analyze, compress (uniform vs WeLore), evaluate."""
     import copy
 
-    from welore._io import atomic_dir
+    from welore._io import atomic_dir, write_json
     from welore.analyze import analyze
     from welore.checkpoint import save
     from welore.compress import CompressConfig, compress_
@@ -323,7 +319,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                 speed=options.speed, progress=not args.quiet)
             del model
             gc.collect()
-        (tmp / "results.json").write_text(json.dumps({k: v.to_dict() for k, v in results.items()}, indent=2) + "\n")
+        write_json(tmp / "results.json", {k: v.to_dict() for k, v in results.items()})
     print(_text_note(options))
     print(format_table(results, baseline="dense"))
     print(f"\nwrote {out}/ (analysis/ with plots and tables, uniform/ and welore/ checkpoints, results.json)")

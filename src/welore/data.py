@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from welore._io import atomic_file, cache_dir
+from welore._io import cache_dir, write_text
 from welore.errors import WeloreError
 from welore.wikitext import iter_wiki_articles, strip_wikitext
 
@@ -152,8 +152,7 @@ def _read_cache(path: Path) -> list[str] | None:
 def _write_cache(path: Path, docs: list[str]) -> None:
     # Squeeze blank-line runs so no document can contain the separator.
     docs = [re.sub(r"\n{3,}", "\n\n", doc.strip()) for doc in docs]
-    with atomic_file(path) as tmp:
-        tmp.write_text(_CACHE_HEADER + "\n" + _DOC_SEPARATOR.join(docs) + "\n", encoding="utf-8")
+    write_text(path, _CACHE_HEADER + "\n" + _DOC_SEPARATOR.join(docs) + "\n")
 
 
 def _builtin_documents(name: str) -> list[str]:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from welore import tables
 from welore.data import DEFAULT_TEXT
 from welore.errors import WeloreError
 from welore.modules import count_parameters
@@ -615,7 +616,7 @@ def format_table(rows: dict[str, EvalResult], baseline: str | None = None) -> st
     header = ["model", "perplexity", "params (M)", "disk (MB)", "peak mem (MB)", "prefill tok/s", "gen tok/s"]
     if baseline is not None:
         header += ["params ×", "prefill ×"]
-    table = [header]
+    table = []
     base = rows[baseline] if baseline is not None else None
     for name, result in rows.items():
         cells = [
@@ -633,12 +634,4 @@ def format_table(rows: dict[str, EvalResult], baseline: str | None = None) -> st
                 _ratio(result.prefill_tokens_per_s, base.prefill_tokens_per_s),
             ]
         table.append(cells)
-    widths = [max(len(row[col]) for row in table) for col in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
-        return "  ".join([first, *rest]).rstrip()
-
-    rule = "  ".join("=" * width for width in widths)
-    return "\n".join([line(table[0]), rule, *(line(cells) for cells in table[1:])])
+    return tables.format_table(header, table)

@@ -19,8 +19,6 @@ comparison across shapes.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,12 +29,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from welore._io import atomic_dir
+from welore._io import atomic_dir, write_csv, write_json, write_text
 from welore.data import DEFAULT_TEXT
 from welore.errors import WeloreError
 from welore.options import check_positive
 from welore.plan import RankPlan
 from welore.spectrum import singular_values_many, spectral_metrics
+from welore.tables import format_table
 from welore.targets import find_targets, layer_index, matrix_type
 
 if TYPE_CHECKING:
@@ -198,17 +197,19 @@ class GradientReport:
     def summary(self) -> str:
         steps = sorted({r["step"] for r in self.steps})
         lines = [f"gradient spectra of {len(self.rows)} target matrices in {self.model}, "
-                 f"{len(steps)} recorded steps ({steps[0]}..{steps[-1]})", "",
-                 f"{'matrix type':<18}{'count':>6}{'grad eff.rank':>15}{'grad stable':>13}{'grad r90':>10}"
-                 f"{'weight eff.rank':>17}" + (f"{'kept':>7}" if self.plan else "")]
+                 f"{len(steps)} recorded steps ({steps[0]}..{steps[-1]})", ""]
+        header = ["matrix type", "count", "grad eff.rank", "grad stable", "grad r90", "weight eff.rank"]
+        header += ["kept"] if self.plan else []
+        table = []
         for kind, rows in self.by_type().items():
-            line = (f"{kind:<18}{len(rows):>6}{_mean(r['grad_effective_fraction'] for r in rows):>15.1%}"
-                    f"{_mean(r['grad_stable_rank'] for r in rows):>13.1f}"
-                    f"{_mean(r['grad_rank90_fraction'] for r in rows):>10.1%}"
-                    f"{_mean(r['weight_effective_fraction'] for r in rows):>17.1%}")
+            cells = [kind, f"{len(rows)}", f"{_mean(r['grad_effective_fraction'] for r in rows):.1%}",
+                     f"{_mean(r['grad_stable_rank'] for r in rows):.1f}",
+                     f"{_mean(r['grad_rank90_fraction'] for r in rows):.1%}",
+                     f"{_mean(r['weight_effective_fraction'] for r in rows):.1%}"]
             if self.plan:
-                line += f"{_mean(r['weight_kept_fraction'] for r in rows):>7.0%}"
-            lines.append(line)
+                cells.append(f"{_mean(r['weight_kept_fraction'] for r in rows):.0%}")
+            table.append(cells)
+        lines.append(format_table(header, table))
         lines.append("(eff.rank and r90 as fractions of full rank, means over layers and recorded steps)")
         lines.append("")
         for key, value in self.correlations.items():
@@ -232,11 +233,8 @@ class GradientReport:
         folder.mkdir(parents=True, exist_ok=True)
         for path, columns, rows in ((folder / "gradient_steps.csv", STEP_COLUMNS, self.steps),
                                     (folder / "gradient_summary.csv", SUMMARY_COLUMNS, self.rows)):
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows)
-        (folder / "gradients.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        (folder / "gradient_summary.txt").write_text(self.summary() + "\n")
+            write_csv(path, columns, rows)
+        write_json(folder / "gradients.json", self.to_dict(), indent=1)
+        write_text(folder / "gradient_summary.txt", self.summary() + "\n")
         plot_gradient_ranks(self, folder / "gradient_ranks.png")
         plot_gradient_vs_weight(self, folder / "gradient_vs_weight.png")

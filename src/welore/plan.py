@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from welore._io import atomic_file
+from welore._io import write_json
 from welore.errors import WeloreError
 from welore.spectrum import normalized
 from welore.versioned import check_version, report_unknown
@@ -153,8 +153,7 @@ class RankPlan:
                    requested_ratio=data.get("requested_ratio"), meta=data.get("meta", {}))
 
     def save(self, path: str | Path) -> None:
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> RankPlan:

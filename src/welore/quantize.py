@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from welore._io import atomic_file
+from welore._io import write_json
 from welore.errors import WeloreError
 from welore.factorize import FACTORIZERS, svd_factors, whitening
 from welore.spectrum import _one_thread_per_op, check_finite
@@ -357,8 +357,7 @@ class QuantPlan:
             raise WeloreError(f"A matrix entry of the quantization plan is malformed ({err!r}); regenerate the plan.") from None
 
     def save(self, path: str | Path) -> None:
-        with atomic_file(path) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> QuantPlan:

@@ -2,7 +2,8 @@
 perplexity against compression ratio, and gradient spectra against weight spectra.
 
 Figures are built with matplotlib's object API (`Figure`, not `pyplot`) and written straight
-to PNG, so no global state changes: a notebook's backend and open figures are untouched.
+to PNG through `welore._io.atomic_file`, so no global state changes (a notebook's backend and
+open figures are untouched) and an interrupted run leaves no half-written image.
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from welore._io import atomic_file
+
 if TYPE_CHECKING:
     from welore.analyze import Analysis
     from welore.gradients import GradientReport
+
+
+def _save(fig: Figure, path: str | Path, dpi: int) -> None:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
 
 
 def plot_spectra(analysis: Analysis, path: Path) -> None:
@@ -40,7 +48,7 @@ def plot_spectra(analysis: Analysis, path: Path) -> None:
         ax.axis("off")
     fig.suptitle(f"Singular-value spectra of {analysis.model} (dark = first layer)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    _save(fig, path, dpi=110)
 
 
 def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
@@ -63,7 +71,7 @@ def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
                  f"(achieved {plan.achieved_ratio:.3f}); 1 = dense", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    _save(fig, path, dpi=110)
 
 
 def plot_perplexity_vs_ratio(
@@ -92,7 +100,7 @@ def plot_perplexity_vs_ratio(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines stay visible
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    _save(fig, path, dpi=120)
 
 
 def plot_gradient_ranks(report: GradientReport, path: Path) -> None:
@@ -113,7 +121,7 @@ def plot_gradient_ranks(report: GradientReport, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    _save(fig, path, dpi=110)
 
 
 def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
@@ -131,4 +139,4 @@ def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+    _save(fig, path, dpi=110)

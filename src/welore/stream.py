@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from welore._io import write_json
 from welore.errors import WeloreError
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class ShardWriter:
             files.append(path)
             weight_map.update(dict.fromkeys(names, path.name))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_json(self.folder / INDEX, index)
         return files
 
 

@@ -45,6 +45,7 @@ from torch import nn
 
 from welore.errors import WeloreError
 from welore.evaluate import _eval_mode
+from welore.tables import format_table
 
 logger = logging.getLogger(__name__)
 
@@ -305,8 +306,7 @@ def run_tasks(
 def format_task_table(results: dict[str, dict[str, float]]) -> str:
     """A plain-text table of `run_tasks` results: one row per task and metric, with the
     metric's standard error (`<metric>_stderr`) in its own column, "-" where there is none."""
-    header = ["task", "metric", "value", "stderr"]
-    table = [header]
+    table = []
     for task, metrics in results.items():
         for metric, value in metrics.items():
             if metric.endswith(_STDERR_SUFFIX) and metric[: -len(_STDERR_SUFFIX)] in metrics:
@@ -314,12 +314,4 @@ def format_task_table(results: dict[str, dict[str, float]]) -> str:
             stderr = metrics.get(metric + _STDERR_SUFFIX)
             table.append([task, metric, f"{value:.4f}",
                           "-" if stderr is None or not math.isfinite(stderr) else f"{stderr:.4f}"])
-    widths = [max(len(row[col]) for row in table) for col in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        left = [cell.ljust(width) for cell, width in zip(cells[:2], widths[:2], strict=True)]
-        right = [cell.rjust(width) for cell, width in zip(cells[2:], widths[2:], strict=True)]
-        return "  ".join(left + right).rstrip()
-
-    rule = "  ".join("=" * width for width in widths)
-    return "\n".join([line(table[0]), rule, *(line(cells) for cells in table[1:])])
+    return format_table(["task", "metric", "value", "stderr"], table, left=2)

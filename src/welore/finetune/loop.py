@@ -20,7 +20,6 @@ GaLore/Fira here need whole tensors.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from welore import __version__
-from welore._io import atomic_dir, check_output_dir
+from welore._io import atomic_dir, check_output_dir, write_json
 from welore.devices import resolve_device
 from welore.errors import WeloreError
 from welore.evaluate import PeakMemory, perplexity
@@ -319,7 +318,7 @@ def save_finetuned(result: FinetuneResult, out: str | Path, tokenizer=None, over
             provenance = {"format": FINETUNE_FORMAT, "version": FINETUNE_VERSION, "welore_version": __version__,
                           "source": source, "data": data, "adapter": "adapter" if peft_model is not None else None,
                           "result": result.to_dict() | {"out": str(out)}}
-            (tmp / "finetune.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            write_json(tmp / "finetune.json", provenance)
     finally:
         if dense:
             del base.welore_plan

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from welore._io import atomic_dir, atomic_file
+from welore._io import atomic_dir, write_json
 from welore.errors import WeloreError
 from welore.finetune.config import FinetuneConfig
 
@@ -91,8 +91,7 @@ def start_run(run_dir: Path, identity: dict) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    with atomic_file(run_dir / "run.json") as tmp:
-        tmp.write_text(json.dumps(identity, indent=1) + "\n")
+    write_json(run_dir / "run.json", identity, indent=1)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -171,7 +170,7 @@ def save_checkpoint(run_dir: Path, state: TrainingState, model: nn.Module, names
         payload = {"step": state.step, "items": state.items, "losses": state.losses, "history": state.history,
                    "scheduler": scheduler.state_dict(),
                    "rng": [{"python": rng["python"], "numpy": rng["numpy"]} for rng in rng_states]}
-        (tmp / "state.json").write_text(json.dumps(payload) + "\n")
+        write_json(tmp / "state.json", payload, indent=None)
     for old in run_dir.glob("step-*"):
         if old != path:
             shutil.rmtree(old, ignore_errors=True)
