@@ -1,21 +1,31 @@
-"""The quality frontier: data-free and data-aware compression of the default model, side by side.
+"""The quality frontier, judged away from the calibration text: calibrate on one built-in text,
+evaluate on the other (and on its own), in both directions.
 
-    .venv/bin/python benchmarks/frontier.py [--ratios 0.1 0.2 0.3 0.4] [--calib-tokens 8192]
-        [--eval-tokens 8192] [--seq-len 512]
+    # one piece of the sweep: calibrate on CALIB (wiki or news), evaluate on both texts
+    .venv/bin/python benchmarks/frontier.py run --calib wiki --calib-tokens 8192 \
+        [--ratios 0.1 0.2 0.3 0.4] [--settings whiten/uniform whiten/welore ...] [--eval-tokens 4096]
+    # the section of docs/benchmarks.md, from every record gathered so far
+    .venv/bin/python benchmarks/frontier.py report
 
-Calibration text: the calibration half of `wiki`; evaluation: the disjoint evaluation half
-of `wiki` and of `news`. For each factorizer (svd, asvd, whiten) and allocation policy the
-script computes a rank plan per ratio, factorizes a fresh copy of the dense model, and
-measures perplexity on both texts, all in one run.
+A user compresses once and runs the model on their own text, so a configuration is ranked by
+its *cross-domain* perplexity (wiki → news and news → wiki); the in-domain figures are shown
+beside. Calibration uses the `calib` half of a built-in text, evaluation the disjoint `eval`
+halves (`welore.data`: split by document; `overlap_fraction` of shared paragraphs is checked
+and printed). The news text's calibration half holds 37K tokens, so news → wiki stops at 32K
+calibration tokens.
 
-To fit a CPU budget, the input statistics of every target matrix are gathered ONCE on the
-dense model (the non-sequential setting, which is what `compress_` does without
-`--sequential`) and every configuration reuses them; `compress_` itself gathers them block
-by block and keeps one block's statistics at a time. Compression time is reported as that
-shared calibration pass plus each configuration's own spectra and factorization time. The
-`SEQUENTIAL` configurations cannot share statistics (each block is calibrated on its own
-compressed predecessors), so they run the whole `compress_(..., sequential=True)` pipeline.
-Writes the `frontier` section of docs/benchmarks.md, docs/frontier.json and docs/frontier.png.
+Each `run` appends its records to docs/frontier.json (a record is keyed by calibration text,
+calibration tokens, setting and ratio; a rerun replaces it), so the sweep runs in pieces.
+Within one run the input statistics of every target matrix are gathered ONCE on the dense
+model and shared by every `shared` setting (what `compress_` does without `--sequential`);
+`sequential` and `refit` settings take their own block-by-block pass through `compress_`
+(block k calibrated on the compressed blocks before it), with the rank plan computed from the
+shared spectra, as `compress_` computes it.
+
+Whitening's shrinkage λ (whiten XᵀX + λ·diag(XᵀX)) is `SHRINKAGE`, chosen ONCE from the
+`shrinkage` scan (settings `whiten@λ/welore`, news → wiki at ratio 0.2, 8K tokens, the lowest
+cross-domain perplexity) and then held fixed in every other setting and direction, so the
+wiki → news figures never saw the choice.
 """
 
 from __future__ import annotations
@@ -23,161 +33,317 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import resource
 import time
+from dataclasses import dataclass, field
 
 from _common import DOC, machine, publish
 
 from welore.calibrate import iter_block_stats
 from welore.compress import CompressConfig, compress_, factorize_layer
-from welore.data import describe_text, load_text, token_windows
+from welore.data import describe_text, load_text, overlap_fraction, token_windows
 from welore.evaluate import perplexity
-from welore.factorize import FACTORIZERS
+from welore.factorize import make_factorizer
 from welore.models import load_model
 from welore.modules import swap_module
 from welore.plan import allocate
 from welore.report import plot_perplexity_vs_ratio
-from welore.spectrum import compute_spectra
 from welore.targets import find_targets, matrix_shape, weight_matrix
 
-CONFIGS = [  # (factorizer, allocation policy); whiten/uniform is SVD-LLM's published setting
-    ("svd", "uniform"), ("svd", "welore"), ("svd", "energy"),
-    ("asvd", "uniform"), ("asvd", "welore"),
-    ("whiten", "uniform"), ("whiten", "welore"), ("whiten", "energy"), ("whiten", "loss"), ("whiten", "minimax"),
-]
-SEQUENTIAL = [("whiten", "uniform"), ("whiten", "minimax")]  # also run with `--sequential`, through compress_
-TEXTS = ["wiki", "news"]
+TEXTS = ("wiki", "news")
+RESULTS = DOC.parent / "frontier.json"
+SHRINKAGE = 0.1  # λ of the `@λ` settings; chosen once from the shrinkage scan (see the module docstring)
+SHRINKAGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # the scan's values of λ
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration of `welore compress`."""
+
+    factorizer: str  # registered factorizer
+    policy: str  # rank-allocation policy
+    pipeline: str = "shared"  # shared: statistics of the dense model; sequential: --sequential
+    params: dict = field(default_factory=dict, hash=False)  # the factorizer's parameters
+    compress: dict = field(default_factory=dict, hash=False)  # further CompressConfig fields (e.g. refit)
+
+    def config(self, ratio: float) -> CompressConfig:
+        return CompressConfig(ratio=ratio, method=self.policy, factorizer=self.factorizer, factorizer_params=self.params,
+                              sequential=self.pipeline != "shared", **self.compress)
+
+    def flags(self) -> str:
+        """The `welore compress` options of this setting."""
+        parts = [f"--method {self.policy}", f"--factorizer {self.factorizer}"]
+        parts += [f"--{k.replace('_', '-')} {v}" for k, v in self.params.items()]
+        if self.pipeline != "shared":
+            parts.append("--sequential")
+        parts += [f"--{k.replace('_', '-')} {v}" for k, v in self.compress.items()]
+        return " ".join(parts)
+
+
+def _settings() -> dict[str, Setting]:
+    shrunk = {"shrinkage": SHRINKAGE}
+    settings = {
+        "whiten/uniform": Setting("whiten", "uniform"),  # SVD-LLM's published setting
+        "whiten/welore": Setting("whiten", "welore"),
+        "whiten/minimax": Setting("whiten", "minimax"),
+        "whiten/minimax+seq": Setting("whiten", "minimax", "sequential"),
+        "whiten/welore+seq": Setting("whiten", "welore", "sequential"),
+        f"whiten@{SHRINKAGE}/welore": Setting("whiten", "welore", params=shrunk),
+        f"whiten@{SHRINKAGE}/minimax": Setting("whiten", "minimax", params=shrunk),
+        f"whiten@{SHRINKAGE}/minimax+seq": Setting("whiten", "minimax", "sequential", params=shrunk),
+    }
+    for lam in SHRINKAGE_GRID:  # the scan that chose SHRINKAGE
+        settings.setdefault(f"whiten@{lam}/welore", Setting("whiten", "welore", params={"shrinkage": lam}))
+    return settings
+
+
+SETTINGS = _settings()
+DEFAULT_SETTINGS = ["whiten/uniform", "whiten/welore", "whiten/minimax", "whiten/minimax+seq",
+                    f"whiten@{SHRINKAGE}/welore", f"whiten@{SHRINKAGE}/minimax"]
 
 
 def fmt(ppl: float) -> str:
-    return f"{ppl:.2f}" if ppl < 1000 else f"{ppl:.2e}"
+    return f"{ppl:.1f}" if ppl < 1000 else f"{ppl:.2e}"
 
 
-def label(factorizer: str, policy: str, sequential: bool) -> str:
-    return f"{factorizer}/{policy}" + ("+seq" if sequential else "")
+def other(text: str) -> str:
+    return next(t for t in TEXTS if t != text)
 
 
-def measure(compressed, evals: dict, name: str, ratio: float, achieved: float, timing: dict) -> dict:
-    """Perplexity of a compressed copy on every text, as a record."""
-    ppl = {t: perplexity(compressed, w, progress=False)[0] for t, w in evals.items()}
-    print(f"{name} {ratio}: {ppl}", flush=True)
-    return {"label": name, "ratio": ratio, "achieved_ratio": achieved, "perplexity": ppl, **timing}
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Clock:
+    """Wall and CPU (user+sys) seconds of a piece of work."""
+
+    def __enter__(self) -> Clock:
+        self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, _cpu_seconds() - self.cpu
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def save_results(data: dict) -> None:
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(RESULTS)
+
+
+def key(record: dict) -> tuple:
+    return record["calib"], record["calib_tokens"], record["label"], record["ratio"]
+
+
+def add_record(record: dict) -> None:
+    """Merge one record into docs/frontier.json (written after every record, so a killed piece
+    keeps what it finished)."""
+    data = load_results()
+    records = [r for r in data.get("records", []) if r.get("calib") and key(r) != key(record)]
+    data["records"] = [*records, record]
+    save_results(data)
+
+
+def run(args: argparse.Namespace) -> None:
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    loaded = load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    calibration = token_windows(tokenizer, load_text(args.calib, split="calib"), args.seq_len, args.calib_tokens)
+    evals = {t: token_windows(tokenizer, load_text(t, split="eval"), args.seq_len, args.eval_tokens) for t in TEXTS}
+    overlap = {t: overlap_fraction(load_text(args.calib, split="calib"), load_text(t, split="eval")) for t in TEXTS}
+    print(f"calibration {calibration.numel()} tokens of {args.calib}; paragraphs shared with the eval halves: {overlap}")
+    assert not any(overlap.values()), f"calibration and evaluation text overlap: {overlap}"
+
+    data = load_results()
+    if "dense" not in data or data.get("eval_tokens") != args.eval_tokens:
+        data = {"eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "machine": machine(),
+                "dense": {t: perplexity(model, w, progress=False)[0] for t, w in evals.items()},
+                "texts": {t: describe_text(t) for t in TEXTS}, "records": []}
+        save_results(data)
+    print("dense", data["dense"], flush=True)
+
+    targets = find_targets(model)
+    shapes = {n: matrix_shape(m) for n, m in targets.items()}
+    with Clock() as calib_clock:
+        stats = {}
+        for _, block in iter_block_stats(model, targets, calibration, progress=False):
+            stats.update(block)
+    spectra: dict = {}
+
+    for ratio in args.ratios:
+        for name in args.settings:
+            setting = SETTINGS[name]
+            factorizer = make_factorizer(setting.factorizer, setting.params)
+            spectra_key = (setting.factorizer, tuple(sorted(setting.params.items())))
+            if spectra_key not in spectra:
+                with Clock() as clock:
+                    spectra[spectra_key] = ({n: factorizer.spectrum(weight_matrix(m), stats[n]) for n, m in targets.items()},
+                                            clock)
+            spec, spectra_clock = spectra[spectra_key]
+            plan = allocate(setting.policy, spec, shapes, ratio)
+            compressed = copy.deepcopy(model)
+            with Clock() as clock:
+                if setting.pipeline == "shared":
+                    for n in plan.factorized:
+                        swap_module(compressed, n, factorize_layer(compressed.get_submodule(n), n, plan.ranks[n], factorizer,
+                                                                   stats[n]))
+                else:  # the pipeline of `welore compress --sequential`, given the plan its first pass would make
+                    compress_(compressed, setting.config(ratio), plan=plan, calibration=calibration, progress=False)
+            ppl = {t: perplexity(compressed, w, progress=False)[0] for t, w in evals.items()}
+            print(f"{args.calib}->{name} {ratio}: {ppl}", flush=True)
+            add_record({
+                "calib": args.calib, "calib_tokens": calibration.numel(), "label": name, "ratio": ratio,
+                "achieved_ratio": plan.achieved_ratio, "perplexity": ppl, "flags": setting.flags(),
+                # compression cost: the shared statistics pass + this factorizer's spectra + its own work
+                "wall_s": calib_clock.wall + spectra_clock.wall + clock.wall,
+                "cpu_s": calib_clock.cpu + spectra_clock.cpu + clock.cpu,
+            })
+            del compressed
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def table(records: list[dict], labels: list[str], ratios: list[float], cell) -> list[str]:
+    lines = ["| setting | " + " | ".join(str(r) for r in ratios) + " |", "|---|" + "---:|" * len(ratios)]
+    for name in labels:
+        lines.append(f"| {name} | " + " | ".join(cell(name, r) for r in ratios) + " |")
+    return lines
+
+
+def report(args: argparse.Namespace) -> None:
+    data = load_results()
+    records, dense = data["records"], data["dense"]
+    tokens = args.main_tokens
+    find = {key(r): r for r in records}
+    ratios = sorted({r["ratio"] for r in records if r["calib_tokens"] == tokens})
+    main = [r for r in records if r["calib_tokens"] == tokens]
+    # settings measured at every ratio in both directions, ranked by cross-domain geometric-mean perplexity
+    complete = [name for name in dict.fromkeys(r["label"] for r in main)
+                if all((c, tokens, name, q) in find for c in TEXTS for q in ratios)]
+    score = {n: geomean([find[c, tokens, n, q]["perplexity"][other(c)] for c in TEXTS for q in ratios]) for n in complete}
+    ranked = sorted(complete, key=score.get)
+    baselines = [b for b in ("whiten/uniform", "whiten/welore") if b in complete]
+
+    def cross(c: str, n: str, q: float) -> float:
+        return find[c, tokens, n, q]["perplexity"][other(c)]
+
+    lines = [
+        "## Data-aware compression across domains: the quality frontier on SmolLM2-135M",
+        "",
+        "Commands (each piece under `flock /work/wt/cpu.lock`; every record lands in `docs/frontier.json`, the section "
+        "is then written from all of them):",
+        "",
+        *[f"    {c}" for c in args.commands],
+        "",
+        f"Machine: {data['machine']}. Evaluation: {data['eval_tokens']} tokens of each text's `eval` half "
+        f"({'; '.join(data['texts'][t] for t in TEXTS)}), windows of {data['seq_len']}; calibration: the other "
+        "text's (or its own) `calib` half, split by document, no paragraph shared with either evaluation half "
+        f"(checked by each run). Dense perplexity: wiki {dense['wiki']:.2f}, news {dense['news']:.2f}.",
+        "",
+        "Settings: `whiten` is SVD-LLM's whitening; `whiten@λ` whitens XᵀX + λ·diag(XᵀX) "
+        f"(λ = {SHRINKAGE}, chosen once on news → wiki at ratio 0.2, see the scan below); `uniform` is SVD-LLM's "
+        "allocation, `welore` WeLore's, `minimax` bounds every layer's relative output error; `+seq` adds "
+        "`--sequential`, `+refit` adds `--refit` (block-by-block least-squares refit of the factors to the dense "
+        "outputs, on the compressed prefix's inputs).",
+        "",
+        f"### Ranking by cross-domain perplexity ({tokens} calibration tokens)",
+        "",
+        "Geometric mean of the perplexity on the *other* text over every ratio and both directions; lower is better.",
+        "",
+        "| rank | setting | cross-domain geo-mean | in-domain geo-mean | `welore compress` options |",
+        "|---:|---|---:|---:|---|",
+    ]
+    for i, n in enumerate(ranked, 1):
+        own = geomean([find[c, tokens, n, q]["perplexity"][c] for c in TEXTS for q in ratios])
+        lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | `{find['wiki', tokens, n, ratios[0]]['flags']}` |")
+    for c in TEXTS:
+        o = other(c)
+
+        def cell(n: str, q: float, c: str = c, o: str = o) -> str:
+            r = find.get((c, tokens, n, q))
+            if r is None:
+                return "—"
+            text = fmt(r["perplexity"][o])
+            best = min(cross(c, m, q) for m in complete if (c, tokens, m, q) in find)
+            text = f"**{text}**" if n in complete and cross(c, n, q) == best else text
+            if n == ranked[0] and any(cross(c, b, q) <= cross(c, n, q) for b in baselines if b != n):
+                text += " (not better than a baseline)"
+            return f"{text} ({fmt(r['perplexity'][c])})"
+
+        lines += ["", f"### {c} → {o}: perplexity on {o} (dense {dense[o]:.2f}); in parentheses on {c} (in-domain)", "",
+                  *table(main, ranked + [n for n in dict.fromkeys(r["label"] for r in main) if n not in ranked],
+                         ratios, cell)]
+
+    sizes = sorted({r["calib_tokens"] for r in records})
+    scan = [n for n in dict.fromkeys(r["label"] for r in records if r["calib_tokens"] != tokens and r["ratio"] == 0.2)]
+    if scan:
+        lines += ["", "### Calibration size (ratio 0.2): cross-domain perplexity (in-domain in parentheses)", "",
+                  "| direction | setting | " + " | ".join(f"{s} tokens" for s in sizes) + " |",
+                  "|---|---|" + "---:|" * len(sizes)]
+        for c in TEXTS:
+            for n in scan:
+                cells = []
+                for s in sizes:
+                    r = find.get((c, s, n, 0.2))
+                    cells.append("—" if r is None else f"{fmt(r['perplexity'][other(c)])} ({fmt(r['perplexity'][c])})")
+                lines.append(f"| {c} → {other(c)} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("— not run (news' calibration half holds 37K tokens, so news → wiki stops at 32K; the most "
+                     "expensive settings were not run at every size).")
+    lam = [(x, find.get(("news", tokens, f"whiten@{x}/welore", 0.2))) for x in SHRINKAGE_GRID]
+    base = find.get(("news", tokens, "whiten/welore", 0.2))
+    if base and all(r for _, r in lam):
+        lines += ["", f"### The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, whiten@λ/welore, ratio 0.2, "
+                  f"{tokens} tokens)", "",
+                  "| λ | 0 | " + " | ".join(str(x) for x, _ in lam) + " |", "|---|" + "---:|" * (len(lam) + 1),
+                  "| perplexity on wiki | " + " | ".join(fmt(r["perplexity"]["wiki"]) for r in [base] + [r for _, r in lam]) + " |",
+                  "| perplexity on news (in-domain) | "
+                  + " | ".join(fmt(r["perplexity"]["news"]) for r in [base] + [r for _, r in lam]) + " |"]
+    lines += ["", f"### Compression cost ({tokens} calibration tokens, wiki calibration, mean over ratios)", "",
+              "Wall and CPU (user+sys) seconds of the statistics pass, the spectra and the factorization (shared "
+              "settings count the one shared pass in full), measured in the runs above.", "",
+              "| setting | wall s | CPU s |", "|---|---:|---:|"]
+    for n in ranked:
+        recs = [find["wiki", tokens, n, q] for q in ratios]
+        lines.append(f"| {n} | {sum(r['wall_s'] for r in recs) / len(recs):.0f} | {sum(r['cpu_s'] for r in recs) / len(recs):.0f} |")
+    lines += ["", "![cross-domain perplexity vs ratio](frontier.png)"]
+    publish("frontier", "\n".join(lines), write=not args.no_write)
+    if not args.no_write:
+        points = [(n, find["wiki", tokens, n, q]["achieved_ratio"], cross("wiki", n, q)) for n in ranked for q in ratios]
+        plot_perplexity_vs_ratio(points, DOC.parent / "frontier.png", dense=dense["news"],
+                                 title=f"SmolLM2-135M calibrated on wiki ({tokens} tokens), perplexity on news")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4])
-    parser.add_argument("--calib-tokens", type=int, default=8192)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="measure settings for one calibration text and size")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", choices=TEXTS, required=True, help="calibration text (its calib half)")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4])
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help=f"from: {', '.join(SETTINGS)}")
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=512)
+    p = sub.add_parser("report", help="write the section of docs/benchmarks.md from docs/frontier.json")
+    p.add_argument("--main-tokens", type=int, default=8192, help="the calibration size of the main tables")
+    p.add_argument("--commands", nargs="+", default=[], help="the commands that made the records, quoted in the section")
+    p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
-
-    loaded = load_model(args.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    calibration = token_windows(tokenizer, load_text("wiki", split="calib"), args.seq_len, args.calib_tokens)
-    evals = {t: token_windows(tokenizer, load_text(t, split="eval"), args.seq_len, args.eval_tokens) for t in TEXTS}
-    dense = {t: perplexity(model, w, progress=False)[0] for t, w in evals.items()}
-    print("dense", dense, flush=True)
-
-    targets = find_targets(model)
-    shapes = {n: matrix_shape(m) for n, m in targets.items()}
-    start = time.perf_counter()
-    stats = {}
-    for _, block in iter_block_stats(model, targets, calibration, progress=False):
-        stats.update(block)
-    calib_seconds = time.perf_counter() - start
-
-    spectra, spectra_seconds = {}, {}
-    for factorizer in dict.fromkeys(f for f, _ in CONFIGS):
-        start = time.perf_counter()
-        if FACTORIZERS[factorizer].needs_stats:
-            spectra[factorizer] = {n: FACTORIZERS[factorizer].spectrum(weight_matrix(m), stats[n]) for n, m in targets.items()}
-        else:
-            spectra[factorizer] = compute_spectra(targets, cache=False, progress=False)
-        spectra_seconds[factorizer] = time.perf_counter() - start
-
-    records = []
-    for ratio in args.ratios:
-        for factorizer, policy in CONFIGS:
-            plan = allocate(policy, spectra[factorizer], shapes, ratio)
-            compressed = copy.deepcopy(model)
-            start = time.perf_counter()
-            for name in plan.factorized:
-                module = factorize_layer(compressed.get_submodule(name), name, plan.ranks[name], factorizer, stats.get(name))
-                swap_module(compressed, name, module)
-            factor_seconds = time.perf_counter() - start
-            uses_calib = FACTORIZERS[factorizer].needs_stats
-            records.append(measure(compressed, evals, label(factorizer, policy, False), ratio, plan.achieved_ratio, {
-                "factorize_s": factor_seconds, "spectra_s": spectra_seconds[factorizer],
-                "calibration_s": calib_seconds if uses_calib else 0.0}))
-        for factorizer, policy in SEQUENTIAL:  # the whole pipeline, as `welore compress --sequential` runs it
-            compressed = copy.deepcopy(model)
-            start = time.perf_counter()
-            report = compress_(compressed, CompressConfig(ratio=ratio, method=policy, factorizer=factorizer, sequential=True),
-                               calibration=calibration, progress=False)
-            records.append(measure(compressed, evals, label(factorizer, policy, True), ratio, report.plan.achieved_ratio,
-                                   {"total_s": time.perf_counter() - start}))
-
-    labels = [label(f, p, False) for f, p in CONFIGS] + [label(f, p, True) for f, p in SEQUENTIAL]
-    command = (f"`.venv/bin/python benchmarks/frontier.py --ratios {' '.join(map(str, args.ratios))} "
-               f"--calib-tokens {args.calib_tokens} --eval-tokens {args.eval_tokens} --seq-len {args.seq_len}`")
-    lines = [
-        "## Data-aware compression: the quality frontier on SmolLM2-135M",
-        "",
-        f"Command: {command}  ",
-        f"Machine: {machine()}  ",
-        f"Calibration: {calibration.numel()} tokens of {describe_text('wiki', 'calib')}. Evaluation: "
-        + ", ".join(f"{evals[t].numel()} tokens of {describe_text(t)}" for t in TEXTS)
-        + f"; windows of {args.seq_len} tokens. Factorizer/policy: `svd` is data-free, `asvd` scales input "
-        "channels by (mean |x|)^0.5, `whiten` is SVD-LLM's truncation-aware whitening; `whiten/uniform` is "
-        "SVD-LLM's published setting; `whiten/loss` allocates ranks globally by whitened truncation loss, "
-        "`whiten/minimax` bounds every layer's relative output error by one global value; `+seq` adds "
-        "`--sequential` (block k calibrated on the outputs of the compressed blocks before it).",
-    ]
-    best_lines = []
-    for text in TEXTS:
-        lines += ["", f"Perplexity on `{text}` (dense: {dense[text]:.2f}); best per ratio in bold.", "",
-                  "| method | " + " | ".join(str(r) for r in args.ratios) + " |",
-                  "|---|" + "---:|" * len(args.ratios)]
-        best = {r: min((x for x in records if x["ratio"] == r), key=lambda x: x["perplexity"][text]) for r in args.ratios}
-        for name in labels:
-            cells = []
-            for r in args.ratios:
-                rec = next(x for x in records if x["ratio"] == r and x["label"] == name)
-                cell = fmt(rec["perplexity"][text])
-                cells.append(f"**{cell}**" if rec is best[r] else cell)
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        for r in args.ratios:
-            baseline = next(x for x in records if x["ratio"] == r and x["label"] == "whiten/uniform")
-            winner = best[r]
-            best_lines.append(
-                f"- `{text}`, ratio {r}: best is {winner['label']} "
-                f"({fmt(winner['perplexity'][text])}), vs whiten/uniform {fmt(baseline['perplexity'][text])} "
-                f"({baseline['perplexity'][text] / winner['perplexity'][text]:.2f}× lower perplexity)")
-    lines += ["", "Where each method wins:", "", *best_lines, "",
-              "Compression time (seconds): the shared calibration pass, the spectra each factorizer's allocation "
-              "needs, and the mean factorization time per configuration; `+seq` rows run the whole of "
-              "`compress_(..., sequential=True)` (a calibration pass for the plan, then block by block on the "
-              "compressed outputs), timed end to end.", "",
-              "| factorizer/policy | calibration | spectra | factorization (mean) | total (mean) |",
-              "|---|---:|---:|---:|---:|"]
-    for name in labels:
-        recs = [x for x in records if x["label"] == name]
-        if "total_s" in recs[0]:
-            lines.append(f"| {name} | — | — | — | {sum(x['total_s'] for x in recs) / len(recs):.1f} |")
-            continue
-        factorize = sum(x["factorize_s"] for x in recs) / len(recs)
-        total = recs[0]["calibration_s"] + recs[0]["spectra_s"] + factorize
-        lines.append(f"| {name} | {recs[0]['calibration_s']:.1f} | {recs[0]['spectra_s']:.1f} | {factorize:.1f} | {total:.1f} |")
-    lines += ["", "![perplexity vs ratio](frontier.png)"]
-    text = "\n".join(lines)
-    publish("frontier", text, write=not args.no_write)
-    if not args.no_write:
-        (DOC.parent / "frontier.json").write_text(json.dumps({"dense": dense, "records": records}, indent=2) + "\n")
-        points = [(x["label"], x["achieved_ratio"], x["perplexity"]["wiki"]) for x in records]
-        plot_perplexity_vs_ratio(points, DOC.parent / "frontier.png", dense=dense["wiki"],
-                                 title="SmolLM2-135M, perplexity on wiki (eval half) vs compression ratio")
+    run(args) if args.command == "run" else report(args)
 
 
 if __name__ == "__main__":
