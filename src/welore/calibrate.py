@@ -56,6 +56,7 @@ class InputStats:
     abs_sum: torch.Tensor  # (in,) float64: Σ |x|
     tokens: int  # number of tokens accumulated
     names: list[str] = field(default_factory=list)  # the modules that read this input (for messages)
+    cross: torch.Tensor | None = None  # (in, in) float64: Σ x x_denseᵀ, x_dense the dense model's input of the same token (paired statistics only)
 
     @classmethod
     def zeros(cls, in_features: int, device: torch.device | str | None = None) -> InputStats:
@@ -76,10 +77,17 @@ class InputStats:
         """Mean |x| of every input channel, (in,) float64."""
         return self.abs_sum / self.tokens
 
-    def add_(self, x: torch.Tensor) -> None:
-        """Accumulate a batch of inputs x (..., in)."""
+    def add_(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Accumulate a batch of inputs x (..., in); with `dense`, the dense model's inputs of the
+        same tokens (..., in), also Σ x x_denseᵀ."""
         x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)  # (tokens, in)
         self.xtx.addmm_(x.T, x)  # (in, in)
+        if dense is not None:
+            dense = dense.detach().reshape(-1, dense.shape[-1]).to(self.xtx.device, torch.float64)  # (tokens, in)
+            assert dense.shape == x.shape, f"dense inputs {tuple(dense.shape)} do not pair with inputs {tuple(x.shape)}"
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.xtx)
+            self.cross.addmm_(x.T, dense)  # (in, in)
         self.abs_sum.add_(x.abs().sum(dim=0))  # (in,)
         self.tokens += x.shape[0]
 
@@ -87,7 +95,8 @@ class InputStats:
         """Raise a user error when these statistics are empty or hold NaN/Inf."""
         if self.tokens == 0:
             raise WeloreError(f"The input statistics of {name} hold no tokens; the module never ran on the calibration text, so check the targets and the calibration windows.")
-        if not (torch.isfinite(self.xtx).all() and torch.isfinite(self.abs_sum).all()):
+        finite = torch.isfinite(self.xtx).all() and torch.isfinite(self.abs_sum).all()
+        if not (finite and (self.cross is None or torch.isfinite(self.cross).all())):
             raise WeloreError(
                 f"The input statistics of {name} contain NaN or Inf; the model or the calibration text produced non-finite activations "
                 "(try float32 instead of float16, or check the model's weights)."
@@ -233,13 +242,27 @@ class _Collector:
         self.modules = modules
         self.stats: dict[str, InputStats] = {}
         self._seen: list[tuple[torch.Tensor, InputStats]] = []  # inputs of the current forward
+        self.dense: dict[str, torch.Tensor] | None = None  # paired: name -> the dense stream's input of this batch
+        self.capturing = False  # True while the dense stream's forward runs
 
     def new_forward(self) -> None:
         self._seen.clear()
 
+    def capture_dense(self, run) -> Any:
+        """`run()` (the block's forward on the dense stream) with every target's input kept, not
+        accumulated; the next forward's statistics pair with them."""
+        self.dense, self.capturing = {}, True
+        try:
+            return run()
+        finally:
+            self.capturing = False
+
     def hook(self, name: str):
         def accumulate(module: nn.Module, args: tuple, output: Any) -> None:
             x = args[0]
+            if self.capturing:  # the dense stream's forward: keep the input for pairing, accumulate nothing
+                self.dense[name] = x
+                return
             shared = next((s for t, s in self._seen if _same_tensor(t, x)), None)
             if shared is not None:
                 known = self.stats.setdefault(name, shared)
@@ -254,7 +277,7 @@ class _Collector:
             if stats is None:
                 stats = self.stats[name] = InputStats.zeros(x.shape[-1], device=x.device)
                 stats.names.append(name)
-            stats.add_(x)
+            stats.add_(x, None if self.dense is None else self.dense[name])
             self._seen.append((x, stats))
 
         return accumulate
@@ -282,6 +305,7 @@ def iter_block_stats(
     batch_size: int = 4,
     progress: bool = True,
     sequential: bool = True,
+    paired: bool = False,
 ) -> Iterator[tuple[int, dict[str, InputStats]]]:
     """Yield (block index, {target name: InputStats}) for every decoder block holding targets.
 
@@ -290,6 +314,11 @@ def iter_block_stats(
     k (e.g. compress it) before resuming: with `sequential`, block k+1's statistics are then
     taken on the changed block's outputs; without, on the unchanged block's. Statistics live on
     the device of the module they describe. Block k is in memory while its statistics are used.
+
+    `paired` (with `sequential`) also runs the dense model alongside: a second stream of hidden
+    states goes through every block before the consumer changes it, and each target's statistics
+    get `cross` = Σ x xᵀ_dense, its input x here against the dense model's input of the same token
+    (what `welore.refit` needs). It doubles the hidden states kept, nothing else.
     """
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise WeloreError(f"Calibration windows must be a non-empty (N, seq_len) tensor of token ids, not shape {tuple(windows.shape)}.")
@@ -301,7 +330,10 @@ def iter_block_stats(
     access = _access(model, blocks)
     stats_bytes = max(sum(8 * m.in_features**2 if isinstance(m, nn.Linear) else 8 * m.weight.shape[0] ** 2
                           for n, m in targets.items() if block_of[n] == k) for k in set(block_of.values()))
-    check_activations(model, activation_bytes(model, windows) + stats_bytes,
+    if paired and not sequential:
+        raise WeloreError("Paired statistics compare the compressed prefix's inputs with the dense model's, so they need sequential=True.")
+    streams = 2 if paired else 1
+    check_activations(model, streams * activation_bytes(model, windows) + stats_bytes * streams,
                       f"calibration hidden states of {windows.shape[0]}x{windows.shape[1]} tokens and XᵀX statistics")
     per_block: dict[int, dict[str, nn.Module]] = {}
     for name, module in targets.items():
@@ -312,6 +344,7 @@ def iter_block_stats(
     try:
         with torch.no_grad(), tqdm(total=last + 1, desc="calibration", unit="block", disable=not progress) as bar:
             hidden, inputs = _capture_all(model, blocks, windows, batch_size)
+            dense_hidden = [h.clone() for h in hidden] if paired else None  # the dense model's stream
             log.info("calibrating %d targets in %d blocks of %s on %d windows of %d tokens",
                      len(targets), len(per_block), list_name, windows.shape[0], windows.shape[1])
             for k in range(last + 1):
@@ -319,9 +352,12 @@ def iter_block_stats(
                     advanced = False
                     if k in per_block:
                         advance = not sequential and k < last
-                        stats = _block_stats(blocks[k], per_block[k], hidden, inputs[k], keep_outputs=advance)
+                        stats = _block_stats(blocks[k], per_block[k], hidden, inputs[k], keep_outputs=advance,
+                                             dense_hidden=dense_hidden)
                         advanced = advance
                         yield k, stats
+                    elif dense_hidden is not None and k < last:  # a block without targets: the dense stream too
+                        _advance(blocks[k], dense_hidden, inputs[k])
                     if k < last and not advanced:  # the next block's inputs: this block's outputs, after any change
                         _advance(blocks[k], hidden, inputs[k])  # looked up again: the consumer may have replaced it
                 bar.update()
@@ -349,14 +385,22 @@ def _advance(block: nn.Module, hidden: list[torch.Tensor], inputs: list[_BlockIn
 
 def _block_stats(
     block: nn.Module, targets: dict[str, nn.Module], hidden: list[torch.Tensor], inputs: list[_BlockInputs],
-    keep_outputs: bool = False,
+    keep_outputs: bool = False, dense_hidden: list[torch.Tensor] | None = None,
 ) -> dict[str, InputStats]:
     """Run `block` over every batch with hooks on its `targets`; name -> checked InputStats.
-    With `keep_outputs`, every batch's hidden states are replaced by the block's outputs."""
+    With `keep_outputs`, every batch's hidden states are replaced by the block's outputs. With
+    `dense_hidden` (the dense model's hidden states of the same batches), the block first runs
+    on those, which are replaced by its outputs, and the statistics pair the two inputs (`cross`)."""
     collector = _Collector(targets)
     with collector:
         for i, (hidden_states, block_inputs) in enumerate(zip(hidden, inputs, strict=True)):
             collector.new_forward()
+            if dense_hidden is not None:  # the dense stream first; its inputs pair with this batch's
+                dense_hidden[i] = collector.capture_dense(lambda i=i: _run_block(block, dense_hidden[i], block_inputs))
+                missing = [name for name in targets if name not in collector.dense]
+                if missing:
+                    raise WeloreError(f"{', '.join(missing)} never ran while its block processed the calibration text; "
+                                      "data-aware methods need targets that the calibration tokens pass through.")
             out = _run_block(block, hidden_states, block_inputs)
             if keep_outputs:
                 hidden[i] = out

@@ -28,6 +28,7 @@ from welore.factorize import FACTORIZERS, Factorizer, make_factorizer
 from welore.modules import LowRankLinear, count_parameters, swap_module
 from welore.options import check_positive
 from welore.plan import POLICIES, RankPlan, allocate, check_ratio
+from welore.refit import REFITS, Refit
 from welore.spectrum import check_finite, compute_spectra
 from welore.stream import block_access
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
@@ -46,6 +47,10 @@ def _factorizers() -> list[str]:
     return sorted(FACTORIZERS)
 
 
+def _refits() -> list[str]:
+    return sorted(REFITS)
+
+
 @dataclass
 class CompressConfig:
     ratio: float | None = None  # fraction of the target matrices' parameters to remove, in (0, 1)
@@ -58,12 +63,17 @@ class CompressConfig:
     calib_seq_len: int | None = 512  # tokens per calibration window (with --calib)
     factorizer_params: dict = field(default_factory=dict, metadata={"cli": False})  # the factorizer's own parameters, e.g. {"alpha": 0.5} (asvd), {"shrinkage": 0.1} (whiten)
     sequential: bool = False  # calibrate each block on the outputs of the already-compressed blocks before it
+    refit: str | None = field(default=None, metadata={"choices": _refits})  # after truncation, refit by least squares to the dense outputs on the compressed prefix's inputs: up (the up factor) or both (up and down); needs --calib, implies --sequential
+    refit_ridge: float = 1e-3  # ridge of the refit, × the mean diagonal of the Gram matrix it inverts (with --refit)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in POLICIES:
             raise WeloreError(f"Unknown method {self.method!r}; choose one of {', '.join(sorted(POLICIES))}.")
         self.make_factorizer()  # checks the name and its parameters
+        self.make_refit()  # checks the mode and the ridge
+        if self.refit is not None:  # the refit needs the compressed prefix's inputs
+            self.sequential = True
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise WeloreError(f"Ratio {self.ratio} is outside (0, 1); it is the fraction of target parameters to remove, e.g. 0.2.")
         if not 0 < self.lrc_min_cut <= 1:
@@ -75,6 +85,14 @@ class CompressConfig:
     def make_factorizer(self) -> Factorizer:
         """The configured factorizer with its parameters (`welore.factorize.make_factorizer`)."""
         return make_factorizer(self.factorizer, self.factorizer_params)
+
+    def make_refit(self) -> Refit | None:
+        """The configured refit (`welore.refit.Refit`), None without --refit."""
+        if self.refit is None:
+            if self.refit_ridge != Refit.ridge:
+                raise WeloreError("--refit-ridge is given without --refit; add --refit up (or both), or drop --refit-ridge.")
+            return None
+        return Refit(self.refit, self.refit_ridge)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,12 +154,17 @@ def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
             raise WeloreError(f"The rank plan expects {name} to be a {shape[0]}x{shape[1]} Linear layer, which it is not here; use a plan made for this model.")
 
 
-def factorize_layer(dense: nn.Module, name: str, rank: int, factorizer: str | Factorizer, stats=None) -> LowRankLinear:
-    """Factorize one dense layer at `rank` (bias, dtype and device kept)."""
+def factorize_layer(
+    dense: nn.Module, name: str, rank: int, factorizer: str | Factorizer, stats=None, refit: Refit | None = None
+) -> LowRankLinear:
+    """Factorize one dense layer at `rank` (bias, dtype and device kept); with `refit`, the
+    factors are then refitted on paired statistics (`welore.refit`)."""
     weight = weight_matrix(dense)
     check_finite(name, weight)
     factorizer = FACTORIZERS[factorizer] if isinstance(factorizer, str) else factorizer
     up, down = factorizer.factors(weight, rank, stats)
+    if refit is not None:
+        up, down = refit(weight, up, down, stats, factorizer, name)
     bias = dense.bias.detach() if dense.bias is not None else None
     return LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), bias, dtype=weight.dtype)
 
@@ -201,18 +224,20 @@ def _apply_plan_calibrated_(
 ) -> list[str]:
     """Factorize with input statistics gathered block by block; each block is swapped as soon
     as it is factorized. Sequential: block k+1 is calibrated on the compressed block k's
-    outputs; otherwise on the dense block k's outputs (computed before the swap)."""
+    outputs; otherwise on the dense block k's outputs (computed before the swap). With a refit,
+    the dense model's inputs are gathered beside them and the factors refitted."""
     from welore.calibrate import iter_block_stats
 
     check_plan_fits(model, plan)
     targets = {name: model.get_submodule(name) for name in plan.factorized}
+    refit = config.make_refit()
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
-                                           sequential=config.sequential):
+                                           sequential=config.sequential, paired=refit is not None):
         for name, stats in block_stats.items():
             stats.check(name)
             rank = plan.ranks[name]
             assert rank is not None
-            swap_module(model, name, factorize_layer(targets[name], name, rank, config.make_factorizer(), stats))
+            swap_module(model, name, factorize_layer(targets[name], name, rank, config.make_factorizer(), stats, refit))
     return list(plan.factorized)
 
 
@@ -242,6 +267,8 @@ def compress_(
     windows from text disjoint from any evaluation text (`welore.data.load_text(..., split="calib")`).
     """
     factorizer = config.make_factorizer()
+    if config.refit is not None and not factorizer.needs_stats:
+        raise WeloreError(f"--refit fits the factors on calibration text, but the {config.factorizer} factorizer uses none; choose a data-aware factorizer (e.g. whiten) and pass --calib.")
     if factorizer.needs_stats and calibration is None:
         raise WeloreError(f"The {config.factorizer} factorizer needs calibration text; pass --calib (e.g. --calib wiki).")
     if not factorizer.needs_stats and calibration is not None:
