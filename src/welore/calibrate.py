@@ -248,12 +248,13 @@ class _Collector:
     def new_forward(self) -> None:
         self._seen.clear()
 
-    def capture_dense(self, run) -> Any:
-        """`run()` (the block's forward on the dense stream) with every target's input kept, not
-        accumulated; the next forward's statistics pair with them."""
+    @contextlib.contextmanager
+    def capturing_dense(self) -> Iterator[None]:
+        """While active (the block's forward on the dense stream), every target's input is kept,
+        not accumulated; the next forward's statistics pair with them."""
         self.dense, self.capturing = {}, True
         try:
-            return run()
+            yield
         finally:
             self.capturing = False
 
@@ -396,7 +397,8 @@ def _block_stats(
         for i, (hidden_states, block_inputs) in enumerate(zip(hidden, inputs, strict=True)):
             collector.new_forward()
             if dense_hidden is not None:  # the dense stream first; its inputs pair with this batch's
-                dense_hidden[i] = collector.capture_dense(lambda i=i: _run_block(block, dense_hidden[i], block_inputs))
+                with collector.capturing_dense():
+                    dense_hidden[i] = _run_block(block, dense_hidden[i], block_inputs)
                 missing = [name for name in targets if name not in collector.dense]
                 if missing:
                     raise WeloreError(f"{', '.join(missing)} never ran while its block processed the calibration text; "
