@@ -93,6 +93,12 @@ def _settings() -> dict[str, Setting]:
         f"whiten@{SHRINKAGE}/minimax": Setting("whiten", "minimax", params=shrunk),
         f"whiten@{SHRINKAGE}/minimax+seq": Setting("whiten", "minimax", "sequential", params=shrunk),
     }
+    for policy in ("uniform", "welore", "minimax"):  # the refits, on the factorizer's own and the shrunk statistics
+        for mode in ("both", "up"):
+            suffix = "+refit" if mode == "both" else "+refit-up"
+            settings[f"whiten/{policy}{suffix}"] = Setting("whiten", policy, "sequential", compress={"refit": mode})
+            settings[f"whiten@{SHRINKAGE}/{policy}{suffix}"] = Setting("whiten", policy, "sequential", params=shrunk,
+                                                                      compress={"refit": mode})
     for lam in SHRINKAGE_GRID:  # the scan that chose SHRINKAGE
         settings.setdefault(f"whiten@{lam}/welore", Setting("whiten", "welore", params={"shrinkage": lam}))
     return settings
@@ -209,6 +215,54 @@ def run(args: argparse.Namespace) -> None:
             del compressed
 
 
+# --- compression cost, one process per setting ----------------------------------------------------
+
+CHILD = """
+import sys, time
+from welore.compress import CompressConfig, compress_
+from welore.data import load_text, token_windows
+from welore.models import load_model
+loaded = load_model(sys.argv[1])
+config = CompressConfig(**__import__("json").loads(sys.argv[2]))
+if config.ratio is not None:
+    windows = token_windows(loaded.tokenizer, load_text(sys.argv[3], split="calib"), 512, int(sys.argv[4]))
+    start = time.perf_counter()
+    compress_(loaded.model, config, calibration=windows, progress=False)
+    print(time.perf_counter() - start)
+"""
+
+
+def cost(args: argparse.Namespace) -> None:
+    """Peak resident memory (ru_maxrss) and CPU time of `compress_` alone, each setting in its own
+    process (`os.wait4` gives that process's own usage); `load only` is the model load without
+    compression, the baseline the others add to."""
+    import os
+    import subprocess
+    import sys
+
+    data = load_results()
+    rows = {}
+    for name in ["load only", *args.settings]:
+        if name == "load only":
+            config = {}
+        else:
+            setting = SETTINGS[name]
+            config = {k: v for k, v in setting.config(args.ratio).to_dict().items()
+                      if k in ("ratio", "method", "factorizer", "factorizer_params", "sequential", "refit")}
+            config["calib"] = args.calib
+        start = time.perf_counter()
+        child = subprocess.Popen([sys.executable, "-c", CHILD, args.model, json.dumps(config), args.calib,
+                                  str(args.calib_tokens)], stdout=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        out = child.stdout.read().strip()
+        assert status == 0, f"{name} failed"
+        rows[name] = {"peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
+                      "wall_s": time.perf_counter() - start, "compress_wall_s": float(out) if out else 0.0}
+        print(name, rows[name], flush=True)
+    data["cost"] = {"ratio": args.ratio, "calib": args.calib, "calib_tokens": args.calib_tokens, "rows": rows}
+    save_results(data)
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 
@@ -256,8 +310,8 @@ def report(args: argparse.Namespace) -> None:
         "Settings: `whiten` is SVD-LLM's whitening; `whiten@λ` whitens XᵀX + λ·diag(XᵀX) "
         f"(λ = {SHRINKAGE}, chosen once on news → wiki at ratio 0.2, see the scan below); `uniform` is SVD-LLM's "
         "allocation, `welore` WeLore's, `minimax` bounds every layer's relative output error; `+seq` adds "
-        "`--sequential`, `+refit` adds `--refit` (block-by-block least-squares refit of the factors to the dense "
-        "outputs, on the compressed prefix's inputs).",
+        "`--sequential`, `+refit` adds `--refit both` and `+refit-up` `--refit up` (block-by-block least-squares "
+        "refit of the factors to the dense outputs, on the compressed prefix's inputs; implies `--sequential`).",
         "",
         f"### Ranking by cross-domain perplexity ({tokens} calibration tokens)",
         "",
@@ -319,6 +373,17 @@ def report(args: argparse.Namespace) -> None:
     for n in ranked:
         recs = [find["wiki", tokens, n, q] for q in ratios]
         lines.append(f"| {n} | {sum(r['wall_s'] for r in recs) / len(recs):.0f} | {sum(r['cpu_s'] for r in recs) / len(recs):.0f} |")
+    if "cost" in data:
+        c = data["cost"]
+        base = c["rows"]["load only"]
+        lines += ["", f"### Compression time and memory (ratio {c['ratio']}, {c['calib_tokens']} tokens of {c['calib']})", "",
+                  "Each setting's `compress_` in its own process: peak resident memory of the process (`ru_maxrss`, "
+                  "the model load included; `load only` loads the model and stops), wall seconds of `compress_`, "
+                  "and CPU (user+sys) seconds of the whole process.", "",
+                  "| setting | peak RSS MB | over load only | compress_ wall s | process CPU s |", "|---|---:|---:|---:|---:|"]
+        for n, r in c["rows"].items():
+            lines.append(f"| {n} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | "
+                         f"{r['compress_wall_s']:.0f} | {r['cpu_s']:.0f} |")
     lines += ["", "![cross-domain perplexity vs ratio](frontier.png)"]
     publish("frontier", "\n".join(lines), write=not args.no_write)
     if not args.no_write:
@@ -338,12 +403,18 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, help=f"from: {', '.join(SETTINGS)}")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=512)
+    p = sub.add_parser("cost", help="peak memory and CPU time of compress_, one process per setting")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", choices=TEXTS, default="wiki")
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--ratio", type=float, default=0.2)
+    p.add_argument("--settings", nargs="+", default=["whiten/welore", "whiten/minimax+seq", "whiten/minimax+refit"])
     p = sub.add_parser("report", help="write the section of docs/benchmarks.md from docs/frontier.json")
     p.add_argument("--main-tokens", type=int, default=8192, help="the calibration size of the main tables")
     p.add_argument("--commands", nargs="+", default=[], help="the commands that made the records, quoted in the section")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
-    run(args) if args.command == "run" else report(args)
+    {"run": run, "cost": cost, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":
