@@ -294,6 +294,24 @@ def test_cli_reports_the_calibration(capsys, tmp_path: Path, cli_model_dir: Path
     assert f"factorizer asvd, calibrated on 256 tokens of {english_text_file}" in out
 
 
+def test_cli_factorizer_params_reach_the_factors(capsys, tmp_path: Path, cli_model_dir: Path,
+                                                english_text_file: Path) -> None:
+    """--factorizer-param alpha=0 makes asvd plain SVD (unit scales): the checkpoint records the
+    typed value and holds the same factors as --factorizer svd at the same plan."""
+    common = ["--ratio", "0.3", "--method", "uniform"]
+    code, out, err = run(capsys, "compress", cli_model_dir, *common, "--factorizer", "asvd", "--factorizer-param",
+                         "alpha=0", "--calib", english_text_file, *CALIB, "--out", tmp_path / "asvd0")
+    assert code == 0, err
+    assert "factorizer asvd alpha=0, calibrated on 256 tokens" in out
+    code, out, err = run(capsys, "compress", cli_model_dir, *common, "--out", tmp_path / "svd")
+    assert code == 0, err
+    asvd0, svd = load(tmp_path / "asvd0"), load(tmp_path / "svd")
+    assert asvd0.welore_config.factorizer_params == {"alpha": 0.0}
+    assert asvd0.welore_plan.ranks == svd.welore_plan.ranks
+    for name in svd.welore_plan.factorized:
+        assert torch.allclose(asvd0.get_submodule(name).dense_weight(), svd.get_submodule(name).dense_weight(), atol=1e-5)
+
+
 def test_cli_unknown_factorizer(capsys, tmp_path: Path, cli_model_dir: Path, english_text_file: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["compress", str(cli_model_dir), "--ratio", "0.2", "--factorizer", "qr", "--calib", str(english_text_file),
@@ -318,10 +336,14 @@ def test_cli_unknown_factorizer(capsys, tmp_path: Path, cli_model_dir: Path, eng
         (["--factorizer", "whiten", "--calib", "SHORT"], "--calib-seq-len"),
         (["--factorizer", "whiten", "--calib", "TEXT", "--calib-tokens", "100"], "--calib-tokens"),
         (["--factorizer", "whiten", "--calib", "TEXT", "--calib-seq-len", "1"], "--calib-seq-len"),
+        (["--factorizer", "whiten", "--calib", "TEXT", "--factorizer-param", "alpha=1"],
+         "The whiten factorizer has no parameter alpha; it takes shrinkage"),
+        (["--factorizer", "asvd", "--calib", "TEXT", "--factorizer-param", "alpha=big"], "alpha must be a number"),
+        (["--factorizer", "whiten", "--calib", "TEXT", "--factorizer-param", "shrinkage=-1"], "non-negative"),
     ],
     ids=["calib-tokens-0", "calib-seq-len-0", "missing-calib-file", "calib-with-svd", "whiten-without-calib",
          "asvd-sequential-without-calib", "sequential-with-svd", "calib-text-too-short", "calib-tokens-below-a-window",
-         "calib-seq-len-1"],
+         "calib-seq-len-1", "param-of-another-factorizer", "param-not-a-number", "param-out-of-range"],
 )
 def test_cli_bad_calibration_options(capsys, tmp_path: Path, cli_model_dir: Path, english_text_file: Path,
                                      options: list[str], match: str) -> None:

@@ -301,6 +301,38 @@ def test_make_factorizer_sets_and_checks_parameters() -> None:
     config = CompressConfig(factorizer="whiten", factorizer_params={"shrinkage": 0.1})
     assert CompressConfig.from_dict(config.to_dict()) == config
     assert config.make_factorizer() == Whiten(shrinkage=0.1)
+    assert make_factorizer("asvd", {"alpha": "1", "floor": "1e-4"}) == make_factorizer("asvd", {"alpha": 1.0, "floor": 1e-4})
+    with pytest.raises(WeloreError, match="The asvd factorizer's alpha must be a number, got 'big'"):
+        make_factorizer("asvd", {"alpha": "big"})
+
+
+def test_every_registered_factorizers_parameters_are_on_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--factorizer-param is generated from the registry: a factorizer registered later (here a
+    toy with an int and a bool field) is listed in --help and set from the command line."""
+    from dataclasses import dataclass, fields
+
+    from welore.cli import build_parser
+    from welore.compress import CompressConfig
+    from welore.factorize import PlainSVD
+    from welore.options import from_args
+
+    @dataclass(frozen=True)
+    class Toy(PlainSVD):
+        passes: int = 2  # how many passes
+        exact: bool = False  # be exact
+
+    monkeypatch.setitem(FACTORIZERS, "toy", Toy())
+    parser = build_parser()
+    text = " ".join(parser._subparsers._group_actions[0].choices["compress"].format_help().split())
+    for name, factorizer in FACTORIZERS.items():
+        assert f"{name}: " in text
+        assert all(f.name in text for f in fields(factorizer))
+    assert "toy: passes (how many passes; default 2), exact (be exact)" in text
+    args = parser.parse_args(["compress", "m", "--out", "o", "--factorizer", "toy", "--factorizer-param", "passes=3",
+                              "--factorizer-param", "exact=true"])
+    config = from_args(CompressConfig, args)
+    assert config.factorizer_params == {"passes": 3, "exact": True}
+    assert config.make_factorizer() == Toy(passes=3, exact=True)
 
 
 def test_whiten_shrinkage_whitens_the_ridged_gram_matrix() -> None:

@@ -16,7 +16,7 @@ from welore.evaluate import EvalOptions
 from welore.finetune import FinetuneConfig
 from welore.gradients import GradientRunConfig
 from welore.models import LoadOptions, load_model
-from welore.options import add_options, field_comments, from_args, option_fields
+from welore.options import add_options, field_comments, from_args, option_fields, parse_value
 from welore.tasks import TaskOptions
 
 # command -> (the shortest valid argv, the config classes whose options it has)
@@ -68,6 +68,11 @@ def test_every_option_reaches_its_config() -> None:
                                       "--calib", "news", "--calib-tokens", "1024", "--sequential", "--dtype", "bfloat16"])
     assert from_args(CompressConfig, args) == CompressConfig(ratio=0.3, factorizer="whiten", calib="news",
                                                              calib_tokens=1024, sequential=True)
+    params = build_parser().parse_args(["compress", "m", "--out", "o", "--factorizer", "asvd", "--factorizer-param",
+                                        "alpha=1", "--factorizer-param", "floor=1e-4", "--calib", "news"])
+    config = from_args(CompressConfig, params)
+    assert config == CompressConfig(factorizer="asvd", factorizer_params={"alpha": 1.0, "floor": 1e-4}, calib="news")
+    assert config.to_dict()["factorizer_params"] == {"alpha": 1.0, "floor": 1e-4}  # typed, as welore.json records it
     assert from_args(LoadOptions, args) == LoadOptions(dtype="bfloat16")
     assert from_args(EvalOptions, build_parser().parse_args(["evaluate", "m", "--no-speed"])).speed is False
 
@@ -97,6 +102,7 @@ class _Toy:
     kind: str = dataclasses.field(default="a", metadata={"choices": lambda: ["a", "b"]})  # a or b
     loud: bool = False  # shout
     fast: bool = True  # hurry
+    extras: dict = dataclasses.field(default_factory=dict, metadata={"flag": "extra", "more_help": lambda: "x or y"})  # named values
     secret: dict = dataclasses.field(default_factory=dict, metadata={"cli": False})  # not an option
     version: int = 1
 
@@ -114,17 +120,48 @@ def test_generator_on_a_toy_config(capsys: pytest.CaptureFixture) -> None:
                               "--kind", "b", "--loud", "--no-fast"])
     assert from_args(_Toy, args) == _Toy(size=5, scale=0.5, names=["x", "y"], pair=(3, 4), kind="b", loud=True, fast=False)
     assert not hasattr(args, "secret") and not hasattr(args, "version")
-    text = parser.format_help()
+    text = " ".join(parser.format_help().split())
     assert "how many (default: 3)" in text and "--no-fast" in text and "{a,b}" in text
+    assert "--extra NAME=VALUE named values: x or y" in text
     with pytest.raises(SystemExit):
         parser.parse_args(["--kind", "c"])
     assert "invalid choice: 'c'" in capsys.readouterr().err
 
 
+def test_a_dict_field_is_a_repeatable_name_value_option(capsys: pytest.CaptureFixture) -> None:
+    parser = _toy_parser()
+    args = parser.parse_args(["--extra", "a=1", "--extra", " b = x=y "])
+    assert from_args(_Toy, args).extras == {"a": "1", "b": "x=y"}  # text: whoever reads them types them
+    assert from_args(_Toy, parser.parse_args([])).extras == {} and _Toy().extras == {}  # not shared
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--extra", "a=1", "--extra", "a=2"])
+    assert "--extra sets a more than once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--extra", "a"])
+    assert "expected NAME=VALUE, got 'a'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tp, text, value", [
+    (float, "1e-3", 1e-3), (int, "7", 7), (bool, "False", False), (bool, "yes", True), (str, "a b", "a b"),
+    (float | None, "none", None), (int | None, "3", 3),
+])
+def test_parse_value(tp, text: str, value) -> None:
+    assert parse_value(tp, text, "x") == value
+
+
+@pytest.mark.parametrize("tp, text, match", [
+    (float, "abc", "x must be a number, got 'abc'"), (int, "1.5", "x must be a whole number"),
+    (bool, "maybe", "x must be true or false"),
+])
+def test_parse_value_errors_are_one_sentence(tp, text: str, match: str) -> None:
+    with pytest.raises(WeloreError, match=match):
+        parse_value(tp, text, "x")
+
+
 def test_a_field_without_a_command_line_form_is_a_bug() -> None:
     @dataclasses.dataclass
     class Bad:
-        table: dict = dataclasses.field(default_factory=dict)  # no CLI form
+        table: set = dataclasses.field(default_factory=set)  # no CLI form
 
     with pytest.raises(TypeError, match="no command-line form"):
         add_options(argparse.ArgumentParser(), Bad)

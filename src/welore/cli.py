@@ -144,10 +144,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
           f"whole model: {report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M "
           f"({report.model_reduction:.2%} fewer)")
     calib_note = f", calibrated on {calibration.numel()} tokens of {config.calib}" if calibration is not None else ""
+    params = "".join(f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
+                     for name, value in config.factorizer_params.items())
     if config.refit is not None:
         calib_note += f", refit {config.refit} (ridge {config.refit_ridge:g})"
     print(f"LRC (rank cut >= {config.lrc_min_cut:.0%}): {len(plan.lrc(config.lrc_min_cut))}; "
-          f"factorizer {config.factorizer}{calib_note}; compression took {elapsed:.1f}s")
+          f"factorizer {config.factorizer}{params}{calib_note}; compression took {elapsed:.1f}s")
     print(f"saved {args.out}/ ({weights_size_on_disk(args.out) / 1e6:.1f} MB of weights)")
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS, Factorizer, make_factorizer
+from welore.factorize import FACTORIZERS, Factorizer, describe_factorizer_params, make_factorizer
 from welore.modules import LowRankLinear, count_parameters, swap_module
 from welore.options import check_positive
 from welore.plan import POLICIES, RankPlan, allocate, check_ratio
@@ -61,7 +61,7 @@ class CompressConfig:
     calib: str | None = None  # calibration text for whiten/asvd: wiki or news (their calibration half), a text file, or hf:DATASET
     calib_tokens: int | None = 8192  # calibration tokens (with --calib)
     calib_seq_len: int | None = 512  # tokens per calibration window (with --calib)
-    factorizer_params: dict = field(default_factory=dict, metadata={"cli": False})  # the factorizer's own parameters, e.g. {"alpha": 0.5} (asvd), {"shrinkage": 0.1} (whiten)
+    factorizer_params: dict = field(default_factory=dict, metadata={"flag": "factorizer_param", "more_help": describe_factorizer_params})  # the chosen factorizer's own parameters, e.g. {"alpha": 1.0} for asvd; on the command line NAME=VALUE, once per parameter (--factorizer-param alpha=1.0); the factorizers take
     sequential: bool = False  # calibrate each block on the outputs of the already-compressed blocks before it
     refit: str | None = field(default=None, metadata={"choices": _refits})  # after truncation, refit by least squares to the dense outputs on the compressed prefix's inputs: up (the up factor) or both (up and down); needs --calib, implies --sequential
     refit_ridge: float = 1e-3  # ridge of the refit, × the mean diagonal of the Gram matrix it inverts (with --refit)
@@ -70,7 +70,8 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in POLICIES:
             raise WeloreError(f"Unknown method {self.method!r}; choose one of {', '.join(sorted(POLICIES))}.")
-        self.make_factorizer()  # checks the name and its parameters
+        factorizer = self.make_factorizer()  # checks the name and its parameters
+        self.factorizer_params = {key: getattr(factorizer, key) for key in self.factorizer_params}  # typed, as recorded
         self.make_refit()  # checks the mode and the ridge
         if self.refit is not None:  # the refit needs the compressed prefix's inputs
             self.sequential = True

@@ -26,6 +26,7 @@ All three need only the top r singular triplets of one matrix (W, W·S or W·dia
 from __future__ import annotations
 
 import logging
+import typing
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -36,6 +37,7 @@ import torch
 
 from welore.devices import float64_device
 from welore.errors import WeloreError
+from welore.options import describe_fields, parse_value
 from welore.spectrum import singular_values
 
 if TYPE_CHECKING:
@@ -57,7 +59,8 @@ FACTORIZERS: dict[str, Factorizer] = {}
 
 def make_factorizer(name: str, params: dict[str, Any] | None = None) -> Factorizer:
     """The registered factorizer `name` with its own parameters set (each factorizer is a frozen
-    dataclass, so they are typed and checked): make_factorizer("asvd", {"alpha": 1.0})."""
+    dataclass, so they are typed and checked): make_factorizer("asvd", {"alpha": 1.0}). A value
+    given as text (the command line's `--factorizer-param alpha=1`) is read as the field's type."""
     if name not in FACTORIZERS:
         raise WeloreError(f"Unknown factorizer {name!r}; choose one of {', '.join(sorted(FACTORIZERS))}.")
     default = FACTORIZERS[name]
@@ -68,7 +71,14 @@ def make_factorizer(name: str, params: dict[str, Any] | None = None) -> Factoriz
     if unknown:
         raise WeloreError(f"The {name} factorizer has no parameter {', '.join(unknown)}; "
                           f"it takes {', '.join(sorted(known)) or 'none'}.")
-    return replace(default, **params)
+    hints = typing.get_type_hints(type(default))
+    return replace(default, **{key: parse_value(hints[key], value, f"The {name} factorizer's {key}")
+                               if isinstance(value, str) else value for key, value in params.items()})
+
+
+def describe_factorizer_params() -> str:
+    """Every registered factorizer's parameters with their comments and defaults, for --help."""
+    return "; ".join(f"{name}: {describe_fields(type(factorizer))}" for name, factorizer in sorted(FACTORIZERS.items()))
 
 
 def register_factorizer(name: str) -> Callable[[type], type]:

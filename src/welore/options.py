@@ -10,11 +10,15 @@ dataclass, and the CLI reads the dataclass to build its argparse arguments:
     speed: bool = True  # measure tokens/s           --no-speed            (a switch turning it off)
     targets: list[str] | None = None  # patterns     --targets PATTERN [PATTERN ...]
     betas: tuple[float, float] = (0.9, 0.999)        --betas BETAS BETAS
+    params: dict = field(default_factory=dict)       --params NAME=VALUE   (once per name; the values
+                                                     are text, typed by whoever reads them: `parse_value`)
 
 The help text is the field's trailing comment (the comment STYLE.md asks for anyway), followed
 by the default. A field's `metadata` may add `choices` (a sequence, or a function returning one,
-for registries that are imported late), `metavar` and `short` (e.g. "-q"); `{"cli": False}` keeps a field off the
-command line. A field named `version` (a config's format version) never becomes an option.
+for registries that are imported late), `metavar`, `short` (e.g. "-q"), `flag` (the option's
+name when it is not the field's, e.g. a singular for a repeatable option) and `more_help` (a
+function returning text appended to the help, e.g. generated from a registry with
+`describe_fields`); `{"cli": False}` keeps a field off the command line. A field named `version` (a config's format version) never becomes an option.
 
 To add an option: add one field, with its comment, to the dataclass that owns it —
 `LoadOptions` (`welore.models`: options of every command that loads a model, such as `dtype`),
@@ -49,6 +53,11 @@ NOT_OPTIONS = frozenset({"version"})  # field names that are never command-line 
 def flag(name: str) -> str:
     """The option string of a field: seq_len -> --seq-len."""
     return "--" + name.replace("_", "-")
+
+
+def _option(f: dataclasses.Field) -> str:
+    """The option string of field `f` (its metadata's `flag`, else its name)."""
+    return flag(f.metadata.get("flag", f.name))
 
 
 @functools.cache
@@ -103,6 +112,59 @@ def _format_default(value: Any) -> str | None:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def describe_fields(cls: type) -> str:
+    """The fields of the dataclass `cls` for a help text, "name (comment; default X), ..." ("none"
+    without fields)."""
+    comments, parts = field_comments(cls), []
+    for f in dataclasses.fields(cls):
+        shown = _format_default(_default_of(f))
+        about = "; ".join(text for text in (comments.get(f.name), shown and f"default {shown}") if text)
+        parts.append(f"{f.name} ({about})" if about else f.name)
+    return ", ".join(parts) or "none"
+
+
+def parse_value(tp: Any, text: str, what: str) -> Any:
+    """`text` from the command line as a value of type `tp` (bool, int, float, str or `X | None`,
+    where "none" is None); WeloreError saying what `what` takes otherwise."""
+    inner = _unwrap_optional(tp)
+    if inner is not tp and text.strip().lower() == "none":
+        return None
+    if inner is bool and text.strip().lower() in _BOOLS:
+        return _BOOLS[text.strip().lower()]
+    if inner in (int, float, str):
+        try:
+            return inner(text)
+        except ValueError:
+            pass
+    elif inner is not bool:
+        raise TypeError(f"{what}: no command-line form for type {tp!r}")
+    words = {bool: "true or false", int: "a whole number", float: "a number"}
+    raise WeloreError(f"{what} must be {words[inner]}, got {text!r}.")
+
+
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _name_value(text: str) -> tuple[str, str]:
+    """argparse type of a dict field's option: "NAME=VALUE" -> (NAME, VALUE)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+class _NameValues(argparse.Action):
+    """A dict field's option, once per name: each NAME=VALUE is added to a copy of the dict."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        name, value = values
+        current = dict(getattr(namespace, self.dest) or {})
+        if name in current:
+            parser.error(f"{option_string} sets {name} more than once; give each name once")
+        setattr(namespace, self.dest, {**current, name: value})
+
+
 def option_fields(cls: type, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[dataclasses.Field]:
     """The fields of `cls` that are command-line options, in declaration order."""
     chosen = [f for f in dataclasses.fields(cls)
@@ -137,6 +199,8 @@ def add_options(
         tp = _unwrap_optional(hints[f.name])
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         help_text = f.metadata.get("help", comments.get(f.name, ""))
+        if "more_help" in f.metadata:
+            help_text = f"{help_text}: {f.metadata['more_help']()}"
         kwargs: dict[str, Any] = {"dest": f.name, "default": default}
         names = [f.metadata["short"]] if "short" in f.metadata else []
         if tp is bool:
@@ -144,6 +208,10 @@ def add_options(
                 parser.add_argument(*names, flag("no_" + f.name), action="store_false", help=help_text, **kwargs)
             else:
                 parser.add_argument(*names, flag(f.name), action="store_true", help=help_text, **kwargs)
+            continue
+        if tp is dict or origin is dict:  # repeatable NAME=VALUE
+            kwargs.update(type=_name_value, action=_NameValues, metavar=f.metadata.get("metavar", "NAME=VALUE"))
+            parser.add_argument(*names, _option(f), help=help_text, **kwargs)
             continue
         if origin in (list, Sequence) and len(args) == 1:
             kwargs.update(type=args[0], nargs="+")
@@ -166,7 +234,7 @@ def add_options(
         shown = _format_default(default)
         if shown is not None:
             help_text = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
-        parser.add_argument(*names, flag(f.name), help=help_text, **kwargs)
+        parser.add_argument(*names, _option(f), help=help_text, **kwargs)
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
