@@ -55,10 +55,10 @@ def _refits() -> list[str]:
 class CompressConfig:
     ratio: float | None = None  # fraction of the target matrices' parameters to remove, in (0, 1)
     method: str | None = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy (welore.plan.POLICIES); None when a given rank plan sets the ranks
-    factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd (data-free), whiten (SVD-LLM) or asvd (activation-scaled); the last two need --calib
+    factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd (data-free), whiten (SVD-LLM), asvd (activation-scaled), kfac (Kronecker-factored loss curvature) or fisher (FWSVD's row Fisher); all but svd need --calib
     targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # target modules by exact name, glob (*.q_proj) or re:regex; default: Linear layers in decoder blocks
     lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
-    calib: str | None = None  # calibration text for whiten/asvd: wiki or news (their calibration half), a text file, or hf:DATASET
+    calib: str | None = None  # calibration text for the data-aware factorizers: wiki or news (their calibration half), a text file, or hf:DATASET
     calib_tokens: int | None = 8192  # calibration tokens (with --calib)
     calib_seq_len: int | None = 512  # tokens per calibration window (with --calib)
     factorizer_params: dict = field(default_factory=dict, metadata={"flag": "factorizer_param", "more_help": describe_factorizer_params})  # the chosen factorizer's own parameters, e.g. {"alpha": 1.0} for asvd; on the command line NAME=VALUE, once per parameter (--factorizer-param alpha=1.0); the factorizers take
@@ -165,6 +165,8 @@ def factorize_layer(
     factorizer = FACTORIZERS[factorizer] if isinstance(factorizer, str) else factorizer
     up, down = factorizer.factors(weight, rank, stats)
     if refit is not None:
+        if getattr(factorizer, "needs_gradients", False):  # the refit passes input statistics alone
+            stats, factorizer = stats.inputs, _BoundGradients(factorizer, stats.grads)
         up, down = refit(weight, up, down, stats, factorizer, name)
     bias = dense.bias.detach() if dense.bias is not None else None
     return LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), bias, dtype=weight.dtype)
@@ -203,42 +205,84 @@ def apply_plan_(
 
 
 def calibrated_spectra(
-    model: nn.Module, config: CompressConfig, calibration: torch.Tensor, batch_size: int = 4, progress: bool = True
+    model: nn.Module, config: CompressConfig, calibration: torch.Tensor, batch_size: int = 4, progress: bool = True,
+    gradients: dict | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The spectra a data-aware factorizer sees (e.g. singular values of W·S), block by block."""
+    """The spectra a data-aware factorizer sees (e.g. singular values of W·S, or of L_Gᵀ·W·L_A
+    for kfac, in loss units), block by block. `gradients`: the output-gradient statistics a
+    curvature-aware factorizer needs (`gradient_stats`), gathered here when not given."""
     from welore.calibrate import iter_block_stats
 
     factorizer = config.make_factorizer()
     targets = find_targets(model, config.targets)
+    if getattr(factorizer, "needs_gradients", False) and gradients is None:
+        gradients = gradient_stats(model, targets, calibration, batch_size, progress)
     spectra = {}
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
                                            sequential=False):
         for name, stats in block_stats.items():
             stats.check(name)
-            spectra[name] = factorizer.spectrum(weight_matrix(targets[name]), stats)
+            spectra[name] = factorizer.spectrum(weight_matrix(targets[name]), _with_gradients(stats, gradients, name))
     return spectra
+
+
+def gradient_stats(model: nn.Module, targets: dict[str, nn.Module], calibration: torch.Tensor, batch_size: int = 4,
+                   progress: bool = True) -> dict:
+    """Output-gradient statistics of the LM loss for every target (`welore.curvature`)."""
+    from welore.curvature import gradient_stats as gather
+
+    with torch.no_grad():  # gather enables gradients only where it needs them
+        return gather(model, targets, calibration, batch_size=batch_size, progress=progress)
+
+
+@dataclass(frozen=True)
+class _BoundGradients:
+    """A curvature-aware factorizer with one target's output-gradient statistics bound, for
+    callers that hold only its input statistics (the refit re-truncates with the factorizer)."""
+
+    factorizer: Factorizer  # kfac or fisher
+    grads: object  # welore.curvature.GradientStats of the target
+
+    def factors(self, weight: torch.Tensor, rank: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        from welore.curvature import CurvatureStats
+
+        return self.factorizer.factors(weight, rank, CurvatureStats(inputs=stats, grads=self.grads))
+
+
+def _with_gradients(stats, gradients: dict | None, name: str):
+    """A target's input statistics, paired with its output-gradient statistics when there are any."""
+    if gradients is None:
+        return stats
+    from welore.curvature import CurvatureStats
+
+    return CurvatureStats(inputs=stats, grads=gradients[name])
 
 
 def _apply_plan_calibrated_(
     model: nn.Module, plan: RankPlan, config: CompressConfig, calibration: torch.Tensor,
-    batch_size: int = 4, progress: bool = True,
+    batch_size: int = 4, progress: bool = True, gradients: dict | None = None,
 ) -> list[str]:
     """Factorize with input statistics gathered block by block; each block is swapped as soon
     as it is factorized. Sequential: block k+1 is calibrated on the compressed block k's
     outputs; otherwise on the dense block k's outputs (computed before the swap). With a refit,
-    the dense model's inputs are gathered beside them and the factors refitted."""
+    the dense model's inputs are gathered beside them and the factors refitted. A
+    curvature-aware factorizer also gets `gradients` (taken on the dense model, here when not
+    given: the loss's gradients need the whole model, so they are not sequential)."""
     from welore.calibrate import iter_block_stats
 
     check_plan_fits(model, plan)
     targets = {name: model.get_submodule(name) for name in plan.factorized}
     refit = config.make_refit()
+    if getattr(config.make_factorizer(), "needs_gradients", False) and gradients is None:
+        gradients = gradient_stats(model, targets, calibration, batch_size, progress)
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
                                            sequential=config.sequential, paired=refit is not None):
         for name, stats in block_stats.items():
             stats.check(name)
             rank = plan.ranks[name]
             assert rank is not None
-            swap_module(model, name, factorize_layer(targets[name], name, rank, config.make_factorizer(), stats, refit))
+            swap_module(model, name, factorize_layer(targets[name], name, rank, config.make_factorizer(),
+                                                     _with_gradients(stats, gradients, name), refit))
     return list(plan.factorized)
 
 
@@ -264,7 +308,7 @@ def compress_(
 ) -> CompressReport:
     """Compress `model` in place; returns the plan, the replaced modules and parameter counts.
 
-    Data-aware factorizers (`whiten`, `asvd`) need `calibration`, a LongTensor (N, T) of token
+    Data-aware factorizers (`whiten`, `asvd`, `kfac`, `fisher`) need `calibration`, a LongTensor (N, T) of token
     windows from text disjoint from any evaluation text (`welore.data.load_text(..., split="calib")`).
     """
     factorizer = config.make_factorizer()
@@ -279,6 +323,7 @@ def compress_(
     if plan is None and config.method is None:
         raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); pass --method or a saved --plan.")
     before = count_parameters(model)
+    gradients = None
     with torch.no_grad():
         if plan is None and factorizer.needs_stats:
             if config.ratio is None:
@@ -286,13 +331,15 @@ def compress_(
             targets = find_targets(model, config.targets)
             shapes = {n: matrix_shape(m) for n, m in targets.items()}
             check_ratio(config.ratio, shapes)
+            if getattr(factorizer, "needs_gradients", False):  # once, on the dense model, for allocation and factors
+                gradients = gradient_stats(model, targets, calibration, batch_size, progress)
             needs_spectra = getattr(POLICIES[config.method], "needs_spectra", True)
-            spectra = calibrated_spectra(model, config, calibration, batch_size, progress) if needs_spectra else {}
+            spectra = calibrated_spectra(model, config, calibration, batch_size, progress, gradients) if needs_spectra else {}
             plan = allocate(config.method, spectra, shapes, config.ratio)
         elif plan is None:
             plan = plan_ranks(model, config, progress=progress)
         if factorizer.needs_stats:
-            replaced = _apply_plan_calibrated_(model, plan, config, calibration, batch_size, progress)
+            replaced = _apply_plan_calibrated_(model, plan, config, calibration, batch_size, progress, gradients)
         else:
             replaced = apply_plan_(model, plan, factorizer=config.make_factorizer(), progress=progress)
     model.welore_plan = plan  # so that save() finds it

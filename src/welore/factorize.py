@@ -18,7 +18,12 @@ best rank-r matrix for those outputs, and the squared singular values of W·S ar
 output error each component adds when cut. `asvd` (ASVD, Yuan et al., 2023) scales input
 channel j by (mean |x_j|)^α before the SVD and unscales after, a cheap diagonal stand-in for S.
 
-All three need only the top r singular triplets of one matrix (W, W·S or W·diag(s));
+`kfac` and `fisher` minimise an estimate of the LM *loss* increase instead, from gradients of
+the loss at each layer's outputs (`welore.curvature`; their stats are `CurvatureStats`): `kfac`
+truncates L_Gᵀ·W·L_A (K-FAC: input covariance A = L_A·L_Aᵀ, output-gradient covariance
+G = L_G·L_Gᵀ), `fisher` (FWSVD) weights W's rows by their diagonal Fisher information.
+
+All of them need only the top r singular triplets of one matrix (W, W·S, W·diag(s), …);
 `top_factors` gets them from the eigenvectors of its smaller Gram matrix instead of a full SVD
 (benchmarks/factorize_speed.py measures the difference).
 """
@@ -42,6 +47,7 @@ from welore.spectrum import singular_values
 
 if TYPE_CHECKING:
     from welore.calibrate import InputStats
+    from welore.curvature import CurvatureStats, GradientStats
 
 log = logging.getLogger(__name__)
 
@@ -316,4 +322,128 @@ class ASVD:
         w = weight.detach().to(scale.device, torch.float64)  # (out, in)
         up, down = top_factors(w * scale, rank)  # truncated SVD of W·diag(s)
         down = down / scale  # (r, in): √Σ_r·V_rᵀ·diag(1/s)
+        return up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)
+
+
+# --- curvature-aware factorizers -------------------------------------------------------------
+
+
+def _require_curvature(method: str, weight: torch.Tensor, stats: Any | None) -> CurvatureStats:
+    from welore.curvature import CurvatureStats
+
+    if stats is None:
+        raise WeloreError(
+            f"The {method} factorizer needs the gradients of the LM loss on calibration text; "
+            "give calibration text (--calib), or use the data-free svd factorizer."
+        )
+    if not isinstance(stats, CurvatureStats):
+        raise WeloreError(
+            f"The {method} factorizer needs output-gradient statistics besides the input statistics; "
+            "compress through compress_ (or welore compress) with calibration text, which gathers both."
+        )
+    out_features, in_features = weight.shape
+    assert stats.grads.ggt.shape == (out_features, out_features) and stats.grads.in_features == in_features, (
+        f"gradient statistics of shape {tuple(stats.grads.ggt.shape)} do not fit a weight of shape {tuple(weight.shape)}"
+    )
+    _require_stats(method, weight, stats.inputs)
+    stats.grads.check(", ".join(stats.grads.names) or "this layer")
+    return stats
+
+
+def output_whitening(grads: GradientStats, damping: float) -> Whitening:
+    """L_G (out, out) with L_G·L_Gᵀ = G + damping·mean(diag(G))·I, G = Σ g·gᵀ / loss_tokens,
+    float64, cached per statistics (the allocation and the factorization both need it)."""
+    key = (grads.ggt._version, grads.ggt.data_ptr(), grads.loss_tokens, damping)
+    cached = _WHITENINGS.get(grads)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    g = grads.covariance  # (out, out) float64
+    scale = g.diagonal().mean().item()
+    g = g + (damping * scale) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    result = _whitening(g, f"the output gradients of {', '.join(grads.names) or 'this layer'}")
+    _WHITENINGS[grads] = (key, result)
+    return result
+
+
+@register_factorizer("kfac")
+@dataclass(frozen=True)
+class KFAC:
+    """Kronecker-factored curvature (K-FAC; KFAC-SVD): truncated SVD of L_Gᵀ·W·L_A, mapped back.
+
+    The empirical Fisher of W (out, in) is approximated by A ⊗ G, A = XᵀX/N the covariance of
+    the layer's inputs and G = E[g·gᵀ] that of the LM loss's gradients at its outputs
+    (`welore.curvature`). The second-order estimate of the mean loss increase of a change ΔW
+    is then ½·tr(ΔW·A·ΔWᵀ·G) = ½·‖L_Gᵀ·ΔW·L_A‖²_F with A = L_A·L_Aᵀ, G = L_G·L_Gᵀ, so the best
+    rank-r W_r for that estimate is L_G⁻ᵀ·[L_Gᵀ·W·L_A]_r·L_A⁻¹ (Eckart–Young in the doubly
+    whitened space) and cutting component j adds ½·σ_j² of L_Gᵀ·W·L_A to the loss (nats per
+    token): the spectra are in loss units, comparable across matrices, so the `loss` policy's
+    global greedy on σ² per parameter allocates ranks by the same estimate. `whiten` is the
+    special case G = I: every output direction matters equally, whatever the loss does with it.
+    """
+
+    damping: float = 1e-2  # λ > 0: L_G·L_Gᵀ = G + λ·mean(diag(G))·I (output directions the few calibration gradients never excite still count a little)
+    shrinkage: float = 0.0  # input side as whiten's: L_A·L_Aᵀ ∝ XᵀX + shrinkage·diag(XᵀX)
+    needs_stats: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = True  # stats are CurvatureStats (welore.curvature.gradient_stats)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damping < float("inf"):
+            raise WeloreError(f"K-FAC damping {self.damping} must be a positive number; use e.g. 0.01.")
+        if not 0 <= self.shrinkage < float("inf"):
+            raise WeloreError(f"K-FAC shrinkage {self.shrinkage} must be a non-negative number; 0 whitens with XᵀX itself.")
+
+    def _whitened(self, weight: torch.Tensor, stats: Any | None) -> tuple[torch.Tensor, Whitening, Whitening, int]:
+        """L_Gᵀ·W·S (out, in) float64 with S·Sᵀ = XᵀX (so L_A = S/√N), both roots, and N."""
+        stats = _require_curvature("kfac", weight, stats)
+        inputs, outputs = whitening(stats.inputs, self.shrinkage), output_whitening(stats.grads, self.damping)
+        w = weight.detach().to(inputs.root.device, torch.float64)  # (out, in)
+        return outputs.root.T @ w @ inputs.root, inputs, outputs, stats.inputs.tokens
+
+    def spectrum(self, weight: torch.Tensor, stats: Any | None) -> torch.Tensor:
+        """Singular values of L_Gᵀ·W·L_A: ½·σ_j² is the estimated mean loss increase of cutting j."""
+        whitened, _, _, tokens = self._whitened(weight, stats)
+        return singular_values(whitened) / tokens**0.5
+
+    def factors(self, weight: torch.Tensor, rank: int, stats: Any | None) -> tuple[torch.Tensor, torch.Tensor]:
+        whitened, inputs, outputs = self._whitened(weight, stats)[:3]
+        up, down = top_factors(whitened, rank)  # (out, r), (r, in) in the doubly whitened space
+        up = outputs.right_solve(up.T).T  # (out, r): L_G⁻ᵀ·U_r·√Σ_r
+        down = inputs.right_solve(down)  # (r, in): √Σ_r·V_rᵀ·S⁻¹
+        return up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)
+
+
+@register_factorizer("fisher")
+@dataclass(frozen=True)
+class Fisher:
+    """FWSVD (Hsu et al., ICLR 2022): truncated SVD of diag(d)·W, d_i² the row's mean Fisher, unscaled after.
+
+    The Fisher information of W_ij, Σ_b (∂loss_b/∂W_ij)² over calibration windows b, is taken
+    constant along each row (its mean f_i); the loss estimate ½·Σ_i f_i·‖ΔW_i‖² is then
+    ‖diag(√f)·ΔW‖²_F / 2, minimised by the truncated SVD of diag(√f)·W. Cheaper than `kfac`
+    to apply (no out×out or in×in root), blind to correlations between rows and between inputs.
+    """
+
+    floor: float = 1e-6  # f_i below floor × max_i f_i is raised to it (rows the loss never reached)
+    needs_stats: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = True  # stats are CurvatureStats (welore.curvature.gradient_stats)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.floor < 1:
+            raise WeloreError(f"Fisher floor {self.floor} is outside (0, 1); use e.g. 1e-6.")
+
+    def row_weights(self, weight: torch.Tensor, stats: Any | None) -> torch.Tensor:
+        """d (out,) float64: √f_i, the floored root mean Fisher of every row."""
+        fisher = _require_curvature("fisher", weight, stats).grads.mean_row_fisher  # (out,)
+        low = max(self.floor * fisher.max().item(), torch.finfo(torch.float64).tiny)
+        return fisher.clamp_min(low).sqrt()
+
+    def spectrum(self, weight: torch.Tensor, stats: Any | None) -> torch.Tensor:
+        """Singular values of diag(d)·W: ½·σ_j² is the estimated mean loss increase of cutting j."""
+        rows = self.row_weights(weight, stats)
+        return singular_values(rows[:, None] * weight.detach().to(rows.device, torch.float64))
+
+    def factors(self, weight: torch.Tensor, rank: int, stats: Any | None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.row_weights(weight, stats)  # (out,)
+        up, down = top_factors(rows[:, None] * weight.detach().to(rows.device, torch.float64), rank)
+        up = up / rows[:, None]  # (out, r): diag(1/d)·U_r·√Σ_r
         return up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)

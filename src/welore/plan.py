@@ -16,7 +16,8 @@ the target matrices' parameters to remove.
   each component is worth σ²/(E·(m+n)) per parameter and ranks decrease in σ, so keeping
   every component above one global value of that score is the optimal greedy allocation.
 - `loss`: the same greedy rule on absolute σ² instead of relative energy; on whitened spectra
-  it minimises the summed output error of all layers (data-aware allocation).
+  it minimises the summed output error of all layers (data-aware allocation), on `kfac` or
+  `fisher` spectra the estimated increase of the LM loss.
 - `minimax`: minimise the *largest* relative truncation error of any matrix: every matrix keeps
   the smallest rank whose dropped energy fraction is below one global bound, searched for the
   budget. On whitened spectra that bound is each layer's relative output error on the
@@ -292,6 +293,10 @@ def loss_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], rati
     With whitened spectra (`whiten` factorizer) σ_ij² is exactly what dropping component j adds
     to the squared output error of layer i on the calibration text (SVD-LLM), so this is the
     data-aware global allocation; with plain spectra it minimises the summed Frobenius error.
+    With curvature spectra (`kfac`: singular values of L_Gᵀ·W·L_A; `fisher`: of diag(√f)·W)
+    ½·σ_ij² is the estimated increase of the mean LM loss from dropping it, so the allocation
+    minimises the estimated loss increase of the whole model (the same estimate that shapes
+    each matrix's truncation).
     """
     scores = {n: s**2 / sum(shapes[n]) for n, s in spectra.items()}  # loss avoided per parameter
     ranks, _ = threshold_allocation(scores, shapes, ratio)
