@@ -107,6 +107,21 @@ def test_two_processes_match_one_process_with_the_same_global_batch(capsys, fold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "one"]
 
 
+def test_distillation_under_two_processes_matches_one_process(capsys, folders, english_text_file: Path,
+                                                             tmp_path: Path) -> None:
+    """Each process runs its own frozen teacher (not wrapped by DDP) on its own micro-batches."""
+    common = [folders["compressed"], "--mode", "lrc", "--distill", "--teacher", folders["llama"], "--distill-alpha",
+              "0.5", "--distill-temperature", "2", "--data", english_text_file, "--steps", "3", *OPTIONS]
+    ddp = launch(*common, "--batch-size", "2", "--out", tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("distilled from") == 1
+    one_process(capsys, *common, "--batch-size", "4", "--out", tmp_path / "one")
+    two, one = record(tmp_path / "ddp"), record(tmp_path / "one")
+    assert two["config"]["teacher"] == str(folders["llama"]) and two["processes"] == 2
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert_same_weights(tmp_path / "ddp", tmp_path / "one", atol=1e-5)
+
+
 def test_resume_under_two_processes_matches_an_uninterrupted_run(capsys, folders, english_text_file: Path,
                                                                  tmp_path: Path) -> None:
     """GPT-2 (dropout: the RNG streams matter) trained fully with GaLore (its state must resume too)."""

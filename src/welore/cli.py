@@ -330,7 +330,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    """Fine-tune a model: WeLore's LRC factors, LoRA adapters or all weights, with AdamW, GaLore or Fira."""
+    """Fine-tune a model: WeLore's LRC factors, LoRA adapters or all weights, with AdamW, GaLore or Fira,
+    on the LM loss or (--distill) against the dense model's next-token distribution."""
     from welore.finetune import FinetuneConfig, finetune
     from welore.finetune.loop import check_output, check_precision
 
@@ -346,6 +347,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if not PartialState().is_main_process:  # under accelerate launch, the main process reports
         return
     print(f"{config.mode} fine-tuning with {config.optimizer} (lr {config.lr:g}) on {config.data}")
+    if config.distill:
+        print(f"distilled from {config.teacher} ({config.teacher_dtype}): loss = {config.distill_alpha:g}·KL "
+              f"(temperature {config.distill_temperature:g}) + {1 - config.distill_alpha:g}·LM loss")
     print(result.summary())
     for point in result.history[1:-1]:
         print(f"  step {point['step']}: validation perplexity {point['val_ppl']:.3f}")

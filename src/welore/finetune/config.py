@@ -18,8 +18,9 @@ from welore.devices import resolve_device
 from welore.errors import WeloreError
 from welore.versioned import config_from_dict
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 1  # new fields have defaults, so older configs still read
 PRECISIONS = ("no", "bf16", "fp16")
+TEACHER_DTYPES = ("float32", "bfloat16")  # dtypes the distillation teacher may run in
 DEFAULT_LR = {"lrc": 1e-4, "lora": 5e-4, "full": 3e-5}  # when lr is None; short runs, AdamW
 
 
@@ -74,6 +75,12 @@ class FinetuneConfig:
     galore_rank: int = 128  # rank of the gradient projection (capped by each matrix's smaller side)
     galore_gap: int = 200  # recompute the projection every this many steps
     galore_scale: float = 0.25  # scale of the projected-back update
+    # distillation (welore.finetune.distill)
+    distill: bool = False  # train against the teacher's next-token distribution (KL on the logits), not only the next token
+    teacher: str | None = field(default=None, metadata={"metavar": "MODEL"})  # the --distill teacher; None = the dense model a welore checkpoint came from (its welore.json source)
+    distill_alpha: float = 1.0  # loss = alpha·KL(teacher ‖ student) + (1 - alpha)·LM loss: 1 = pure distillation, 0 = plain LM loss
+    distill_temperature: float = 1.0  # softens both distributions before the KL (which is then scaled by its square)
+    teacher_dtype: str = field(default="float32", metadata={"choices": TEACHER_DTYPES})  # the teacher's weights: float32, or bfloat16 for half its memory
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -114,6 +121,14 @@ class FinetuneConfig:
             raise WeloreError(f"--lrc-min-cut {self.lrc_min_cut} is outside (0, 1]; use e.g. 0.5.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise WeloreError(f"--max-grad-norm must be positive, got {self.max_grad_norm}.")
+        if not 0 <= self.distill_alpha <= 1:
+            raise WeloreError(f"--distill-alpha must be in [0, 1] (the KL's share of the loss), got {self.distill_alpha}.")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise WeloreError(f"--distill-temperature must be a positive number, got {self.distill_temperature}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise WeloreError(f"Unknown --teacher-dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}.")
+        if self.teacher is not None and not self.distill:
+            raise WeloreError(f"--teacher {self.teacher} is only used with --distill; add --distill or drop --teacher.")
         if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len:
             raise WeloreError(f"--max-train-tokens ({self.max_train_tokens}) is less than one block of "
                               f"--seq-len ({self.seq_len}); raise it or lower --seq-len.")

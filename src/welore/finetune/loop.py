@@ -15,6 +15,11 @@ Fira see that all-reduced gradient in every process and compute the same project
 processes stay identical. Only the main process writes (checkpoints, the output folder); the
 others wait at a barrier. FSDP and DeepSpeed are refused (`check_engine`): saving, checkpoints and
 GaLore/Fira here need whole tensors.
+
+With `config.distill` the loss of each micro-batch is `Distillation.loss` (`welore.finetune.distill`):
+the KL from a frozen teacher's next-token distribution, computed on the fly in every process
+(the teacher is not wrapped by DDP: it has no gradients to reduce), optionally mixed with the
+LM loss. The teacher is loaded again by a resumed run; its fingerprint is part of the run's identity.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ from welore.errors import WeloreError
 from welore.evaluate import PeakMemory, perplexity
 from welore.finetune.config import FinetuneConfig, FinetuneResult
 from welore.finetune.data import BlockStream, TokenBlocks, make_blocks
+from welore.finetune.distill import (
+    Distillation,
+    check_teacher,
+    freeze,
+    load_teacher,
+    resolve_teacher,
+)
 from welore.finetune.optimizers import build_optimizer
 from welore.finetune.state import (
     TrainingState,
@@ -127,6 +139,28 @@ def _accelerator(config: FinetuneConfig):
                            gradient_accumulation_steps=config.grad_accum)
 
 
+def distillation(model: nn.Module, tokenizer, config: FinetuneConfig,
+                 teacher: nn.Module | None = None) -> Distillation | None:
+    """The run's distillation objective (None without `config.distill`).
+
+    The teacher is `teacher` when given (a model in memory), else `config.teacher` loaded, else
+    the dense model `model` was compressed from; `config.teacher` is set to the loaded spec so
+    that the run's record names it.
+    """
+    if not config.distill:
+        if teacher is not None:
+            raise WeloreError("A teacher was given but distillation is off; set distill=True (--distill) or drop the teacher.")
+        return None
+    if teacher is None:
+        config.teacher = resolve_teacher(model, config.teacher)
+        teacher = load_teacher(config.teacher, model, tokenizer, config.teacher_dtype)
+        log.info("distilling from %s (%s)", config.teacher, config.teacher_dtype)
+    else:
+        check_teacher(model, teacher)
+        teacher = freeze(teacher).to(getattr(torch, config.teacher_dtype))
+    return Distillation(teacher, alpha=config.distill_alpha, temperature=config.distill_temperature)
+
+
 def _evaluate(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
     ppl, _ = perplexity(model, blocks, batch_size=batch_size, progress=False)
     return ppl
@@ -144,6 +178,7 @@ def finetune(
     on_gradients: GradientHook | None = None,
     source: str | None = None,
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` as `config` says; save it to `out` (a welore checkpoint) if given.
 
@@ -153,6 +188,8 @@ def finetune(
     With `config.save_every`, resumable checkpoints go to `OUT.checkpoints/`; `resume=True`
     continues the unfinished run there and ends exactly where an uninterrupted run would.
     The model is trained in place, except that LoRA wraps it (the result holds the model).
+    With `config.distill`, `teacher` (a model with the same vocabulary; frozen and moved to the
+    training device in place) replaces loading `config.teacher` or the model's source.
     """
     config = config or FinetuneConfig()
     from welore.stream import is_streamed
@@ -164,6 +201,7 @@ def finetune(
     check_precision(config.precision, config.device)
     check_engine(config)
     check_output(out, config, overwrite, resume)
+    distill = distillation(model, tokenizer, config, teacher)  # before anything slow is trained or written
     from accelerate.utils import gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -173,11 +211,14 @@ def finetune(
     set_seed(config.seed)
     model = prepare_model(model, config)  # mode checks; LoRA wraps the model here
     model.to(accelerator.device)  # before the optimizer is built and the model first evaluated
+    if distill is not None:
+        distill.teacher.to(accelerator.device)
     if blocks is None:
         blocks = make_blocks(tokenizer, config.data, config.seq_len, config.max_train_tokens, config.val_tokens,
                              config.val_fraction)
     run_dir = checkpoints_dir(out) if out is not None else None
-    identity = run_identity(config, model_print, blocks.fingerprint(), processes=world)
+    teacher_print = model_fingerprint(distill.teacher) if distill is not None and out is not None else None
+    identity = run_identity(config, model_print, blocks.fingerprint(), processes=world, teacher_print=teacher_print)
     checkpoint = check_resumable(run_dir, identity) if resume else None
     trainable = mark_trainable_(model, config)
     optimizer = build_optimizer(model, trainable.matrices, trainable.names, config)
@@ -212,7 +253,10 @@ def finetune(
             tick = time.perf_counter()
             for batch in loader:  # (B, T)
                 with accelerator.accumulate(model):
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                    if distill is None:
+                        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                    else:
+                        loss = distill.loss(model, batch, accelerator.autocast)
                     accelerator.backward(loss)
                     micro_losses.append(loss.detach())
                     if accelerator.sync_gradients:

@@ -40,7 +40,7 @@ from welore.finetune.config import FinetuneConfig
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "welore-finetune-run"
-RUN_VERSION = 2  # 2: RNG states per process, the number of processes in run.json
+RUN_VERSION = 3  # 2: RNG states per process, the number of processes in run.json; 3: the teacher's fingerprint
 # Options that change neither the trained weights nor the data order (the device: only their
 # rounding): a resume may change them.
 _FREE_OPTIONS = ("eval_every", "save_every", "device", "version")
@@ -62,10 +62,13 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     return prints
 
 
-def run_identity(config: FinetuneConfig, model_print: dict[str, str], data_print: str, processes: int = 1) -> dict:
+def run_identity(config: FinetuneConfig, model_print: dict[str, str], data_print: str, processes: int = 1,
+                 teacher_print: dict[str, str] | None = None) -> dict:
+    """What a resumed run must share with the run it continues. A distillation teacher is not
+    saved in checkpoints (it is frozen, and loaded again), only its fingerprint."""
     options = {k: v for k, v in config.to_dict().items() if k not in _FREE_OPTIONS}
     return {"format": RUN_FORMAT, "version": RUN_VERSION, "config": options, "model": model_print, "data": data_print,
-            "processes": processes}
+            "processes": processes, "teacher": teacher_print}
 
 
 def _difference(saved: dict, current: dict) -> str | None:
@@ -81,6 +84,8 @@ def _difference(saved: dict, current: dict) -> str | None:
             return f"--{key.replace('_', '-')} {saved.get('config', {}).get(key)!r} vs {value!r}"
     if saved.get("model") != current["model"]:
         return "the model"
+    if saved.get("teacher") != current["teacher"]:
+        return "the distillation teacher"
     if saved.get("data") != current["data"]:
         return "the training or validation data"
     return None
