@@ -288,6 +288,87 @@ def test_too_few_training_tokens_name_the_finetune_option(smollm2_tokenizer) -> 
 # --- CLI -------------------------------------------------------------------------------------------
 
 
+# --- quantized models (QLoRA-like LRC) -----------------------------------------------------------
+
+
+def quantized(family: str = "llama", rank: int = 4, **kwargs):
+    """A tiny model quantized to 3 bits (groups of 32) with rank-`rank` weight-space compensation."""
+    from welore.quantize import QuantConfig, quantize_
+
+    model = build_tiny(family, **kwargs)
+    quantize_(model, QuantConfig(bits=3, group_size=32, compensate_rank=rank), progress=False)
+    return model
+
+
+def _packed(model) -> dict[str, torch.Tensor]:
+    return {n: b.clone() for n, b in model.named_buffers() if n.endswith((".codes", ".scale", ".offset"))}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lrc_on_a_quantized_model_trains_only_the_compensation(family: str, blocks) -> None:
+    from welore.modules import count_parameters
+    from welore.quantize import QuantizedLinear
+
+    model = quantized(family)
+    packed = _packed(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = run(model, blocks, steps=6)
+    expected = {f"{n}.{f}" for n in layers for f in ("up", "down")}
+    assert set(result.trainable_names) == expected
+    assert result.trainable_params == sum(m.rank * (m.in_features + m.out_features) for m in layers.values())
+    # The packed matrices count as their weights, and none is a float parameter.
+    assert result.total_params == count_parameters(build_tiny(family)) + result.trainable_params
+    assert not any(n.removesuffix(".weight") in layers for n, _ in result.model.named_parameters())
+    after = dict(result.model.named_parameters())
+    assert {n for n in before if not torch.equal(before[n].float(), after[n].float())} == expected
+    assert all(torch.equal(b, packed[n]) for n, b in _packed(result.model).items())  # codes frozen
+    assert all(m.up.dtype == torch.float16 for m in layers.values())  # back in the storage dtype
+    assert result.val_ppl_after < result.val_ppl_before
+
+
+def test_quantized_lrc_checkpoint_keeps_packed_codes_and_reloads(blocks, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from welore.checkpoint import WEIGHTS
+
+    result = run(quantized(), blocks, steps=2, out=tmp_path / "ft")
+    reloaded = load(tmp_path / "ft")
+    ids = token_ids()
+    assert torch.equal(logits_of(result.model, ids), logits_of(reloaded, ids))
+    assert reloaded.welore_quant_plan.ranks == result.model.welore_quant_plan.ranks
+    with safe_open(str(tmp_path / "ft" / WEIGHTS), "pt") as f:
+        name = "model.layers.0.mlp.down_proj"
+        assert f.get_tensor(f"{name}.codes").dtype == torch.uint8
+        assert f.get_tensor(f"{name}.up").dtype == torch.float16
+        assert f"{name}.weight" not in f.keys()
+
+
+def test_quantized_lrc_resumes_like_an_uninterrupted_run(blocks, tmp_path: Path) -> None:
+    options = dict(steps=4, save_every=2, lr=3e-3, grad_accum=2, batch_size=2)
+    straight = run(quantized(), blocks, out=tmp_path / "straight", **options)
+    with pytest.raises(Interrupt):
+        run(quantized(), blocks, out=tmp_path / "resumed", on_gradients=interrupt_at(3), **options)
+    resumed = run(quantized(), blocks, out=tmp_path / "resumed", resume=True, **options)
+    assert resumed.resumed_from == 2 and resumed.losses == straight.losses
+    expected = dict(straight.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, expected[name], atol=1e-6, rtol=0)
+    with pytest.raises(Interrupt):
+        run(quantized(), blocks, out=tmp_path / "other", on_gradients=interrupt_at(3), **options)
+    other = quantized()
+    other.model.layers[0].mlp.up_proj.codes[0] ^= 1  # the same parameters, one code changed
+    with pytest.raises(WeloreError, match=r"different run \(the model differs"):
+        run(other, blocks, out=tmp_path / "other", resume=True, **options)
+
+
+def test_quantized_models_refuse_what_cannot_train(blocks) -> None:
+    with pytest.raises(WeloreError, match="no compensation factors.*--compensate-rank"):
+        run(quantized(rank=0), blocks)
+    with pytest.raises(WeloreError, match="packed quantized codes; use --mode lrc"):
+        run(quantized(), blocks, mode="lora")
+
+
 @pytest.fixture(scope="module")
 def compressed_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> Path:
     """A welore checkpoint of a tiny LLaMA with SmolLM2's vocabulary, with LRC matrices."""
@@ -315,6 +396,21 @@ def test_cli_finetunes_and_saves_a_checkpoint(capsys, compressed_dir: Path, engl
     model = load(tmp_path / "ft")
     assert model.welore_plan.ranks == load(compressed_dir).welore_plan.ranks
     assert (tmp_path / "ft" / "tokenizer.json").is_file()
+
+
+def test_cli_lrc_finetunes_a_quantized_checkpoint(capsys, cli_model_dir: Path, english_text_file: Path, tmp_path: Path) -> None:
+    assert main(["compress", "-q", str(cli_model_dir), "--quantize", "int3", "--group-size", "32",
+                 "--compensate-rank", "4", "--out", str(tmp_path / "q3")]) == 0
+    capsys.readouterr()
+    code, out, err = cli(capsys, tmp_path / "q3", "--mode", "lrc", "--data", english_text_file, "--steps", "2",
+                         "--out", tmp_path / "ft", *CLI)
+    assert code == 0, err
+    quantized, tuned = load(tmp_path / "q3"), load(tmp_path / "ft")
+    assert tuned.welore_quant_plan.ranks == quantized.welore_quant_plan.ranks
+    buffers = dict(tuned.named_buffers())
+    assert all(torch.equal(b, buffers[n]) for n, b in _packed(quantized).items())
+    code, out, err = cli(capsys, tmp_path / "q3", "--mode", "lora", "--data", english_text_file, "--out", tmp_path / "lora", *CLI)
+    assert code == 2 and "use --mode lrc" in err and "Traceback" not in err
 
 
 def assert_user_error(code: int, out: str, err: str, match: str, parent: Path, name: str = "ft") -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build_tiny, logits_of, token_ids
 from safetensors import safe_open
 
@@ -397,3 +398,40 @@ def test_newer_quant_plan_is_refused(tmp_path: Path) -> None:
     (path / "quant_plan.json").write_text(json.dumps(data))
     with pytest.raises(WeloreError, match="newer than this welore"):
         load(path)
+
+
+def test_packed_weights_count_as_parameters() -> None:
+    from welore.modules import count_parameters
+
+    dense = count_parameters(build_tiny("llama"))
+    model = build_tiny("llama")
+    report = quantize_(model, QuantConfig(bits=3, group_size=32, compensate_rank=4), progress=False)
+    factors = sum(4 * sum(s) for s in report.plan.shapes.values())
+    assert count_parameters(model) == dense + factors
+
+
+def test_backward_through_packed_codes_keeps_no_float_weight() -> None:
+    """Gradients reach the inputs (and bias) through Ŵ as through a dense layer holding Ŵ, and
+    autograd saves no (out, in) float copy of Ŵ for the backward (QLoRA's memory)."""
+    from torch import nn
+
+    dense = nn.Linear(64, 48, bias=True)
+    layer, _ = quantize_layer(dense, "layer", bits=3, group_size=32, rank=4)
+    layer.bias.requires_grad_(True)
+    reference = nn.Linear(64, 48, bias=True)
+    with torch.no_grad():
+        reference.weight.copy_(layer.quantized_weight())
+        reference.bias.copy_(layer.bias)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = reference(x_ref) + F.linear(F.linear(x_ref, layer.down.float()), layer.up.float())
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, reference.bias.grad, atol=1e-5, rtol=1e-5)
+    assert (48, 64) not in saved and (64, 48) not in saved

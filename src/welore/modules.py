@@ -26,7 +26,8 @@ def swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters of `model`: tied weights (one Parameter, or one storage) counted once."""
+    """Unique parameters of `model`: tied weights (one Parameter, or one storage) counted once,
+    and a matrix stored as packed quantized codes (`packed_parameters`) as its out·in weights."""
     seen: set[Any] = set()
     total = 0
     for param in model.parameters():  # already skips repeats of the same Parameter object
@@ -39,7 +40,8 @@ def count_parameters(model: nn.Module) -> int:
             continue
         seen.add(key)
         total += param.numel()
-    return total
+    # Weights stored as buffers (packed quantized codes) count as the parameters they stand for.
+    return total + sum(getattr(module, "packed_parameters", 0) for module in model.modules())
 
 
 class LowRankLinear(nn.Module):

@@ -189,6 +189,44 @@ def matrix_bytes(shape: tuple[int, int], bits: int, group_size: int, rank: int =
 # --- the module ----------------------------------------------------------------------------
 
 
+class _PackedLinear(torch.autograd.Function):
+    """y = x·Ŵᵀ + b with Ŵ dequantized from a `QuantizedLinear`'s packed codes. The backward
+    dequantizes Ŵ again instead of keeping it from the forward, so a training step holds no float
+    copy of a frozen quantized matrix beyond the one being multiplied (QLoRA's memory): autograd
+    saves the packed codes (already in the module), not the (out, in) float weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, module: QuantizedLinear) -> torch.Tensor:
+        ctx.module, ctx.dtype, ctx.has_bias = module, x.dtype, bias is not None
+        return F.linear(x, module.quantized_weight().to(x.dtype), bias)  # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad (..., out)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.module.quantized_weight().to(grad.dtype)  # (out, in), recomputed
+            grad_x = (grad @ w).to(ctx.dtype)  # (..., in)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)  # (out,)
+        return grad_x, grad_bias, None
+
+
+def set_factor_dtype_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Cast the compensation factors of every `QuantizedLinear` to `dtype` (e.g. float32 to
+    train them: AdamW's updates underflow in float16), or back to their storage dtype with
+    None; returns the names of the modules cast. The stored format never changes (see
+    `QuantizedLinear._save_to_state_dict`)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and module.rank:
+            target = dtype or module.factor_dtype
+            if module.up.dtype != target:
+                module.up.data = module.up.data.to(target)
+                module.down.data = module.down.data.to(target)
+                names.append(name)
+    return names
+
+
 class QuantizedLinear(nn.Module):
     """A dense layer stored as packed codes (+ a rank-r compensation), dequantized on forward."""
 
@@ -222,8 +260,18 @@ class QuantizedLinear(nn.Module):
         return dequantize(self.codes, self.scale, self.offset, self.bits, self.group_size,
                           (self.out_features, self.in_features))
 
+    @property
+    def packed_parameters(self) -> int:
+        """The weights the packed codes stand for (out·in): `count_parameters` counts them, as
+        buffers they are not in `parameters()`."""
+        return self.out_features * self.in_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            y = _PackedLinear.apply(x, bias, self)  # keeps no float copy of Ŵ for the backward
+        else:
+            y = F.linear(x, self.quantized_weight().to(x.dtype), bias)
         if self.rank:
             y = y + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))  # (..., r) -> (..., out)
         return y

@@ -64,7 +64,7 @@ from welore.finetune.state import (
     save_checkpoint,
     start_run,
 )
-from welore.finetune.trainable import mark_trainable_, prepare_model
+from welore.finetune.trainable import finish_model, mark_trainable_, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def finetune(
     finally:
         bar.close()
     process_peaks = gather_object([memory.total_peak_bytes])
-    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    model = finish_model(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
     accelerator.free_memory()
     model.eval()
     if config.mode == "lora" and not config.keep_adapter:

@@ -53,10 +53,14 @@ def checkpoints_dir(out: str | Path) -> Path:
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
-    """Name -> "shape dtype sum abs-sum" of every parameter: tells models apart cheaply."""
+    """Name -> "shape dtype sum abs-sum" of every parameter, and of the weights stored as
+    buffers (packed quantized codes, their scales and zero points): tells models apart cheaply."""
     prints = {}
+    packed = {f"{n}.{b}" for n, m in model.named_modules() if hasattr(m, "packed_parameters")
+              for b, _ in m.named_buffers(recurse=False)}
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in packed)]
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in tensors:
             values = param.detach().double()
             prints[name] = f"{tuple(param.shape)} {param.dtype} {values.sum().item():.6e} {values.abs().sum().item():.6e}"
     return prints

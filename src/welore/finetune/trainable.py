@@ -9,6 +9,11 @@ rank group of GaLore/Fira).
 - `lrc` (Jaiswal et al. 2024, "From GaLore to WeLore"): only the factors (`up`, `down`) of the
   low-rank components, i.e. the matrices whose rank the plan cut by at least `lrc_min_cut`.
   N-LRC matrices, embeddings, norms and the factors' biases stay frozen unless asked.
+  On a quantized model (`welore.quantize`) the low-rank components are also the compensation
+  factors of the packed matrices (W ≈ Q(W) + up·down): they train with the packed codes frozen,
+  as QLoRA trains adapters on a frozen 4-bit model, but starting from the fitted correction
+  (EoRA) instead of zero. A factor stored quantized itself (`--ratio` with `--quantize`) is
+  frozen like any packed matrix; only its compensation, if it has one, trains.
 - `lora` (Hu et al. 2021), through the `peft` library: adapters on the target matrices of a
   dense model, or on the `up`/`down` factors and remaining dense targets of a compressed one.
 - `full`: every parameter.
@@ -21,12 +26,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from welore.errors import WeloreError
 from welore.finetune.config import FinetuneConfig
 from welore.modules import LowRankLinear, count_parameters
+from welore.quantize import QuantizedLinear, set_factor_dtype_
 from welore.targets import DENSE_TYPES, _matches, find_targets
 
 log = logging.getLogger(__name__)
@@ -73,10 +80,25 @@ def _plan(model: nn.Module):
     return plan
 
 
+def _compensated(model: nn.Module, name: str) -> bool:
+    """Whether target matrix `name` is, or has a factor that is, quantized with compensation factors."""
+    module = model.get_submodule(name)
+    parts = [module.up, module.down] if isinstance(module, LowRankLinear) else [module]
+    return any(isinstance(m, QuantizedLinear) and m.rank for m in parts)
+
+
 def lrc_names(model: nn.Module, min_cut: float) -> list[str]:
-    """The LRC matrices at `min_cut`, checked to exist (a clear error otherwise)."""
+    """The LRC matrices at `min_cut` (and the quantized ones with compensation factors),
+    checked to exist with something to train (a clear error otherwise)."""
     plan = _plan(model)
     lrc = plan.lrc(min_cut)
+    quantized = getattr(model, "welore_quant_plan", None) is not None
+    if quantized:
+        lrc = [n for n in plan.ranks if n in lrc or _compensated(model, n)]
+        lrc = [n for n in lrc if _matrix_weights(model, n)]
+        if not lrc:
+            raise WeloreError("This quantized model has no compensation factors (and no unquantized low-rank factors), "
+                              "so LRC fine-tuning has nothing to train; quantize it with --compensate-rank R (e.g. 16).")
     if not lrc:
         largest = max(1 - plan.kept_fraction(n) for n in plan.ranks)
         raise WeloreError(f"No target matrix has its rank cut by at least {min_cut:.0%} (the largest cut is "
@@ -85,10 +107,14 @@ def lrc_names(model: nn.Module, min_cut: float) -> list[str]:
 
 
 def _matrix_weights(model: nn.Module, name: str) -> set[str]:
-    """Parameter names of a target matrix's weights: both factors, or the dense weight."""
+    """Parameter names of a target matrix's trainable weights: both factors, or the dense
+    weight; for a matrix (or factor) stored as packed codes, its compensation factors (none
+    without compensation: the codes are frozen buffers)."""
     module = model.get_submodule(name)
     if isinstance(module, LowRankLinear):
-        return {f"{name}.up.weight", f"{name}.down.weight"}
+        return _matrix_weights(model, f"{name}.up") | _matrix_weights(model, f"{name}.down")
+    if isinstance(module, QuantizedLinear):
+        return {f"{name}.up", f"{name}.down"} if module.rank else set()
     return {f"{name}.weight"}
 
 
@@ -140,6 +166,11 @@ def _prepare_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     modules = lora_target_modules(model, config.lora_targets)
+    packed = [n for n in modules if isinstance(model.get_submodule(n), QuantizedLinear)]
+    if packed:
+        raise WeloreError(f"LoRA adapters need Linear layers and {packed[0]} (with {len(packed) - 1} others) is stored as "
+                          "packed quantized codes; use --mode lrc, which trains the quantized model's compensation "
+                          "factors (quantize with --compensate-rank R), or pass --lora-targets for other layers.")
     conv1d = [isinstance(model.get_submodule(n), Conv1D) for n in modules]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=modules, bias="none", fan_in_fan_out=all(conv1d))
@@ -172,8 +203,22 @@ MODES: dict[str, Mode] = {
 
 
 def prepare_model(model: nn.Module, config: FinetuneConfig) -> nn.Module:
-    """Check the model suits the mode (and wrap it with LoRA adapters); returns the model to train."""
-    return MODES[config.mode].prepare(model, config)
+    """Check the model suits the mode (and wrap it with LoRA adapters); returns the model to train.
+
+    Compensation factors of quantized matrices, stored in float16, are trained in float32
+    (AdamW's steps underflow in float16); `finish_model` casts them back for saving."""
+    model = MODES[config.mode].prepare(model, config)
+    cast = set_factor_dtype_(model, torch.float32)
+    if cast:
+        log.info("training the compensation factors of %d quantized matrices in float32", len(cast))
+    return model
+
+
+def finish_model(model: nn.Module) -> nn.Module:
+    """After training: compensation factors back in their storage dtype, so the model in memory
+    computes what its saved checkpoint does."""
+    set_factor_dtype_(model)
+    return model
 
 
 def mark_trainable_(model: nn.Module, config: FinetuneConfig) -> Trainable:
