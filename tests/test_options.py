@@ -101,8 +101,11 @@ class _Toy:
     pair: tuple[int, int] = (1, 2)  # two numbers
     kind: str = dataclasses.field(default="a", metadata={"choices": lambda: ["a", "b"]})  # a or b
     loud: bool = False  # shout
+        # loudly
+    # a comment at the fields' own indentation introduces the next field; it is not help
     fast: bool = True  # hurry
-    extras: dict = dataclasses.field(default_factory=dict, metadata={"flag": "extra", "more_help": lambda: "x or y"})  # named values
+    extras: dict = dataclasses.field(default_factory=dict,
+                                     metadata={"flag": "extra", "more_help": lambda: "x or y"})  # named values
     secret: dict = dataclasses.field(default_factory=dict, metadata={"cli": False})  # not an option
     version: int = 1
 
@@ -118,10 +121,12 @@ def test_generator_on_a_toy_config(capsys: pytest.CaptureFixture) -> None:
     assert from_args(_Toy, parser.parse_args([])) == _Toy()
     args = parser.parse_args(["--size", "5", "--scale", "0.5", "--names", "x", "y", "--pair", "3", "4",
                               "--kind", "b", "--loud", "--no-fast"])
-    assert from_args(_Toy, args) == _Toy(size=5, scale=0.5, names=["x", "y"], pair=(3, 4), kind="b", loud=True, fast=False)
+    assert from_args(_Toy, args) == _Toy(size=5, scale=0.5, names=["x", "y"], pair=(3, 4), kind="b", loud=True,
+                                         fast=False)
     assert not hasattr(args, "secret") and not hasattr(args, "version")
     text = " ".join(parser.format_help().split())
     assert "how many (default: 3)" in text and "--no-fast" in text and "{a,b}" in text
+    assert "--loud shout loudly" in text and field_comments(_Toy)["fast"] == "hurry"
     assert "--extra NAME=VALUE named values: x or y" in text
     with pytest.raises(SystemExit):
         parser.parse_args(["--kind", "c"])

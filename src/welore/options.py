@@ -14,11 +14,17 @@ dataclass, and the CLI reads the dataclass to build its argparse arguments:
                                                      are text, typed by whoever reads them: `parse_value`)
 
 The help text is the field's trailing comment (the comment STYLE.md asks for anyway), followed
-by the default. A field's `metadata` may add `choices` (a sequence, or a function returning one,
+by the default; comment lines right below the field and indented deeper than it continue the
+comment, so a long one wraps:
+
+    factorizer: str = "svd"  # how each matrix is factorized: svd (data-free), whiten (SVD-LLM),
+        # asvd (activation-scaled); all but svd need --calib
+ A field's `metadata` may add `choices` (a sequence, or a function returning one,
 for registries that are imported late), `metavar`, `short` (e.g. "-q"), `flag` (the option's
 name when it is not the field's, e.g. a singular for a repeatable option) and `more_help` (a
 function returning text appended to the help, e.g. generated from a registry with
-`describe_fields`); `{"cli": False}` keeps a field off the command line. A field named `version` (a config's format version) never becomes an option.
+`describe_fields`); `{"cli": False}` keeps a field off the command line. A field named `version`
+(a config's format version) never becomes an option.
 
 To add an option: add one field, with its comment, to the dataclass that owns it —
 `LoadOptions` (`welore.models`: options of every command that loads a model, such as `dtype`),
@@ -77,14 +83,26 @@ def field_comments(cls: type) -> dict[str, str]:
             if token.type == tokenize.COMMENT:
                 by_line[token.start[0]] = token.string.lstrip("#").strip()
         tree = ast.parse(source)
+        source_lines = source.splitlines()
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node in body:
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+                lines = list(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+                while _continues_comment(source_lines, lines[-1] + 1, node.col_offset):
+                    lines.append(lines[-1] + 1)
                 text = " ".join(by_line[n] for n in lines if n in by_line)
                 if text:
                     comments[node.target.id] = text
     return comments
+
+
+def _continues_comment(source_lines: list[str], lineno: int, field_indent: int) -> bool:
+    """Whether line `lineno` (1-based) is a comment-only line indented deeper than a field's
+    indentation `field_indent`: the continuation of the comment of the field above it."""
+    if lineno > len(source_lines):
+        return False
+    line = source_lines[lineno - 1]
+    return line.lstrip().startswith("#") and len(line) - len(line.lstrip()) > field_indent
 
 
 def _unwrap_optional(tp: Any) -> Any:
