@@ -56,7 +56,8 @@ class InputStats:
     abs_sum: torch.Tensor  # (in,) float64: Σ |x|
     tokens: int  # number of tokens accumulated
     names: list[str] = field(default_factory=list)  # the modules that read this input (for messages)
-    cross: torch.Tensor | None = None  # (in, in) float64: Σ x x_denseᵀ, x_dense the dense model's input of the same token (paired statistics only)
+    cross: torch.Tensor | None = None  # (in, in) float64: Σ x x_denseᵀ, x_dense the dense model's input of the same
+        # token (paired statistics only)
 
     @classmethod
     def zeros(cls, in_features: int, device: torch.device | str | None = None) -> InputStats:
@@ -94,12 +95,13 @@ class InputStats:
     def check(self, name: str) -> None:
         """Raise a user error when these statistics are empty or hold NaN/Inf."""
         if self.tokens == 0:
-            raise WeloreError(f"The input statistics of {name} hold no tokens; the module never ran on the calibration text, so check the targets and the calibration windows.")
+            raise WeloreError(f"The input statistics of {name} hold no tokens; the module never ran on the "
+                              "calibration text, so check the targets and the calibration windows.")
         finite = torch.isfinite(self.xtx).all() and torch.isfinite(self.abs_sum).all()
         if not (finite and (self.cross is None or torch.isfinite(self.cross).all())):
             raise WeloreError(
-                f"The input statistics of {name} contain NaN or Inf; the model or the calibration text produced non-finite activations "
-                "(try float32 instead of float16, or check the model's weights)."
+                f"The input statistics of {name} contain NaN or Inf; the model or the calibration text produced "
+                "non-finite activations (try float32 instead of float16, or check the model's weights)."
             )
 
 
@@ -322,7 +324,8 @@ def iter_block_stats(
     (what `welore.refit` needs). It doubles the hidden states kept, nothing else.
     """
     if windows.ndim != 2 or windows.shape[0] == 0:
-        raise WeloreError(f"Calibration windows must be a non-empty (N, seq_len) tensor of token ids, not shape {tuple(windows.shape)}.")
+        raise WeloreError("Calibration windows must be a non-empty (N, seq_len) tensor of token ids, "
+                          f"not shape {tuple(windows.shape)}.")
     if not targets:
         raise WeloreError("No target matrices to calibrate; name some with --targets.")
     if batch_size < 1:
@@ -332,7 +335,8 @@ def iter_block_stats(
     stats_bytes = max(sum(8 * m.in_features**2 if isinstance(m, nn.Linear) else 8 * m.weight.shape[0] ** 2
                           for n, m in targets.items() if block_of[n] == k) for k in set(block_of.values()))
     if paired and not sequential:
-        raise WeloreError("Paired statistics compare the compressed prefix's inputs with the dense model's, so they need sequential=True.")
+        raise WeloreError("Paired statistics compare the compressed prefix's inputs with the dense model's, "
+                          "so they need sequential=True.")
     streams = 2 if paired else 1
     check_activations(model, streams * activation_bytes(model, windows) + stats_bytes * streams,
                       f"calibration hidden states of {windows.shape[0]}x{windows.shape[1]} tokens and XᵀX statistics")
@@ -431,7 +435,8 @@ def block_outputs(
     access = block_access(model)
     if not len(access):
         raise WeloreError("This model has no stack of decoder blocks (nn.ModuleList) to run block by block.")
-    check_activations(model, activation_bytes(model, windows), f"hidden states of {windows.shape[0]}x{windows.shape[1]} tokens")
+    check_activations(model, activation_bytes(model, windows),
+                      f"hidden states of {windows.shape[0]}x{windows.shape[1]} tokens")
     with torch.no_grad():
         hidden, inputs = _capture_all(model, access.blocks, windows, batch_size)
         for k in tqdm(range(len(access)), desc="blocks", unit="block", disable=not progress):
@@ -461,7 +466,9 @@ def _replayed_blocks(blocks: nn.ModuleList, final: list[torch.Tensor]) -> Iterat
             del block.forward
 
 
-def final_logits(model: nn.Module, windows: torch.Tensor, hidden: list[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+def final_logits(
+    model: nn.Module, windows: torch.Tensor, hidden: list[torch.Tensor], batch_size: int
+) -> Iterator[torch.Tensor]:
     """(B, T, V) logits of every batch of `windows`, given the last block's outputs `hidden`
     (`block_outputs`): the model's forward with its blocks replayed, i.e. embeddings (unused),
     final norm and LM head only."""

@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "welore-checkpoint"
 FORMAT_VERSION = 1
-META_KEYS = ("format", "format_version", "welore_version", "source", "compress_config", "aliases", "achieved_ratio", "quant_config")  # save() writes
+META_KEYS = ("format", "format_version", "welore_version", "source", "compress_config", "aliases", "achieved_ratio",
+             "quant_config")  # save() writes
 QUANT_PLAN = "quant_plan.json"
 
 
@@ -115,7 +116,8 @@ def save(
     one shard per decoder block, so no more than one block is ever held in memory)."""
     plan: RankPlan | None = getattr(model, "welore_plan", None)
     if plan is None:
-        raise WeloreError("This model was not compressed by welore (it has no rank plan); compress it first or use save_pretrained.")
+        raise WeloreError("This model was not compressed by welore (it has no rank plan); "
+                          "compress it first or use save_pretrained.")
     config: CompressConfig = getattr(model, "welore_config", CompressConfig(method=None))
     access = block_access(model)
     if max_shard_bytes is None:
@@ -152,7 +154,8 @@ def _read_meta(path: Path) -> dict:
     if not path.is_dir():
         raise WeloreError(f"{path} is not a folder; pass a folder written by `welore compress`.")
     if not is_checkpoint(path):
-        raise WeloreError(f"{path} is not a welore checkpoint (no welore.json); pass a folder written by `welore compress`.")
+        raise WeloreError(f"{path} is not a welore checkpoint (no welore.json); "
+                          "pass a folder written by `welore compress`.")
     try:
         meta = json.loads((path / "welore.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -222,7 +225,8 @@ def load(
     model.welore_source = meta.get("source")
     if quant_plan is not None:
         model.welore_quant_plan = quant_plan
-        model.welore_quant_config = (QuantConfig.from_dict(meta["quant_config"], f"The quantization config in {path / 'welore.json'}")
+        model.welore_quant_config = (QuantConfig.from_dict(meta["quant_config"],
+                                                           f"The quantization config in {path / 'welore.json'}")
                                      if "quant_config" in meta else None)
     return model
 
@@ -295,7 +299,8 @@ def export_dense(
     if max_shard_bytes is None:
         max_shard_bytes = 1 if access.streamed else DEFAULT_SHARD_BYTES
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        _write_weights(access, tmp, max_shard_bytes, change_block=lambda block, prefix: densify_(block, skeleton, prefix))
+        _write_weights(access, tmp, max_shard_bytes,
+                       change_block=lambda block, prefix: densify_(block, skeleton, prefix))
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -54,16 +54,26 @@ def _refits() -> list[str]:
 @dataclass
 class CompressConfig:
     ratio: float | None = None  # fraction of the target matrices' parameters to remove, in (0, 1)
-    method: str | None = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy (welore.plan.POLICIES); None when a given rank plan sets the ranks
-    factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd (data-free), whiten (SVD-LLM), asvd (activation-scaled), kfac (Kronecker-factored loss curvature) or fisher (FWSVD's row Fisher); all but svd need --calib
-    targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # target modules by exact name, glob (*.q_proj) or re:regex; default: Linear layers in decoder blocks
+    method: str | None = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy
+        # (welore.plan.POLICIES); None when a given rank plan sets the ranks
+    factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd
+        # (data-free), whiten (SVD-LLM), asvd (activation-scaled), kfac (Kronecker-factored loss curvature) or fisher
+        # (FWSVD's row Fisher); all but svd need --calib
+    targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # target modules by exact name,
+        # glob (*.q_proj) or re:regex; default: Linear layers in decoder blocks
     lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
-    calib: str | None = None  # calibration text for the data-aware factorizers: wiki or news (their calibration half), a text file, or hf:DATASET
+    calib: str | None = None  # calibration text for the data-aware factorizers: wiki or news (their calibration half),
+        # a text file, or hf:DATASET
     calib_tokens: int | None = 8192  # calibration tokens (with --calib)
     calib_seq_len: int | None = 512  # tokens per calibration window (with --calib)
-    factorizer_params: dict = field(default_factory=dict, metadata={"flag": "factorizer_param", "more_help": describe_factorizer_params})  # the chosen factorizer's own parameters, e.g. {"alpha": 1.0} for asvd; on the command line NAME=VALUE, once per parameter (--factorizer-param alpha=1.0); the factorizers take
+    factorizer_params: dict = field(default_factory=dict, metadata={"flag": "factorizer_param",
+                                                                    "more_help": describe_factorizer_params})
+        # the chosen factorizer's own parameters, e.g. {"alpha": 1.0} for asvd; on the command line NAME=VALUE, once
+        # per parameter (--factorizer-param alpha=1.0); the factorizers take
     sequential: bool = False  # calibrate each block on the outputs of the already-compressed blocks before it
-    refit: str | None = field(default=None, metadata={"choices": _refits})  # after truncation, refit by least squares to the dense outputs on the compressed prefix's inputs: up (the up factor) or both (up and down); needs --calib, implies --sequential
+    refit: str | None = field(default=None, metadata={"choices": _refits})  # after truncation, refit by least squares
+        # to the dense outputs on the compressed prefix's inputs: up (the up factor) or both (up and down); needs
+        # --calib, implies --sequential
     refit_ridge: float = 1e-3  # ridge of the refit, × the mean diagonal of the Gram matrix it inverts (with --refit)
     version: int = CONFIG_VERSION
 
@@ -76,7 +86,8 @@ class CompressConfig:
         if self.refit is not None:  # the refit needs the compressed prefix's inputs
             self.sequential = True
         if self.ratio is not None and not 0 < self.ratio < 1:
-            raise WeloreError(f"Ratio {self.ratio} is outside (0, 1); it is the fraction of target parameters to remove, e.g. 0.2.")
+            raise WeloreError(f"Ratio {self.ratio} is outside (0, 1); it is the fraction of target parameters to "
+                              "remove, e.g. 0.2.")
         if not 0 < self.lrc_min_cut <= 1:
             raise WeloreError(f"LRC minimum cut {self.lrc_min_cut} is outside (0, 1]; use e.g. 0.5.")
         if self.calib is None:  # provenance: no calibration, so no calibration sizes
@@ -91,7 +102,8 @@ class CompressConfig:
         """The configured refit (`welore.refit.Refit`), None without --refit."""
         if self.refit is None:
             if self.refit_ridge != Refit.ridge:
-                raise WeloreError("--refit-ridge is given without --refit; add --refit up (or both), or drop --refit-ridge.")
+                raise WeloreError("--refit-ridge is given without --refit; "
+                                  "add --refit up (or both), or drop --refit-ridge.")
             return None
         return Refit(self.refit, self.refit_ridge)
 
@@ -124,7 +136,8 @@ def plan_ranks(model: nn.Module, config: CompressConfig, progress: bool = True) 
     if config.ratio is None:
         raise WeloreError("No ratio given; pass --ratio (e.g. 0.2) or a saved --plan.")
     if config.method is None:
-        raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); pass --method or a saved --plan.")
+        raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); "
+                          "pass --method or a saved --plan.")
     targets = find_targets(model, config.targets)
     spectra = block_spectra(model, targets, progress=progress)
     shapes = {n: matrix_shape(m) for n, m in targets.items()}
@@ -148,11 +161,13 @@ def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
     for name, shape in plan.shapes.items():
         module = modules.get(name)
         if module is None:
-            raise WeloreError(f"The rank plan names {name}, which this model does not have; use a plan made for this model.")
+            raise WeloreError(f"The rank plan names {name}, which this model does not have; "
+                              "use a plan made for this model.")
         if isinstance(module, LowRankLinear):
             raise WeloreError(f"{name} is already factorized; apply plans to an uncompressed model.")
         if not isinstance(module, DENSE_TYPES) or matrix_shape(module) != tuple(shape):
-            raise WeloreError(f"The rank plan expects {name} to be a {shape[0]}x{shape[1]} Linear layer, which it is not here; use a plan made for this model.")
+            raise WeloreError(f"The rank plan expects {name} to be a {shape[0]}x{shape[1]} Linear layer, "
+                              "which it is not here; use a plan made for this model.")
 
 
 def factorize_layer(
@@ -188,7 +203,8 @@ def apply_plan_(
             dtype = weight_matrix(dense).dtype
             rank = plan.ranks[name]
             assert rank is not None
-            module = LowRankLinear(in_features, out_features, rank, bias=dense.bias is not None, device="meta", dtype=dtype)
+            module = LowRankLinear(in_features, out_features, rank, bias=dense.bias is not None, device="meta",
+                                   dtype=dtype)
             swap_module(model, name, module)
         return list(plan.factorized)
     access = block_access(model)
@@ -293,7 +309,8 @@ def calibration_windows(tokenizer, config: CompressConfig, name: str = "the mode
     if not config.calib:
         return None
     if tokenizer is None:
-        raise WeloreError(f"{name} has no tokenizer, so calibration text cannot be tokenized; pass a model folder that includes one.")
+        raise WeloreError(f"{name} has no tokenizer, so calibration text cannot be tokenized; "
+                          "pass a model folder that includes one.")
     return token_windows(tokenizer, load_text(config.calib, split="calib"), config.calib_seq_len, config.calib_tokens,
                          options=("--calib-seq-len", "--calib-tokens"))
 
@@ -313,15 +330,20 @@ def compress_(
     """
     factorizer = config.make_factorizer()
     if config.refit is not None and not factorizer.needs_stats:
-        raise WeloreError(f"--refit fits the factors on calibration text, but the {config.factorizer} factorizer uses none; choose a data-aware factorizer (e.g. whiten) and pass --calib.")
+        raise WeloreError(f"--refit fits the factors on calibration text, but the {config.factorizer} factorizer uses "
+                          "none; choose a data-aware factorizer (e.g. whiten) and pass --calib.")
     if factorizer.needs_stats and calibration is None:
-        raise WeloreError(f"The {config.factorizer} factorizer needs calibration text; pass --calib (e.g. --calib wiki).")
+        raise WeloreError(f"The {config.factorizer} factorizer needs calibration text; "
+                          "pass --calib (e.g. --calib wiki).")
     if not factorizer.needs_stats and calibration is not None:
-        raise WeloreError(f"The {config.factorizer} factorizer is data-free and uses no calibration text; drop --calib or choose whiten or asvd.")
+        raise WeloreError(f"The {config.factorizer} factorizer is data-free and uses no calibration text; "
+                          "drop --calib or choose whiten or asvd.")
     if config.sequential and not factorizer.needs_stats:
-        raise WeloreError(f"Sequential calibration needs a data-aware factorizer, but {config.factorizer} uses no calibration text; drop --sequential or choose whiten or asvd.")
+        raise WeloreError(f"Sequential calibration needs a data-aware factorizer, but {config.factorizer} uses no "
+                          "calibration text; drop --sequential or choose whiten or asvd.")
     if plan is None and config.method is None:
-        raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); pass --method or a saved --plan.")
+        raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); "
+                          "pass --method or a saved --plan.")
     before = count_parameters(model)
     gradients = None
     with torch.no_grad():
@@ -334,7 +356,8 @@ def compress_(
             if getattr(factorizer, "needs_gradients", False):  # once, on the dense model, for allocation and factors
                 gradients = gradient_stats(model, targets, calibration, batch_size, progress)
             needs_spectra = getattr(POLICIES[config.method], "needs_spectra", True)
-            spectra = calibrated_spectra(model, config, calibration, batch_size, progress, gradients) if needs_spectra else {}
+            spectra = (calibrated_spectra(model, config, calibration, batch_size, progress, gradients)
+                       if needs_spectra else {})
             plan = allocate(config.method, spectra, shapes, config.ratio)
         elif plan is None:
             plan = plan_ranks(model, config, progress=progress)

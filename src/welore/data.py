@@ -265,7 +265,8 @@ def _load_hf_text(spec: HFTextSpec) -> str:
     logger.info("Loading %s", spec.describe())
     try:
         ds = datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
-    except (OSError, ValueError) as e:  # offline (ConnectionError), unknown dataset (FileNotFoundError), bad config or split (ValueError)
+    # offline (ConnectionError), unknown dataset (FileNotFoundError), bad config or split (ValueError)
+    except (OSError, ValueError) as e:
         raise WeloreError(
             f"Could not load Hugging Face dataset {spec.dataset} ({type(e).__name__}: {e}); "
             "it needs network access or a local copy in the Hugging Face cache."
@@ -373,9 +374,10 @@ def token_windows(
     """Non-overlapping windows of token ids, a LongTensor of shape (N, seq_len).
 
     The text is tokenized piece by piece without special tokens (no BOS/EOS, not even between
-    documents) and read as one stream; the last partial window is dropped. With `max_tokens`, at most `max_tokens // seq_len` windows
-    are kept (and tokenizing stops once they are filled). Deterministic. `options` names the
-    command-line options that set seq_len and max_tokens, for the error messages.
+    documents) and read as one stream; the last partial window is dropped. With `max_tokens`, at
+    most `max_tokens // seq_len` windows are kept (and tokenizing stops once they are filled).
+    Deterministic. `options` names the command-line options that set seq_len and max_tokens, for
+    the error messages.
     """
     seq_option, tokens_option = options
     if seq_len < 2:

@@ -44,7 +44,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
             raise WeloreError(f"--device {spec} asks for GPU {device.index} and this machine has {count} "
                               f"(cuda:0 to cuda:{count - 1}); use one of those or --device cuda.")
     if device.type == "mps" and not _mps_available():
-        raise WeloreError(f"--device {spec} asks for Apple's MPS and it is not available here; use --device cpu or auto.")
+        raise WeloreError(f"--device {spec} asks for Apple's MPS and it is not available here; "
+                          "use --device cpu or auto.")
     if device.type == "cpu":
         return torch.device("cpu")
     return device

@@ -239,7 +239,8 @@ def perplexity(
     with _eval_mode(model), tqdm(
         total=n_windows, desc="perplexity", unit="window", disable=not progress
     ) as bar:
-        for start, logits in zip(range(0, n_windows, batch_size), _batch_logits(model, windows, batch_size, progress), strict=True):
+        batches = _batch_logits(model, windows, batch_size, progress)
+        for start, logits in zip(range(0, n_windows, batch_size), batches, strict=True):
             batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)  # (B, T)
             targets = batch[:, 1:].to(logits.device)  # (B, T-1)
             batch_nll = sum(_window_nll(logits[row, :-1], targets[row]) for row in range(len(batch)))

@@ -143,7 +143,8 @@ def top_factors(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     top, vectors = _top_eigenpairs(gram, rank)  # (r,) σ_1² ≥ … ≥ σ_r², (k, r)
     del gram
     if not top[-1].item() >= GRAM_MIN_RELATIVE_SIGMA**2 * top[0].item() > 0:
-        log.debug("σ_r/σ_1 below %g for a %s matrix at rank %d: full SVD", GRAM_MIN_RELATIVE_SIGMA, tuple(a.shape), rank)
+        log.debug("σ_r/σ_1 below %g for a %s matrix at rank %d: full SVD",
+                  GRAM_MIN_RELATIVE_SIGMA, tuple(a.shape), rank)
         u, s, vh = torch.linalg.svd(a, full_matrices=False)  # (m, k), (k,), (k, n)
         return _balanced(u, s, vh, rank)
     root = top.sqrt().sqrt()  # (r,) √σ
@@ -274,7 +275,8 @@ class Whiten:
 
     def __post_init__(self) -> None:
         if not 0 <= self.shrinkage < float("inf"):
-            raise WeloreError(f"Whitening shrinkage {self.shrinkage} must be a non-negative number; 0 is SVD-LLM's whitening.")
+            raise WeloreError(f"Whitening shrinkage {self.shrinkage} must be a non-negative number; "
+                              "0 is SVD-LLM's whitening.")
 
     def spectrum(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         """Singular values of W·S: σ_j² is the output error (on the calibration tokens) of cutting j."""
@@ -343,7 +345,8 @@ def _require_curvature(method: str, weight: torch.Tensor, stats: Any | None) -> 
         )
     out_features, in_features = weight.shape
     assert stats.grads.ggt.shape == (out_features, out_features) and stats.grads.in_features == in_features, (
-        f"gradient statistics of shape {tuple(stats.grads.ggt.shape)} do not fit a weight of shape {tuple(weight.shape)}"
+        f"gradient statistics of shape {tuple(stats.grads.ggt.shape)} do not fit a weight of shape "
+        f"{tuple(weight.shape)}"
     )
     _require_stats(method, weight, stats.inputs)
     stats.grads.check(", ".join(stats.grads.names) or "this layer")
@@ -381,7 +384,8 @@ class KFAC:
     special case G = I: every output direction matters equally, whatever the loss does with it.
     """
 
-    damping: float = 1e-2  # λ > 0: L_G·L_Gᵀ = G + λ·mean(diag(G))·I (output directions the few calibration gradients never excite still count a little)
+    damping: float = 1e-2  # λ > 0: L_G·L_Gᵀ = G + λ·mean(diag(G))·I (output directions the few calibration gradients
+        # never excite still count a little)
     shrinkage: float = 0.0  # input side as whiten's: L_A·L_Aᵀ ∝ XᵀX + shrinkage·diag(XᵀX)
     needs_stats: ClassVar[bool] = True
     needs_gradients: ClassVar[bool] = True  # stats are CurvatureStats (welore.curvature.gradient_stats)
@@ -390,7 +394,8 @@ class KFAC:
         if not 0 < self.damping < float("inf"):
             raise WeloreError(f"K-FAC damping {self.damping} must be a positive number; use e.g. 0.01.")
         if not 0 <= self.shrinkage < float("inf"):
-            raise WeloreError(f"K-FAC shrinkage {self.shrinkage} must be a non-negative number; 0 whitens with XᵀX itself.")
+            raise WeloreError(f"K-FAC shrinkage {self.shrinkage} must be a non-negative number; "
+                              "0 whitens with XᵀX itself.")
 
     def _whitened(self, weight: torch.Tensor, stats: Any | None) -> tuple[torch.Tensor, Whitening, Whitening, int]:
         """L_Gᵀ·W·S (out, in) float64 with S·Sᵀ = XᵀX (so L_A = S/√N), both roots, and N."""

@@ -118,10 +118,13 @@ class GradientSpectra:
                 "stable_rank": metrics.stable_rank, "rank_90": metrics.rank_90,
             })
 
-    def report(self, weight_spectra: dict[str, torch.Tensor], plan: RankPlan | None = None, model: str = "model") -> GradientReport:
+    def report(
+        self, weight_spectra: dict[str, torch.Tensor], plan: RankPlan | None = None, model: str = "model"
+    ) -> GradientReport:
         """Relate the recorded gradients to the weights' spectra (and a rank plan's kept ranks)."""
         if not self.steps:
-            raise WeloreError("No gradient was recorded; train for at least one step with the target matrices trainable.")
+            raise WeloreError("No gradient was recorded; train for at least one step with the target matrices "
+                              "trainable.")
         by_name: dict[str, list[dict]] = defaultdict(list)
         for row in self.steps:
             by_name[row["name"]].append(row)

@@ -57,8 +57,10 @@ class LoadOptions:
     and an option of those commands (`welore.options`)."""
 
     dtype: str = "auto"  # weights' dtype: auto (as the source stores them, e.g. bfloat16), float32, bfloat16 or float16
-    device: str | None = field(default="auto", metadata={"metavar": "{" + ",".join(DEVICES) + "}"})  # where the model runs and is factorized: auto (the GPU when there is one), cpu, cuda, cuda:N or mps
-    max_memory: str | None = None  # memory budget, e.g. 4GB or 4GiB: read the decoder blocks from disk one at a time (automatic when the model would not fit in memory)
+    device: str | None = field(default="auto", metadata={"metavar": "{" + ",".join(DEVICES) + "}"})  # where the model
+        # runs and is factorized: auto (the GPU when there is one), cpu, cuda, cuda:N or mps
+    max_memory: str | None = None  # memory budget, e.g. 4GB or 4GiB: read the decoder blocks from disk one at a time
+        # (automatic when the model would not fit in memory)
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
@@ -68,7 +70,8 @@ class LoadOptions:
             try:
                 parse_memory(self.max_memory)
             except WeloreError:
-                raise WeloreError(f"--max-memory {self.max_memory!r} is not a memory size; write e.g. 4GB, 4GiB or 512MB.") from None
+                raise WeloreError(f"--max-memory {self.max_memory!r} is not a memory size; "
+                                  "write e.g. 4GB, 4GiB or 512MB.") from None
 
 
 def parse_dtype(dtype: str | None) -> torch.dtype | None:
@@ -101,7 +104,8 @@ def _from_gguf(folder: Path, gguf: str) -> tuple[PreTrainedModel, object]:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
-        raise WeloreError(f"Cannot read {folder / gguf} as a GGUF causal language model ({str(err).splitlines()[0]}); check the file.") from None
+        raise WeloreError(f"Cannot read {folder / gguf} as a GGUF causal language model ({str(err).splitlines()[0]}); "
+                          "check the file.") from None
     # The weights are now plain floats: forget the GGUF quantizer so save_pretrained works.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -153,7 +157,8 @@ def _pretrained(source: str | Path, dtype: torch.dtype | None) -> PreTrainedMode
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or "auto")
     except (OSError, ValueError) as err:
-        raise WeloreError(f"Cannot load a causal language model from {source} ({str(err).splitlines()[0]}); check the name or folder.") from None
+        raise WeloreError(f"Cannot load a causal language model from {source} ({str(err).splitlines()[0]}); "
+                          "check the name or folder.") from None
 
 
 def _streamed(path: Path, dtype: torch.dtype | None, budget: int | None, device: str | None) -> PreTrainedModel:
@@ -161,7 +166,8 @@ def _streamed(path: Path, dtype: torch.dtype | None, budget: int | None, device:
     if is_checkpoint(path):
         return load(path, stream=True, dtype=dtype, budget=budget, device=device)
     if not (path / "config.json").is_file():
-        raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); pass a model folder.")
+        raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); "
+                          "pass a model folder.")
     model = empty_model(path, dtype)
     stream_(model, path, device=device or "cpu", budget=budget)
     return model
@@ -202,7 +208,8 @@ def load_model(
         elif (path / "config.json").is_file():
             model = _pretrained(path, weights_dtype)
         else:
-            raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); pass a model folder.")
+            raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); "
+                              "pass a model folder.")
         tokenizer, folder = _tokenizer(path), path
     elif path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _from_gguf(path.parent, path.name)
@@ -213,7 +220,8 @@ def load_model(
         model, tokenizer, folder = _pretrained(spec, weights_dtype), _tokenizer(spec), None
     else:
         names = ", ".join(BUILTIN_MODELS)
-        raise WeloreError(f"Model {spec!r} is not a built-in name ({names}), an existing folder or file, or a hub id; check the spelling.")
+        raise WeloreError(f"Model {spec!r} is not a built-in name ({names}), an existing folder or file, or a hub id; "
+                          "check the spelling.")
     if device is not None:
         model = model.to(device)
     model.eval()

@@ -82,4 +82,5 @@ class LowRankLinear(nn.Module):
         return (self.up.weight.float() @ self.down.weight.float()).to(self.up.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.up.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.up.bias is not None}")

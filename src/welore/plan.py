@@ -130,7 +130,8 @@ class RankPlan:
     @classmethod
     def from_dict(cls, data: dict) -> RankPlan:
         if not isinstance(data, dict) or data.get("format") != "welore-rank-plan":
-            raise WeloreError("This JSON is not a welore rank plan (no \"format\": \"welore-rank-plan\"); pass a plan written by welore.")
+            raise WeloreError("This JSON is not a welore rank plan (no \"format\": \"welore-rank-plan\"); "
+                              "pass a plan written by welore.")
         check_version(data, "version", PLAN_FORMAT_VERSION, "The rank plan")
         data = report_unknown(data, PLAN_KEYS, "The rank plan")
         matrices = data.get("matrices")
@@ -181,12 +182,15 @@ def register_policy(name: str) -> Callable[[Policy], Policy]:
 
 def check_ratio(ratio: float, shapes: dict[str, Shape]) -> None:
     if not 0 < ratio < 1:
-        raise WeloreError(f"Ratio {ratio} is outside (0, 1); it is the fraction of target parameters to remove, e.g. 0.2.")
+        raise WeloreError(f"Ratio {ratio} is outside (0, 1); it is the fraction of target parameters to remove, "
+                          "e.g. 0.2.")
     reachable = max_ratio(shapes)
     if reachable <= 0:
-        raise WeloreError("None of the target matrices can be factorized at a rank that saves parameters (each is too small or too thin); choose other targets.")
+        raise WeloreError("None of the target matrices can be factorized at a rank that saves parameters (each is too "
+                          "small or too thin); choose other targets.")
     if ratio > reachable:
-        raise WeloreError(f"Ratio {ratio} is unreachable: even rank 1 everywhere removes only {reachable:.4f} of the target parameters; ask for less.")
+        raise WeloreError(f"Ratio {ratio} is unreachable: even rank 1 everywhere removes only {reachable:.4f} of the "
+                          "target parameters; ask for less.")
 
 
 @register_policy("uniform")

@@ -71,7 +71,8 @@ def check_finite(name: str, weight: torch.Tensor) -> None:
     # The sum is non-finite whenever an entry is; only then pay for the element-wise check
     # (a sum can also overflow on its own, which the element-wise check tells apart).
     if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
-        raise WeloreError(f"Weight matrix {name} contains NaN or Inf values; the model file is corrupt or diverged, so use a healthy checkpoint.")
+        raise WeloreError(f"Weight matrix {name} contains NaN or Inf values; "
+                          "the model file is corrupt or diverged, so use a healthy checkpoint.")
 
 
 def weights_fingerprint(modules: dict[str, nn.Module]) -> str:

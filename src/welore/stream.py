@@ -57,7 +57,8 @@ def parse_memory(value: str | int | float) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise WeloreError(f"Cannot read the memory size {value!r}; write a positive number with a unit, e.g. 4GB, 4GiB or 512MB.")
+        raise WeloreError(f"Cannot read the memory size {value!r}; write a positive number with a unit, e.g. 4GB, "
+                          "4GiB or 512MB.")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -92,7 +93,8 @@ class TensorFiles:
             self.files = {name: self.folder / file for name, file in weight_map.items()}
             for file in set(self.files.values()):
                 if not file.is_file():
-                    raise WeloreError(f"{index} names {file.name}, which is missing; the folder is incomplete, re-create it.")
+                    raise WeloreError(f"{index} names {file.name}, which is missing; "
+                                      "the folder is incomplete, re-create it.")
         elif single.is_file():
             for name in self._keys(single):
                 self.files[name] = single
@@ -125,7 +127,8 @@ class TensorFiles:
         for name in names:
             stored = self.aliases.get(name, name)
             if stored not in self.files:
-                raise WeloreError(f"{self.folder} has no tensor {name}; the weights do not match the model's config, re-create the folder.")
+                raise WeloreError(f"{self.folder} has no tensor {name}; the weights do not match the model's config, "
+                                  "re-create the folder.")
             by_file.setdefault(self.files[stored], []).append((name, stored))
         tensors: dict[str, torch.Tensor] = {}
         for file, pairs in by_file.items():
@@ -134,7 +137,8 @@ class TensorFiles:
                     for name, stored in pairs:
                         tensors[name] = f.get_tensor(stored)
             except (SafetensorError, OSError) as err:
-                raise WeloreError(f"Cannot read {file} ({err}); the file is damaged, re-create the model folder.") from None
+                raise WeloreError(f"Cannot read {file} ({err}); the file is damaged, re-create the model "
+                                  "folder.") from None
         return tensors
 
     def nbytes(self, names: Iterable[str] | None = None, dtype: torch.dtype | None = None) -> int:
@@ -291,7 +295,8 @@ class StreamedBlocks(Blocks):
     ) -> None:
         super().__init__(model)
         if not len(self.blocks):
-            raise WeloreError("This model has no stack of decoder blocks (nn.ModuleList) to stream; load it without --max-memory.")
+            raise WeloreError("This model has no stack of decoder blocks (nn.ModuleList) to stream; "
+                              "load it without --max-memory.")
         self.files = files
         self.device = torch.device(device)
         self.budget = budget  # bytes the user allows, None = no stated budget
@@ -311,7 +316,8 @@ class StreamedBlocks(Blocks):
         need = self.outside_bytes + 2 * self.block_bytes + activation_bytes
         if self.budget is None or need <= self.budget:
             return
-        parts = f"embeddings, norm and LM head {format_bytes(self.outside_bytes)} + two decoder blocks {format_bytes(2 * self.block_bytes)}"
+        parts = (f"embeddings, norm and LM head {format_bytes(self.outside_bytes)} "
+                 f"+ two decoder blocks {format_bytes(2 * self.block_bytes)}")
         if activation_bytes:
             parts += f" + {what} {format_bytes(activation_bytes)}"
         raise WeloreError(
@@ -340,7 +346,8 @@ class StreamedBlocks(Blocks):
             model.tie_weights()
         missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and self.block_of(n) is None]
         if missing:
-            raise WeloreError(f"{self.files.folder} has no tensor {missing[0]}; the weights do not match the model's config, re-create the folder.")
+            raise WeloreError(f"{self.files.folder} has no tensor {missing[0]}; "
+                              "the weights do not match the model's config, re-create the folder.")
 
     @contextlib.contextmanager
     def use(self, k: int | None, keep_changes: bool = True) -> Iterator[nn.Module | None]:

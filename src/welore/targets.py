@@ -76,7 +76,8 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[st
                 try:
                     re.compile(pattern[3:])
                 except re.error as err:
-                    raise WeloreError(f"Target pattern {pattern!r} is not a valid regular expression ({err}); fix the pattern.") from None
+                    raise WeloreError(f"Target pattern {pattern!r} is not a valid regular expression ({err}); "
+                                      "fix the pattern.") from None
             if not any(_matches(name, pattern) for name in dense):
                 raise WeloreError(
                     f"Target pattern {pattern!r} matches no Linear layer of this model; "

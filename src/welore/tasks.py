@@ -60,7 +60,8 @@ _STDERR_SUFFIX = "_stderr"
 class TaskOptions:
     """lm-eval task scoring of the `evaluate` command (`welore.options`); see `run_tasks`."""
 
-    tasks: list[str] | None = field(default=None, metadata={"metavar": "TASK"})  # also score the model on these lm-eval tasks (e.g. arc_easy, or a task in --task-dir); built-in tasks download their data and need network access
+    tasks: list[str] | None = field(default=None, metadata={"metavar": "TASK"})  # also score the model on these lm-eval
+        # tasks (e.g. arc_easy, or a task in --task-dir); built-in tasks download their data and need network access
     task_dir: str | None = None  # folder of lm-eval YAML task files (relative data paths in them resolve against it)
     task_limit: int | None = None  # score at most this many examples per task (default: all)
     fewshot: int = 0  # solved examples put before each question (0: zero-shot)
@@ -121,7 +122,8 @@ def _task_manager(tasks: list[str], task_dir: Path | None) -> Any:
     if unknown:
         guesses = [match for name in unknown for match in difflib.get_close_matches(name, known, n=1)]
         guess = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
-        where = f"lm-eval's built-in tasks or {task_dir}" if task_dir else "lm-eval's built-in tasks (no --task-dir given)"
+        where = (f"lm-eval's built-in tasks or {task_dir}" if task_dir
+                 else "lm-eval's built-in tasks (no --task-dir given)")
         raise WeloreError(f"Unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{guess}: "
                           f"not among {where}; {LIST_HINT}.")
     return manager
@@ -273,8 +275,8 @@ def run_tasks(
     from welore.stream import is_streamed
 
     if is_streamed(model):
-        raise WeloreError("lm-eval tasks need the whole model in memory, but this one reads its decoder blocks from disk "
-                          "one at a time; drop --tasks or --max-memory.")
+        raise WeloreError("lm-eval tasks need the whole model in memory, but this one reads its decoder blocks "
+                          "from disk one at a time; drop --tasks or --max-memory.")
     lm_eval = _import_lm_eval("tasks", "models.huggingface", "evaluator")
     tasks = list(dict.fromkeys(tasks))  # each task once, in the order given
     manager = _task_manager(tasks, folder)

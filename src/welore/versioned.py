@@ -31,7 +31,8 @@ def check_version(data: Any, key: str, current: int, what: str) -> int:
     if isinstance(version, bool) or not isinstance(version, int):
         raise WeloreError(f"{what} has {key} {version!r}, not an integer; re-create it with welore.")
     if version > current:
-        raise WeloreError(f"{what} has format version {version}, newer than this welore reads ({current}); upgrade welore.")
+        raise WeloreError(f"{what} has format version {version}, newer than this welore reads ({current}); "
+                          "upgrade welore.")
     return version
 
 

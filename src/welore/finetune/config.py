@@ -40,17 +40,21 @@ def _optimizers() -> list[str]:
 
 @dataclass
 class FinetuneConfig:
-    mode: str = field(default="lrc", metadata={"choices": _modes})  # what trains: lrc (WeLore's low-rank components), lora (peft adapters) or full
-    optimizer: str = field(default="adamw", metadata={"choices": _optimizers})  # adamw, galore or fira (welore.optim) on the trainable matrices
+    mode: str = field(default="lrc", metadata={"choices": _modes})  # what trains: lrc (WeLore's low-rank components),
+        # lora (peft adapters) or full
+    optimizer: str = field(default="adamw", metadata={"choices": _optimizers})  # adamw, galore or fira (welore.optim)
+        # on the trainable matrices
     steps: int = 100  # optimizer steps
-    lr: float | None = None  # peak learning rate; None = the mode's default (DEFAULT_LR: lrc 1e-4, lora 5e-4, full 3e-5)
+    lr: float | None = None  # peak learning rate; None = the mode's default
+        # (DEFAULT_LR: lrc 1e-4, lora 5e-4, full 3e-5)
     warmup_steps: int = 0  # linear warm-up steps, then cosine decay to 0 at `steps`
     weight_decay: float = 0.0  # AdamW's decoupled weight decay, on every trainable parameter
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decay rates
     batch_size: int = 4  # blocks per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; 0 or None = no clipping
-    precision: str = field(default="no", metadata={"choices": PRECISIONS})  # autocast: no, bf16 or fp16 (accelerate's mixed_precision; fp16 needs CUDA)
+    precision: str = field(default="no", metadata={"choices": PRECISIONS})  # autocast: no, bf16 or fp16 (accelerate's
+        # mixed_precision; fp16 needs CUDA)
     seed: int = 0  # seeds torch/python/numpy RNGs, the data order and LoRA's initialisation
     device: str = "auto"  # where to train: auto (the GPU when there is one), cpu, cuda, cuda:N or mps
     # data
@@ -69,18 +73,23 @@ class FinetuneConfig:
     lora_rank: int = 8  # rank r of each adapter
     lora_alpha: float = 16.0  # adapter scale alpha (the update is alpha/r · B·A)
     lora_dropout: float = 0.0  # dropout on the adapter's input
-    lora_targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # Linear module patterns (exact, glob, re:); None = target matrices
+    lora_targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # Linear module patterns
+        # (exact, glob, re:); None = target matrices
     keep_adapter: bool = False  # save the adapter (out/adapter) instead of merging it into the weights
     # galore / fira
     galore_rank: int = 128  # rank of the gradient projection (capped by each matrix's smaller side)
     galore_gap: int = 200  # recompute the projection every this many steps
     galore_scale: float = 0.25  # scale of the projected-back update
     # distillation (welore.finetune.distill)
-    distill: bool = False  # train against the teacher's next-token distribution (KL on the logits), not only the next token
-    teacher: str | None = field(default=None, metadata={"metavar": "MODEL"})  # the --distill teacher; None = the dense model a welore checkpoint came from (its welore.json source)
-    distill_alpha: float = 1.0  # loss = alpha·KL(teacher ‖ student) + (1 - alpha)·LM loss: 1 = pure distillation, 0 = plain LM loss
+    distill: bool = False  # train against the teacher's next-token distribution (KL on the logits),
+        # not only the next token
+    teacher: str | None = field(default=None, metadata={"metavar": "MODEL"})  # the --distill teacher; None = the dense
+        # model a welore checkpoint came from (its welore.json source)
+    distill_alpha: float = 1.0  # loss = alpha·KL(teacher ‖ student) + (1 - alpha)·LM loss:
+        # 1 = pure distillation, 0 = plain LM loss
     distill_temperature: float = 1.0  # softens both distributions before the KL (which is then scaled by its square)
-    teacher_dtype: str = field(default="float32", metadata={"choices": TEACHER_DTYPES})  # the teacher's weights: float32, or bfloat16 for half its memory
+    teacher_dtype: str = field(default="float32", metadata={"choices": TEACHER_DTYPES})  # the teacher's weights:
+        # float32, or bfloat16 for half its memory
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -122,11 +131,13 @@ class FinetuneConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise WeloreError(f"--max-grad-norm must be positive, got {self.max_grad_norm}.")
         if not 0 <= self.distill_alpha <= 1:
-            raise WeloreError(f"--distill-alpha must be in [0, 1] (the KL's share of the loss), got {self.distill_alpha}.")
+            raise WeloreError("--distill-alpha must be in [0, 1] (the KL's share of the loss), "
+                              f"got {self.distill_alpha}.")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise WeloreError(f"--distill-temperature must be a positive number, got {self.distill_temperature}.")
         if self.teacher_dtype not in TEACHER_DTYPES:
-            raise WeloreError(f"Unknown --teacher-dtype {self.teacher_dtype!r}; choose one of {', '.join(TEACHER_DTYPES)}.")
+            raise WeloreError(f"Unknown --teacher-dtype {self.teacher_dtype!r}; "
+                              f"choose one of {', '.join(TEACHER_DTYPES)}.")
         if self.teacher is not None and not self.distill:
             raise WeloreError(f"--teacher {self.teacher} is only used with --distill; add --distill or drop --teacher.")
         if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len:
@@ -172,7 +183,8 @@ class FinetuneResult:
     out: Path | None = None  # where the checkpoint was saved
 
     def to_dict(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "config", "trainable_names")}
+        skip = ("model", "config", "trainable_names")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         data["config"] = self.config.to_dict()
         data["out"] = str(self.out) if self.out is not None else None
         return data
@@ -188,7 +200,8 @@ class FinetuneResult:
         if self.val_ppl_before is not None and self.val_ppl_after is not None:
             lines.append(f"validation perplexity: {self.val_ppl_before:.3f} -> {self.val_ppl_after:.3f}")
         if self.tokens_per_s is not None:
-            memory = f", peak memory +{self.peak_memory_bytes / 1e6:.0f} MB" if self.peak_memory_bytes is not None else ""
+            memory = (f", peak memory +{self.peak_memory_bytes / 1e6:.0f} MB"
+                      if self.peak_memory_bytes is not None else "")
             processes = f" ({self.processes} processes; memory of the main process)" if self.processes > 1 else ""
             lines.append(f"training speed: {self.tokens_per_s:.1f} tokens/s{memory}{processes}")
         return "\n".join(lines)

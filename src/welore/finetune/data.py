@@ -50,9 +50,11 @@ def make_blocks(tokenizer, spec: str, seq_len: int, max_train_tokens: int | None
                 val_tokens: int = 4096, val_fraction: float = 0.1) -> TokenBlocks:
     """Training and validation blocks of `seq_len` tokens from text `spec` (see module docstring)."""
     if tokenizer is None:
-        raise WeloreError("This model has no tokenizer, so the text cannot be tokenized; pass a model folder that includes one.")
+        raise WeloreError("This model has no tokenizer, so the text cannot be tokenized; "
+                          "pass a model folder that includes one.")
     if val_tokens < seq_len:
-        raise WeloreError(f"--val-tokens ({val_tokens}) is less than one block of --seq-len ({seq_len}); raise it or lower --seq-len.")
+        raise WeloreError(f"--val-tokens ({val_tokens}) is less than one block of --seq-len ({seq_len}); "
+                          "raise it or lower --seq-len.")
     if spec in BUILTIN_TEXTS:
         train = token_windows(tokenizer, load_text(spec, split="calib"), seq_len, max_train_tokens,
                               options=("--seq-len", "--max-train-tokens"))

@@ -149,7 +149,8 @@ def distillation(model: nn.Module, tokenizer, config: FinetuneConfig,
     """
     if not config.distill:
         if teacher is not None:
-            raise WeloreError("A teacher was given but distillation is off; set distill=True (--distill) or drop the teacher.")
+            raise WeloreError("A teacher was given but distillation is off; "
+                              "set distill=True (--distill) or drop the teacher.")
         return None
     if teacher is None:
         config.teacher = resolve_teacher(model, config.teacher)
@@ -195,8 +196,8 @@ def finetune(
     from welore.stream import is_streamed
 
     if is_streamed(model):
-        raise WeloreError("Fine-tuning needs the whole model in memory, but this one reads its decoder blocks from disk "
-                          "one at a time; load it without --max-memory (on a machine with room for it).")
+        raise WeloreError("Fine-tuning needs the whole model in memory, but this one reads its decoder blocks "
+                          "from disk one at a time; load it without --max-memory (on a machine with room for it).")
     out = Path(out) if out is not None else None
     check_precision(config.precision, config.device)
     check_engine(config)

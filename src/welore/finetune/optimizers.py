@@ -49,7 +49,9 @@ def _low_rank_groups(matrices: list[nn.Parameter], others: list[nn.Parameter], c
 
 
 def _low_rank_optimizer(cls: type[torch.optim.Optimizer]) -> Builder:
-    def build(matrices: list[nn.Parameter], others: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    def build(
+        matrices: list[nn.Parameter], others: list[nn.Parameter], config: FinetuneConfig
+    ) -> torch.optim.Optimizer:
         return cls(_low_rank_groups(matrices, others, config), lr=config.lr, betas=config.betas,
                    weight_decay=config.weight_decay)
 
@@ -61,7 +63,9 @@ register_optimizer("galore")(_low_rank_optimizer(GaLoreAdamW))
 register_optimizer("fira")(_low_rank_optimizer(FiraAdamW))
 
 
-def build_optimizer(model: nn.Module, matrices: list[str], names: list[str], config: FinetuneConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, matrices: list[str], names: list[str], config: FinetuneConfig
+) -> torch.optim.Optimizer:
     """The configured optimizer over the trainable parameters `names` (`matrices` among them)."""
     params = dict(model.named_parameters())
     rank = set(matrices)

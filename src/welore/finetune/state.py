@@ -62,7 +62,8 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     with torch.no_grad():
         for name, param in tensors:
             values = param.detach().double()
-            prints[name] = f"{tuple(param.shape)} {param.dtype} {values.sum().item():.6e} {values.abs().sum().item():.6e}"
+            prints[name] = (f"{tuple(param.shape)} {param.dtype} "
+                            f"{values.sum().item():.6e} {values.abs().sum().item():.6e}")
     return prints
 
 
@@ -120,7 +121,8 @@ def check_resumable(run_dir: Path, identity: dict) -> Path:
         saved = {}
     what = _difference(saved, identity)
     if what is not None:
-        raise WeloreError(f"{run_dir} was written by a different run ({what} differs); use a new --out or the same options.")
+        raise WeloreError(f"{run_dir} was written by a different run ({what} differs); "
+                          "use a new --out or the same options.")
     return checkpoint
 
 
@@ -193,7 +195,8 @@ def load_checkpoint(path: Path, model: nn.Module, names: list[str], optimizer: t
     data = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "trainable.safetensors")
     if set(tensors) != set(names):
-        raise WeloreError(f"{path} holds other trainable parameters than this run trains; use a new --out or the same options.")
+        raise WeloreError(f"{path} holds other trainable parameters than this run trains; "
+                          "use a new --out or the same options.")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
@@ -202,7 +205,8 @@ def load_checkpoint(path: Path, model: nn.Module, names: list[str], optimizer: t
     scheduler.load_state_dict(data["scheduler"])
     generators = load_file(path / "rng.safetensors")
     prefix = f"rank{rank}."
-    cuda = sorted((k for k in generators if k.startswith(prefix + "cuda")), key=lambda k: int(k.removeprefix(prefix + "cuda")))
+    cuda = sorted((k for k in generators if k.startswith(prefix + "cuda")),
+                  key=lambda k: int(k.removeprefix(prefix + "cuda")))
     set_rng_state({"torch": generators[prefix + "torch"], "cuda": [generators[k] for k in cuda]} | data["rng"][rank])
     log.info("resumed from %s", path)
     return TrainingState(step=data["step"], items=data["items"], losses=data["losses"], history=data["history"])

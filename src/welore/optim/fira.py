@@ -19,9 +19,9 @@ row of G, norms along dim 1 — always the dimension that is not projected, as i
 
 The step is computed without forming the (m, n) residual: with c = φ·(limiter's shrink),
 scale·P·N + S_t = P·(scale·N − c⊙R) + c⊙G, and before limiting
-‖S_t‖² = Σ_j φ_j²·(‖G[:, j]‖² − ‖R[:, j]‖²) since PᵀP = I. So a Fira step costs GaLore's two matrix products plus two passes over G, not a third
-product (exact up to float rounding; the norm loses relative accuracy only where the residual
-holds less than ~1e-6 of a column's energy).
+‖S_t‖² = Σ_j φ_j²·(‖G[:, j]‖² − ‖R[:, j]‖²) since PᵀP = I. So a Fira step costs GaLore's two
+matrix products plus two passes over G, not a third product (exact up to float rounding; the
+norm loses relative accuracy only where the residual holds less than ~1e-6 of a column's energy).
 
 Two choices where the public code and the paper differ: the residual here is exactly
 G − P·Pᵀ·G, as the paper writes it (the authors' code subtracts the *scaled* back-projection

@@ -89,11 +89,13 @@ def check_adam_hyperparameters(group: dict, where: str) -> None:
     if not _is_number(lr) or lr < 0:
         raise OptimizerConfigError(f"{where}: lr must be a number ≥ 0, got {lr!r}; pass a non-negative learning rate.")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
-        raise OptimizerConfigError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}; pass e.g. betas=(0.9, 0.999).")
+        raise OptimizerConfigError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}; "
+                                   "pass e.g. betas=(0.9, 0.999).")
     if not _is_number(eps) or eps < 0:
         raise OptimizerConfigError(f"{where}: eps must be a number ≥ 0, got {eps!r}; pass e.g. eps=1e-8.")
     if not _is_number(weight_decay) or weight_decay < 0:
-        raise OptimizerConfigError(f"{where}: weight_decay must be a number ≥ 0, got {weight_decay!r}; pass 0.0 for none.")
+        raise OptimizerConfigError(f"{where}: weight_decay must be a number ≥ 0, got {weight_decay!r}; "
+                                   "pass 0.0 for none.")
 
 
 def check_lowrank_group(group: dict, where: str, name: str) -> None:
@@ -110,7 +112,8 @@ def check_lowrank_group(group: dict, where: str, name: str) -> None:
             f"pass e.g. update_proj_gap=200."
         )
     if not _is_number(scale) or scale <= 0:
-        raise OptimizerConfigError(f"{where}: scale must be a number > 0, got {scale!r}; pass e.g. scale=0.25 (or 1.0).")
+        raise OptimizerConfigError(f"{where}: scale must be a number > 0, got {scale!r}; "
+                                   "pass e.g. scale=0.25 (or 1.0).")
     proj_type = group["proj_type"]
     if proj_type not in {p.value for p in ProjType}:
         choices = ", ".join(repr(p.value) for p in ProjType)
@@ -203,7 +206,8 @@ class GaLoreAdamW(Optimizer):
         """
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        for saved_id, (group, p) in zip(saved_ids, ((g, p) for g in self.param_groups for p in g["params"]), strict=True):
+        current = ((g, p) for g in self.param_groups for p in g["params"])
+        for saved_id, (group, p) in zip(saved_ids, current, strict=True):
             saved = state_dict["state"].get(saved_id, {})
             if self.side_of(group, p) is None or not saved:
                 continue
@@ -306,6 +310,7 @@ class GaLoreAdamW(Optimizer):
     def _step_terms(
         self, g: torch.Tensor, side: ProjSide, low: torch.Tensor, norm_step: torch.Tensor, state: dict, group: dict
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What W moves by (g: the gradient, in the state's dtype), as (low-rank step X, multiplier c or None): ΔW = P·X (back-projected
-        like the gradient was projected) + c⊙G. GaLore: X = scale·N, no c. Fira overrides this."""
+        """What W moves by (g: the gradient, in the state's dtype), as (low-rank step X, multiplier c or None):
+        ΔW = P·X (back-projected like the gradient was projected) + c⊙G. GaLore: X = scale·N, no c. Fira
+        overrides this."""
         return norm_step.mul_(group["scale"]), None

@@ -90,7 +90,9 @@ def _orthonormal(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(x).Q
 
 
-def subspace_refresh(m: torch.Tensor, rank: int, previous: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+def subspace_refresh(
+    m: torch.Tensor, rank: int, previous: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
     """Randomized subspace iteration, warm-started from `previous`, then Rayleigh–Ritz."""
     d, e = m.shape
     k = min(rank + OVERSAMPLE, d, e)
