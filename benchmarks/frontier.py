@@ -26,6 +26,12 @@ Whitening's shrinkage λ (whiten XᵀX + λ·diag(XᵀX)) is `SHRINKAGE`, chosen
 `shrinkage` scan (settings `whiten@λ/welore`, news → wiki at ratio 0.2, 8K tokens, the lowest
 cross-domain perplexity) and then held fixed in every other setting and direction, so the
 wiki → news figures never saw the choice.
+
+The curvature-aware settings (`kfac/…`, `fisher/…`) also need the output-gradient statistics of
+the LM loss on the calibration text; they are gathered ONCE per run on the dense model
+(`welore.compress.gradient_stats`, what `welore compress --factorizer kfac` does before it
+allocates) and paired with each target's input statistics, so a shared curvature setting is
+measured exactly as `compress_` computes it; its cost adds the gradient pass.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from dataclasses import dataclass, field
 from _common import DOC, machine, publish
 
 from welore.calibrate import iter_block_stats
-from welore.compress import CompressConfig, compress_, factorize_layer
+from welore.compress import CompressConfig, compress_, factorize_layer, gradient_stats
+from welore.curvature import CurvatureStats
 from welore.data import describe_text, load_text, overlap_fraction, token_windows
 from welore.evaluate import perplexity
 from welore.factorize import make_factorizer
@@ -74,7 +81,7 @@ class Setting:
     def flags(self) -> str:
         """The `welore compress` options of this setting."""
         parts = [f"--method {self.policy}", f"--factorizer {self.factorizer}"]
-        parts += [f"--{k.replace('_', '-')} {v}" for k, v in self.params.items()]
+        parts += [f"--factorizer-param {k}={v}" for k, v in self.params.items()]
         if self.pipeline != "shared":
             parts.append("--sequential")
         parts += [f"--{k.replace('_', '-')} {v}" for k, v in self.compress.items()]
@@ -99,6 +106,10 @@ def _settings() -> dict[str, Setting]:
             settings[f"whiten/{policy}{suffix}"] = Setting("whiten", policy, "sequential", compress={"refit": mode})
             settings[f"whiten@{SHRINKAGE}/{policy}{suffix}"] = Setting("whiten", policy, "sequential", params=shrunk,
                                                                       compress={"refit": mode})
+    for factorizer in ("kfac", "fisher"):  # curvature-aware: WeLore's allocation and the loss-estimate one
+        for policy in ("welore", "loss", "minimax"):
+            settings[f"{factorizer}/{policy}"] = Setting(factorizer, policy)
+    settings["kfac/welore+refit"] = Setting("kfac", "welore", "sequential", compress={"refit": "both"})
     for lam in SHRINKAGE_GRID:  # the scan that chose SHRINKAGE
         settings.setdefault(f"whiten@{lam}/welore", Setting("whiten", "welore", params={"shrinkage": lam}))
     return settings
@@ -182,16 +193,27 @@ def run(args: argparse.Namespace) -> None:
         stats = {}
         for _, block in iter_block_stats(model, targets, calibration, progress=False):
             stats.update(block)
+    grads, grad_clock = None, Clock()
+    grad_clock.wall = grad_clock.cpu = 0.0
+    if any(getattr(make_factorizer(SETTINGS[n].factorizer), "needs_gradients", False)
+           and SETTINGS[n].pipeline == "shared" for n in args.settings):
+        with grad_clock:  # once, on the dense model, as compress_ gathers them
+            grads = gradient_stats(model, targets, calibration, progress=False)
     spectra: dict = {}
 
     for ratio in args.ratios:
         for name in args.settings:
             setting = SETTINGS[name]
             factorizer = make_factorizer(setting.factorizer, setting.params)
+            curvature = getattr(factorizer, "needs_gradients", False)
+
+            def layer_stats(n: str, curvature: bool = curvature) -> object:
+                return CurvatureStats(inputs=stats[n], grads=grads[n]) if curvature else stats[n]
+
             spectra_key = (setting.factorizer, tuple(sorted(setting.params.items())))
             if spectra_key not in spectra:
                 with Clock() as clock:
-                    spectra[spectra_key] = ({n: factorizer.spectrum(weight_matrix(m), stats[n]) for n, m in targets.items()},
+                    spectra[spectra_key] = ({n: factorizer.spectrum(weight_matrix(m), layer_stats(n)) for n, m in targets.items()},
                                             clock)
             spec, spectra_clock = spectra[spectra_key]
             plan = allocate(setting.policy, spec, shapes, ratio)
@@ -200,17 +222,19 @@ def run(args: argparse.Namespace) -> None:
                 if setting.pipeline == "shared":
                     for n in plan.factorized:
                         swap_module(compressed, n, factorize_layer(compressed.get_submodule(n), n, plan.ranks[n], factorizer,
-                                                                   stats[n]))
+                                                                   layer_stats(n)))
                 else:  # the pipeline of `welore compress --sequential`, given the plan its first pass would make
                     compress_(compressed, setting.config(ratio), plan=plan, calibration=calibration, progress=False)
             ppl = {t: perplexity(compressed, w, progress=False)[0] for t, w in evals.items()}
+            # the gradient pass counts for shared curvature settings (sequential ones gather their own in compress_)
+            extra = grad_clock if curvature and setting.pipeline == "shared" else None
             print(f"{args.calib}->{name} {ratio}: {ppl}", flush=True)
             add_record({
                 "calib": args.calib, "calib_tokens": calibration.numel(), "label": name, "ratio": ratio,
                 "achieved_ratio": plan.achieved_ratio, "perplexity": ppl, "flags": setting.flags(),
                 # compression cost: the shared statistics pass + this factorizer's spectra + its own work
-                "wall_s": calib_clock.wall + spectra_clock.wall + clock.wall,
-                "cpu_s": calib_clock.cpu + spectra_clock.cpu + clock.cpu,
+                "wall_s": calib_clock.wall + spectra_clock.wall + clock.wall + (extra.wall if extra else 0.0),
+                "cpu_s": calib_clock.cpu + spectra_clock.cpu + clock.cpu + (extra.cpu if extra else 0.0),
             })
             del compressed
 
@@ -279,15 +303,18 @@ def table(records: list[dict], labels: list[str], ratios: list[float], cell) -> 
 
 def report(args: argparse.Namespace) -> None:
     data = load_results()
-    records, dense = data["records"], data["dense"]
+    records, dense = [r for r in data["records"] if r.get("calib")], data["dense"]  # in-domain-era records lack calib
     tokens = args.main_tokens
     find = {key(r): r for r in records}
     ratios = sorted({r["ratio"] for r in records if r["calib_tokens"] == tokens})
     main = [r for r in records if r["calib_tokens"] == tokens]
-    # settings measured at every ratio in both directions, ranked by cross-domain geometric-mean perplexity
+    # the cells (direction, ratio) measured for SVD-LLM's setting; a sweep cut short for time ranks
+    # the settings measured at all of them (the tables show every record, "—" where not run)
+    reference = "whiten/uniform" if any(r["label"] == "whiten/uniform" for r in main) else main[0]["label"]
+    cells = [(c, q) for c in TEXTS for q in ratios if (c, tokens, reference, q) in find]
     complete = [name for name in dict.fromkeys(r["label"] for r in main)
-                if all((c, tokens, name, q) in find for c in TEXTS for q in ratios)]
-    score = {n: geomean([find[c, tokens, n, q]["perplexity"][other(c)] for c in TEXTS for q in ratios]) for n in complete}
+                if all((c, tokens, name, q) in find for c, q in cells)]
+    score = {n: geomean([find[c, tokens, n, q]["perplexity"][other(c)] for c, q in cells]) for n in complete}
     ranked = sorted(complete, key=score.get)
     baselines = [b for b in ("whiten/uniform", "whiten/welore") if b in complete]
 
@@ -311,18 +338,22 @@ def report(args: argparse.Namespace) -> None:
         f"(λ = {SHRINKAGE}, chosen once on news → wiki at ratio 0.2, see the scan below); `uniform` is SVD-LLM's "
         "allocation, `welore` WeLore's, `minimax` bounds every layer's relative output error; `+seq` adds "
         "`--sequential`, `+refit` adds `--refit both` and `+refit-up` `--refit up` (block-by-block least-squares "
-        "refit of the factors to the dense outputs, on the compressed prefix's inputs; implies `--sequential`).",
+        "refit of the factors to the dense outputs, on the compressed prefix's inputs; implies `--sequential`). "
+        "`kfac` truncates L_Gᵀ·W·L_A (K-FAC: input covariance and the covariance of the LM loss's gradients at the "
+        "layer's outputs, from backward passes on the calibration text), `fisher` is FWSVD's row-Fisher weighting; "
+        "`loss` allocates ranks by their (estimated loss-increase) spectra globally.",
         "",
         f"### Ranking by cross-domain perplexity ({tokens} calibration tokens)",
         "",
-        "Geometric mean of the perplexity on the *other* text over every ratio and both directions; lower is better.",
+        "Geometric mean of the perplexity on the *other* text over the cells measured for every ranked setting "
+        f"({', '.join(f'{c} → {other(c)} at {q}' for c, q in cells)}); lower is better.",
         "",
         "| rank | setting | cross-domain geo-mean | in-domain geo-mean | `welore compress` options |",
         "|---:|---|---:|---:|---|",
     ]
     for i, n in enumerate(ranked, 1):
-        own = geomean([find[c, tokens, n, q]["perplexity"][c] for c in TEXTS for q in ratios])
-        lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | `{find['wiki', tokens, n, ratios[0]]['flags']}` |")
+        own = geomean([find[c, tokens, n, q]["perplexity"][c] for c, q in cells])
+        lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | `{find[cells[0][0], tokens, n, cells[0][1]]['flags']}` |")
     for c in TEXTS:
         o = other(c)
 
@@ -331,7 +362,7 @@ def report(args: argparse.Namespace) -> None:
             if r is None:
                 return "—"
             text = fmt(r["perplexity"][o])
-            best = min(cross(c, m, q) for m in complete if (c, tokens, m, q) in find)
+            best = min((cross(c, m, q) for m in complete if (c, tokens, m, q) in find), default=None)
             text = f"**{text}**" if n in complete and cross(c, n, q) == best else text
             if n == ranked[0] and any(cross(c, b, q) <= cross(c, n, q) for b in baselines if b != n):
                 text += " (not better than a baseline)"
@@ -341,6 +372,19 @@ def report(args: argparse.Namespace) -> None:
                   *table(main, ranked + [n for n in dict.fromkeys(r["label"] for r in main) if n not in ranked],
                          ratios, cell)]
 
+    if ranked and baselines:
+        best = ranked[0]
+        lines += ["", f"### Does the best setting ({best}) beat SVD-LLM (whiten/uniform) and whiten/welore?", "",
+                  "Cross-domain perplexity at each ratio and direction; the ratio of the baseline's perplexity to the "
+                  "best setting's in parentheses (above 1: the best setting wins).", "",
+                  "| direction | ratio | " + f"{best} | " + " | ".join(baselines) + " | beats both? |",
+                  "|---|---:|---:|" + "---:|" * len(baselines) + "---|"]
+        for c, q in cells:
+            mine = cross(c, best, q)
+            versus = [f"{fmt(cross(c, b, q))} ({cross(c, b, q) / mine:.2f}×)" for b in baselines]
+            losers = [b for b in baselines if b != best and cross(c, b, q) <= mine]
+            verdict = "yes" if not losers else "**no**: not better than " + ", ".join(losers)
+            lines.append(f"| {c} → {other(c)} | {q} | {fmt(mine)} | " + " | ".join(versus) + f" | {verdict} |")
     sizes = sorted({r["calib_tokens"] for r in records})
     scan = [n for n in dict.fromkeys(r["label"] for r in records if r["calib_tokens"] != tokens and r["ratio"] == 0.2)]
     if scan:
@@ -371,7 +415,7 @@ def report(args: argparse.Namespace) -> None:
               "settings count the one shared pass in full), measured in the runs above.", "",
               "| setting | wall s | CPU s |", "|---|---:|---:|"]
     for n in ranked:
-        recs = [find["wiki", tokens, n, q] for q in ratios]
+        recs = [find["wiki", tokens, n, q] for q in ratios if ("wiki", tokens, n, q) in find] or [find[c, tokens, n, q] for c, q in cells]
         lines.append(f"| {n} | {sum(r['wall_s'] for r in recs) / len(recs):.0f} | {sum(r['cpu_s'] for r in recs) / len(recs):.0f} |")
     if "cost" in data:
         c = data["cost"]
@@ -387,7 +431,8 @@ def report(args: argparse.Namespace) -> None:
     lines += ["", "![cross-domain perplexity vs ratio](frontier.png)"]
     publish("frontier", "\n".join(lines), write=not args.no_write)
     if not args.no_write:
-        points = [(n, find["wiki", tokens, n, q]["achieved_ratio"], cross("wiki", n, q)) for n in ranked for q in ratios]
+        points = [(n, find["wiki", tokens, n, q]["achieved_ratio"], cross("wiki", n, q)) for n in ranked for q in ratios
+                  if ("wiki", tokens, n, q) in find]
         plot_perplexity_vs_ratio(points, DOC.parent / "frontier.png", dense=dense["news"],
                                  title=f"SmolLM2-135M calibrated on wiki ({tokens} tokens), perplexity on news")
 
