@@ -1,0 +1,172 @@
+"""Recovery after compression, away from the calibration text: plain LM fine-tuning vs distillation
+from the dense model, on one fixed training-token budget.
+
+    .venv/bin/python benchmarks/recovery.py [--ratio 0.2] [--calib wiki] [--calib-tokens 8192] \
+        [--compress "--method welore --factorizer whiten --factorizer-param shrinkage=0.1"] \
+        [--train-tokens 65536] [--batch-size 4] [--seq-len 256] [--mode lrc] [--lr 1e-4] [--eval-tokens 4096]
+
+What a user does, each step a `welore` command in its own process:
+
+1. `welore compress` the default model at `--ratio` with the `--compress` options (the best
+   training-free setting of the cross-domain frontier), calibrated on `--calib-tokens` of the
+   `--calib` text's calibration half;
+2. `welore finetune` the checkpoint twice on the same budget — `--train-tokens` of the same
+   text's calibration half, one pass, `--batch-size` × `--seq-len` tokens per step, warm-up
+   then cosine decay — once with the plain next-token loss and once with `--distill` (KL to the
+   dense source model's next-token distribution, α = 1, τ = 1);
+3. `welore evaluate` the compressed and both recovered checkpoints (and the dense model) on
+   `--eval-tokens` of BOTH texts' evaluation halves (windows of 512, as the frontier benchmark),
+   so the figure on the other text is a cross-domain one: neither compression nor training saw it.
+
+Writes docs/recovery.json (the raw figures) and the `recovery` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import DOC, machine, publish
+
+ROOT = Path(__file__).resolve().parent.parent
+WELORE = [sys.executable, "-m", "welore.cli"]
+TEXTS = ("wiki", "news")
+RESULTS = DOC.parent / "recovery.json"
+DEFAULT_COMPRESS = "--method welore --factorizer whiten --factorizer-param shrinkage=0.1"
+
+
+def welore(*argv: str) -> float:
+    """Run one `welore` command; return its wall seconds."""
+    start = time.perf_counter()
+    subprocess.run([*WELORE, *argv], check=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def evaluate(model: str, tmp: Path, eval_tokens: int) -> dict[str, float]:
+    """Perplexity of `model` on both texts' evaluation halves."""
+    ppl = {}
+    for text in TEXTS:
+        out = tmp / "eval.json"
+        welore("evaluate", "-q", model, "--text", text, "--max-tokens", str(eval_tokens), "--seq-len", "512",
+               "--no-speed", "--json", str(out))
+        ppl[text] = next(iter(json.loads(out.read_text())["results"].values()))["perplexity"]
+    return ppl
+
+
+def save(record: dict) -> None:
+    """Write docs/recovery.json atomically."""
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(RESULTS)
+
+
+def fmt(ppl: float) -> str:
+    return f"{ppl:.1f}" if ppl < 1000 else f"{ppl:.2e}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    steps = args.train_tokens // (args.batch_size * args.seq_len)
+    if steps < 2:
+        raise SystemExit(f"--train-tokens {args.train_tokens} is less than two steps of {args.batch_size}x{args.seq_len}")
+    budget = ["--data", args.calib, "--mode", args.mode, "--lr", str(args.lr), "--steps", str(steps),
+              "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+              "--warmup-steps", str(max(1, steps // 10)), "--max-train-tokens", str(steps * args.batch_size * args.seq_len),
+              "--val-tokens", "512", *shlex.split(args.finetune)]
+    record: dict = {"machine": machine(), "model": args.model, "ratio": args.ratio, "calib": args.calib,
+                    "calib_tokens": args.calib_tokens, "compress": args.compress, "eval_tokens": args.eval_tokens,
+                    "train_tokens": steps * args.batch_size * args.seq_len, "finetune": budget, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        record["dense"] = evaluate(args.model, tmp, args.eval_tokens)
+        print("dense", record["dense"], flush=True)
+        compressed = str(tmp / "compressed")
+        seconds = welore("compress", "-q", args.model, "--ratio", str(args.ratio), *shlex.split(args.compress),
+                         "--calib", args.calib, "--calib-tokens", str(args.calib_tokens), "--out", compressed)
+        record["runs"]["training-free"] = {"perplexity": evaluate(compressed, tmp, args.eval_tokens), "seconds": seconds}
+        print("training-free", record["runs"]["training-free"], flush=True)
+        for label, extra in (("LM loss", []), ("distillation", ["--distill"])):
+            out = tmp / label.replace(" ", "-")
+            seconds = welore("finetune", "-q", compressed, *budget, *extra, "--out", str(out))
+            result = json.loads((out / "finetune.json").read_text())["result"]
+            record["runs"][label] = {"perplexity": evaluate(str(out), tmp, args.eval_tokens), "seconds": seconds,
+                                     **{k: result[k] for k in ("train_tokens", "tokens_per_s", "train_seconds",
+                                                               "trainable_params", "total_params", "losses")}}
+            print(label, record["runs"][label], flush=True)
+            if not args.no_write:  # after every run, so a killed benchmark keeps what it finished
+                save(record)
+    return record
+
+
+def render(record: dict, command: str) -> str:
+    calib, other, dense = record["calib"], next(t for t in TEXTS if t != record["calib"]), record["dense"]
+    lines = [
+        f"## Recovery after compression: LM fine-tuning vs distillation, judged on {other}",
+        "",
+        "Command (under `flock /work/wt/cpu.lock`):",
+        "",
+        f"    {command}",
+        "",
+        f"Machine: {record['machine']}. The default model compressed at ratio {record['ratio']} by "
+        f"`welore compress --ratio {record['ratio']} {record['compress']} --calib {calib} "
+        f"--calib-tokens {record['calib_tokens']}`, then `welore finetune` with the same budget twice: "
+        f"`{' '.join(record['finetune'])}` ({record['train_tokens']:,} training tokens of {calib}'s calibration half, "
+        "one pass), once with the plain next-token loss and once with `--distill` (KL to the dense source model's "
+        f"next-token distribution). Perplexity by `welore evaluate --max-tokens {record['eval_tokens']} --seq-len 512` "
+        f"on each text's evaluation half: {other} was seen neither by the compression nor by the training.",
+        "",
+        f"| model | perplexity on {other} (cross-domain) | perplexity on {calib} | × dense on {other} | wall s | "
+        "training tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| dense | {fmt(dense[other])} | {fmt(dense[calib])} | 1.00 | — | — |",
+    ]
+    for label, run in record["runs"].items():
+        ppl = run["perplexity"]
+        speed = f"{run['tokens_per_s']:.0f}" if run.get("tokens_per_s") else "—"
+        name = "compressed, training-free" if label == "training-free" else f"+ fine-tuned, {label}"
+        lines.append(f"| {name} | {fmt(ppl[other])} | {fmt(ppl[calib])} | {ppl[other] / dense[other]:.2f} | "
+                     f"{run['seconds']:.0f} | {speed} |")
+    trained = next((r for r in record["runs"].values() if r.get("trainable_params")), None)
+    if trained:
+        lines += ["", f"Trainable parameters: {trained['trainable_params']:,} of {trained['total_params']:,}. Wall seconds: "
+                  "the whole `welore compress` / `welore finetune` command (loading, the teacher's forward passes, "
+                  "validation and saving included)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--calib", choices=TEXTS, default="wiki", help="calibration and training text (calib half)")
+    parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--compress", default=DEFAULT_COMPRESS, help="welore compress options (method, factorizer, ...)")
+    parser.add_argument("--train-tokens", type=int, default=65536, help="training-token budget of each fine-tuning run")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--mode", default="lrc")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--finetune", default="", help="further welore finetune options, e.g. '--train-nlrc'")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--records", action="store_true", help="render the section from docs/recovery.json instead of running")
+    args = parser.parse_args()
+    command = "python benchmarks/recovery.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--records")
+    if args.records:
+        record = json.loads(RESULTS.read_text())
+        command = record.get("command", command)
+    else:
+        record = run(args)
+        record["command"] = command
+        if not args.no_write:
+            save(record)
+    publish("recovery", render(record, command), write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
