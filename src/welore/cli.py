@@ -55,7 +55,8 @@ def _eval_windows(tokenizer, options, model_name: str, calib: str | None = None)
     from welore.data import load_text, overlap_fraction, token_windows
 
     if tokenizer is None:
-        raise WeloreError(f"{model_name} has no tokenizer, so perplexity cannot be measured; pass a model folder that includes one.")
+        raise WeloreError(f"{model_name} has no tokenizer, so perplexity cannot be measured; "
+                          "pass a model folder that includes one.")
     text = load_text(options.text, split="eval")
     if calib:
         shared = overlap_fraction(load_text(calib, split="calib"), text)
@@ -138,7 +139,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - start
     save(loaded.model, args.out, tokenizer=loaded.tokenizer, overwrite=args.overwrite, source=args.model)
     plan = report.plan
-    print(f"replaced {len(report.replaced)} of {len(plan.ranks)} target matrices: {_describe_replaced(report.replaced)}")
+    print(f"replaced {len(report.replaced)} of {len(plan.ranks)} target matrices: "
+          f"{_describe_replaced(report.replaced)}")
     ratio_note = f" (requested {plan.requested_ratio})" if plan.requested_ratio is not None else ""
     print(f"target parameters removed: {plan.achieved_ratio:.2%}{ratio_note}; "
           f"whole model: {report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M "
@@ -162,7 +164,8 @@ def _compress_quantized(args: argparse.Namespace) -> None:
     from welore.quantize import QuantOptions, quantize_
 
     if args.ratio is not None or args.plan is not None:
-        raise WeloreError("--quantize/--target-size quantize the full-rank matrices; drop --ratio/--plan (low rank and quantization together is not built yet).")
+        raise WeloreError("--quantize/--target-size quantize the full-rank matrices; "
+                          "drop --ratio/--plan (low rank and quantization together is not built yet).")
     compress = from_args(CompressConfig, args)
     config = from_args(QuantOptions, args).config(compress)
     _check_load_options(args)
@@ -179,7 +182,8 @@ def _compress_quantized(args: argparse.Namespace) -> None:
     ranks = Counter(plan.ranks.values())
     rank_note = ("no compensation" if set(ranks) == {0} else
                  "compensation ranks " + ", ".join(f"{r} ({n})" for r, n in sorted(ranks.items())))
-    space = f"EoRA, whitened by {calibration.numel()} tokens of {compress.calib}" if calibration is not None else "weight space"
+    space = (f"EoRA, whitened by {calibration.numel()} tokens of {compress.calib}" if calibration is not None
+             else "weight space")
     print(f"quantized {len(report.replaced)} target matrices ({config.quantizer}, groups of {config.group_size}): "
           f"{widths}; {rank_note}" + ("" if set(ranks) == {0} else f" ({space})"))
     request = f" (requested {target / 1e6:.3f} MB, {plan.nbytes / target - 1:+.2%})" if target else ""
@@ -228,11 +232,13 @@ def _write_json(path: str | None, payload: dict) -> None:
 def _text_note(options) -> str:
     from welore.data import describe_text
 
-    return f"text: {describe_text(options.text)}; windows of {options.seq_len} tokens, at most {options.max_tokens} tokens"
+    return (f"text: {describe_text(options.text)}; windows of {options.seq_len} tokens, "
+            f"at most {options.max_tokens} tokens")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    """Perplexity, parameters, size on disk, peak memory and tokens/s of one model (and lm-eval task scores with --tasks)."""
+    """Perplexity, parameters, size on disk, peak memory and tokens/s of one model (and lm-eval task scores
+    with --tasks)."""
     from welore.evaluate import EvalOptions, format_table
     from welore.tasks import TaskOptions, check_tasks, format_task_table, run_tasks
 
@@ -285,7 +291,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.plot:
         points = [(labels[k][0], labels[k][1], r.perplexity) for k, r in results.items() if labels[k]]
         if not points:
-            raise WeloreError("None of the models is a welore checkpoint, so there is no ratio to plot; compare compressed models.")
+            raise WeloreError("None of the models is a welore checkpoint, so there is no ratio to plot; "
+                              "compare compressed models.")
         dense = [r.perplexity for k, r in results.items() if labels[k] is None]
         plot_perplexity_vs_ratio(points, args.plot, dense=dense[0] if dense else None,
                                  title=f"perplexity on {options.text} vs compression ratio")
@@ -392,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g = p.add_argument_group("gradient spectra (--gradients)")
     g.add_argument("--gradients", action="store_true",
-                   help="also train all weights briefly (AdamW) and record every target matrix's gradient spectrum per step")
+                   help="also train all weights briefly (AdamW) and record every target matrix's gradient "
+                        "spectrum per step")
     add_options(g, GradientRunConfig)
 
     p = command("compress", cmd_compress)
@@ -426,14 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", cmd_demo)
     add_options(p, CompressConfig, only=["ratio"], defaults={"ratio": 0.02})
-    p.add_argument("--out", default="out/demo", help="folder for the demo's outputs (replaced each run; default out/demo)")
+    p.add_argument("--out", default="out/demo",
+                   help="folder for the demo's outputs (replaced each run; default out/demo)")
     add_options(p.add_argument_group("evaluation"), EvalOptions, defaults={"max_tokens": 8192})
 
     p = command("finetune", cmd_finetune)
     p.add_argument("model", help="a welore checkpoint (needed for lrc) or any model: " + MODEL_HELP)
     p.add_argument("--out", required=True, help="folder for the fine-tuned welore checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and an unfinished run's checkpoints)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished run of --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run of --out from its last checkpoint")
     add_options(p.add_argument_group("fine-tuning"), FinetuneConfig)
     loading(p, exclude=("device",))  # fine-tuning places the model itself
     return parser
@@ -448,7 +458,8 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         _quiet_libraries()
         if getattr(args, "max_memory", None) is not None:

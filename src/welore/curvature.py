@@ -102,11 +102,12 @@ class GradientStats:
 
     def check(self, name: str) -> None:
         if self.loss_tokens == 0:
-            raise WeloreError(f"The gradient statistics of {name} hold no tokens; the calibration windows must be at least 2 tokens long.")
+            raise WeloreError(f"The gradient statistics of {name} hold no tokens; "
+                              "the calibration windows must be at least 2 tokens long.")
         if not (torch.isfinite(self.ggt).all() and torch.isfinite(self.row_fisher).all()):
             raise WeloreError(
-                f"The gradient statistics of {name} contain NaN or Inf; the model or the calibration text produced non-finite "
-                "losses or gradients (try float32 instead of float16, or check the model's weights)."
+                f"The gradient statistics of {name} contain NaN or Inf; the model or the calibration text produced "
+                "non-finite losses or gradients (try float32 instead of float16, or check the model's weights)."
             )
 
 
@@ -174,7 +175,8 @@ def gradient_stats(
     The model is left unchanged (no parameter gradients are kept; train/eval modes restored).
     """
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise WeloreError(f"Calibration windows for gradients must be a non-empty (N, seq_len ≥ 2) tensor of token ids, not shape {tuple(windows.shape)}.")
+        raise WeloreError("Calibration windows for gradients must be a non-empty (N, seq_len ≥ 2) tensor of token ids, "
+                          f"not shape {tuple(windows.shape)}.")
     if not targets:
         raise WeloreError("No target matrices to calibrate; name some with --targets.")
     if batch_size < 1:
@@ -186,7 +188,8 @@ def gradient_stats(
     log.info("output-gradient statistics: %s of hidden states, %s of G matrices",
              format_bytes(hidden_bytes), format_bytes(grad_bytes))
     check_activations(model, hidden_bytes + grad_bytes,
-                      f"hidden states at every block of {windows.shape[0]}x{windows.shape[1]} tokens and output-gradient statistics")
+                      f"hidden states at every block of {windows.shape[0]}x{windows.shape[1]} tokens and "
+                      "output-gradient statistics")
     per_block: dict[int, dict[str, nn.Module]] = {}
     for name, module in targets.items():
         per_block.setdefault(block_of[name], {})[name] = module

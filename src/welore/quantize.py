@@ -293,7 +293,8 @@ class QuantizedLinear(nn.Module):
         # The stored format does not follow `model.to(dtype)`: scales, offsets and factors are
         # always written in their storage dtypes, so the bytes on disk match the plan.
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, dtype in (("scale", SCALE_DTYPE), ("offset", SCALE_DTYPE), ("up", self.factor_dtype), ("down", self.factor_dtype)):
+        dtypes = {"scale": SCALE_DTYPE, "offset": SCALE_DTYPE, "up": self.factor_dtype, "down": self.factor_dtype}
+        for name, dtype in dtypes.items():
             key = prefix + name
             if key in destination and destination[key].dtype != dtype:
                 destination[key] = destination[key].to(dtype)
@@ -349,10 +350,12 @@ class QuantPlan:
             raise WeloreError("The quantization plan's entries name different matrices; regenerate it.")
         for name, shape in self.shapes.items():
             if self.bits[name] not in BITS:
-                raise WeloreError(f"The quantization plan gives {name} {self.bits[name]} bits; use one of {', '.join(map(str, BITS))}.")
+                raise WeloreError(f"The quantization plan gives {name} {self.bits[name]} bits; "
+                                  f"use one of {', '.join(map(str, BITS))}.")
             check_group_size(shape, self.group_size[name], name)
             if not 0 <= self.ranks[name] <= min(shape):
-                raise WeloreError(f"The quantization plan gives {name} ({shape[0]}x{shape[1]}) compensation rank {self.ranks[name]}; use 0 to {min(shape)}.")
+                raise WeloreError(f"The quantization plan gives {name} ({shape[0]}x{shape[1]}) compensation rank "
+                                  f"{self.ranks[name]}; use 0 to {min(shape)}.")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise WeloreError(f"Unknown factor dtype {self.factor_dtype!r}; choose one of {', '.join(FACTOR_DTYPES)}.")
 
@@ -402,7 +405,8 @@ class QuantPlan:
                 requested_bytes=data.get("requested_bytes"), meta=data.get("meta", {}),
             )
         except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise WeloreError(f"A matrix entry of the quantization plan is malformed ({err!r}); regenerate the plan.") from None
+            raise WeloreError(f"A matrix entry of the quantization plan is malformed ({err!r}); "
+                              "regenerate the plan.") from None
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
@@ -433,7 +437,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.target_size is None:
             if self.bits not in BITS:
-                raise WeloreError(f"Cannot quantize to {self.bits} bits; choose one of {', '.join(f'int{b}' for b in BITS)}.")
+                raise WeloreError(f"Cannot quantize to {self.bits} bits; choose one of "
+                                  f"{', '.join(f'int{b}' for b in BITS)}.")
         elif self.target_size <= 0:
             raise WeloreError(f"Target size {self.target_size} bytes is not positive; ask for e.g. 60MB.")
         if self.group_size < 1:
@@ -464,18 +469,25 @@ class QuantConfig:
 class QuantOptions:
     """The `welore compress` options of quantization; `config()` turns them into a QuantConfig."""
 
-    quantize: str | None = field(default=None, metadata={"choices": list(FORMATS)})  # store every target matrix as packed codes of this width (weight-only, asymmetric, in groups)
-    target_size: str | None = field(default=None, metadata={"metavar": "SIZE"})  # choose per-matrix widths and compensation ranks so the target matrices (codes, scales, zero points, factors) take SIZE, e.g. 60MB (10^6 bytes) or 57MiB (2^20 bytes)
+    quantize: str | None = field(default=None, metadata={"choices": list(FORMATS)})  # store every target matrix as
+        # packed codes of this width (weight-only, asymmetric, in groups)
+    target_size: str | None = field(default=None, metadata={"metavar": "SIZE"})  # choose per-matrix widths and
+        # compensation ranks so the target matrices (codes, scales, zero points, factors) take SIZE,
+        # e.g. 60MB (10^6 bytes) or 57MiB (2^20 bytes)
     group_size: int = 64  # consecutive weights of a row sharing one scale and zero point
-    quantizer: str = field(default="rtn", metadata={"choices": list(QUANTIZERS)})  # rtn: round to nearest on each group's min/max grid; hqq: HQQ's optimised zero points
-    compensate_rank: int = 0  # rank of a correction of the quantization error: EoRA with --calib, weight-space SVD without
+    quantizer: str = field(default="rtn", metadata={"choices": list(QUANTIZERS)})  # rtn: round to nearest on each
+        # group's min/max grid; hqq: HQQ's optimised zero points
+    compensate_rank: int = 0  # rank of a correction of the quantization error:
+        # EoRA with --calib, weight-space SVD without
     max_compensate_rank: int = 256  # largest compensation rank --target-size may give a matrix
-    factor_dtype: str = field(default="float16", metadata={"choices": list(FACTOR_DTYPES)})  # storage dtype of the compensation factors
+    factor_dtype: str = field(default="float16", metadata={"choices": list(FACTOR_DTYPES)})  # storage dtype of the
+        # compensation factors
 
     def config(self, compress=None) -> QuantConfig:
         """The QuantConfig, with targets and calibration provenance from a CompressConfig."""
         if self.quantize and self.target_size:
-            raise WeloreError("Give --quantize (one width for every matrix) or --target-size (widths chosen per matrix), not both.")
+            raise WeloreError("Give --quantize (one width for every matrix) or --target-size (widths chosen per "
+                              "matrix), not both.")
         calib = getattr(compress, "calib", None)
         return QuantConfig(
             bits=FORMATS[self.quantize] if self.quantize else None, group_size=self.group_size,
@@ -492,7 +504,8 @@ class QuantReport:
     plan: QuantPlan  # what was decided
     replaced: list[str]  # modules swapped for QuantizedLinear
     dense_bytes: int  # bytes of the target matrices before, in their dtype
-    output_error: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> relative calibration output error (quantized, compensated)
+    output_error: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> relative calibration output
+        # error (quantized, compensated)
 
     @property
     def nbytes(self) -> int:
@@ -600,7 +613,8 @@ def allocate_sizes(
     if cheapest > budget:
         raise WeloreError(
             f"The target size {budget / 1e6:.3f} MB is below the smallest reachable, {cheapest / 1e6:.3f} MB "
-            f"({min(b for c in choices.values() for b in c.tails)} bits everywhere, groups of {group_size}); ask for more, or use larger groups."
+            f"({min(b for c in choices.values() for b in c.tails)} bits everywhere, groups of {group_size}); "
+            "ask for more, or use larger groups."
         )
     dearest = int(cost.where(cost.isfinite(), 0).max(dim=1).values.sum())
     if dearest < 0.99 * budget:
@@ -665,7 +679,8 @@ def quantize_layer(
         up, down = _compensation(error, rank, stats)
         up, down = up.to(dtype), down.to(dtype)
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-            raise WeloreError(f"The compensation factors of {name} overflow {factor_dtype}; use --factor-dtype float32.")
+            raise WeloreError(f"The compensation factors of {name} overflow {factor_dtype}; "
+                              "use --factor-dtype float32.")
     if stats is not None:
         root = whitening(stats).root  # (in, in)
         reference = _reference_energy(weight, stats) ** 0.5
@@ -692,23 +707,28 @@ def apply_quant_plan_(
     for name in tqdm(list(plan.shapes), desc="quantizing", disable=not progress or empty):
         dense = modules.get(name)
         if dense is None or not isinstance(dense, DENSE_TYPES) or matrix_shape(dense) != tuple(plan.shapes[name]):
-            raise WeloreError(f"The quantization plan expects {name} to be a {plan.shapes[name][0]}x{plan.shapes[name][1]} Linear layer, which it is not here; use a plan made for this model.")
+            raise WeloreError(f"The quantization plan expects {name} to be a "
+                              f"{plan.shapes[name][0]}x{plan.shapes[name][1]} Linear layer, which it is not here; "
+                              "use a plan made for this model.")
         if empty:
             out_features, in_features = plan.shapes[name]
-            module = QuantizedLinear(in_features, out_features, plan.bits[name], plan.group_size[name], plan.ranks[name],
-                                     bias=dense.bias is not None, device="meta", dtype=weight_matrix(dense).dtype,
-                                     factor_dtype=factor_dtype)
+            module = QuantizedLinear(in_features, out_features, plan.bits[name], plan.group_size[name],
+                                     plan.ranks[name], bias=dense.bias is not None, device="meta",
+                                     dtype=weight_matrix(dense).dtype, factor_dtype=factor_dtype)
         else:
             module, err = quantize_layer(dense, name, plan.bits[name], plan.group_size[name], plan.ranks[name],
                                          plan.quantizer, (stats or {}).get(name), plan.factor_dtype)
             if err is not None:
                 errors[name] = err
         _swap(model, name, module)
-    log.info("quantized %d target matrices: %.2f MB (%.3f bits per parameter)", len(plan.shapes), plan.nbytes / 1e6, plan.bits_per_param)
+    log.info("quantized %d target matrices: %.2f MB (%.3f bits per parameter)",
+             len(plan.shapes), plan.nbytes / 1e6, plan.bits_per_param)
     return list(plan.shapes), errors
 
 
-def _collect_stats(model: nn.Module, targets: dict[str, nn.Module], calibration: torch.Tensor, batch_size: int, progress: bool) -> dict:
+def _collect_stats(
+    model: nn.Module, targets: dict[str, nn.Module], calibration: torch.Tensor, batch_size: int, progress: bool
+) -> dict:
     from welore.calibrate import iter_block_stats
 
     stats = {}
@@ -739,12 +759,14 @@ def plan_quantization(
         s = (stats or {}).get(name)
         tails = {}
         for bits in config.target_bits:
-            sigma = _error_spectrum(_error_matrix(weight, quantize_weight(weight, bits, config.group_size, config.quantizer)), s)
+            sigma = _error_spectrum(_error_matrix(weight, quantize_weight(weight, bits, config.group_size,
+                                                                          config.quantizer)), s)
             energy = sigma.to(torch.float64) ** 2
             tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # tail[r] = Σ_{j≥r} σ_j²
             tails[bits] = tail
         choices[name] = _Choices(shape=shapes[name], reference=max(_reference_energy(weight, s), 1e-30), tails=tails)
-    bits, ranks = allocate_sizes(choices, config.target_size, config.group_size, config.max_compensate_rank, factor_bytes)
+    bits, ranks = allocate_sizes(choices, config.target_size, config.group_size, config.max_compensate_rank,
+                                 factor_bytes)
     return QuantPlan(bits=bits, ranks=ranks, requested_bytes=config.target_size, **common)
 
 

@@ -136,7 +136,8 @@ def check_teacher(model: nn.Module, teacher: nn.Module, tokenizer=None, teacher_
     if ours != theirs:
         raise WeloreError(f"{name} predicts {theirs} tokens and the model {ours}, so their distributions cannot be "
                           "compared; distill from a model with the same tokenizer (--teacher MODEL).")
-    if tokenizer is not None and teacher_tokenizer is not None and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+    if (tokenizer is not None and teacher_tokenizer is not None
+            and tokenizer.get_vocab() != teacher_tokenizer.get_vocab()):
         raise WeloreError(f"{name} uses another tokenizer than the model (same size, different tokens); "
                           "distill from a model with the same tokenizer (--teacher MODEL).")
 
@@ -148,7 +149,8 @@ def load_teacher(spec: str, model: nn.Module, tokenizer=None, dtype: str = "floa
     try:
         loaded = load_model(spec, dtype=dtype, device=None)
     except WeloreError as err:
-        raise WeloreError(f"The teacher {spec!r} cannot be loaded ({str(err).rstrip('.')}); pass --teacher MODEL.") from None
+        raise WeloreError(f"The teacher {spec!r} cannot be loaded ({str(err).rstrip('.')}); "
+                          "pass --teacher MODEL.") from None
     check_teacher(model, loaded.model, tokenizer, loaded.tokenizer, name=f"The teacher {spec}")
     return freeze(loaded.model)
 

@@ -97,8 +97,9 @@ def lrc_names(model: nn.Module, min_cut: float) -> list[str]:
         lrc = [n for n in plan.ranks if n in lrc or _compensated(model, n)]
         lrc = [n for n in lrc if _matrix_weights(model, n)]
         if not lrc:
-            raise WeloreError("This quantized model has no compensation factors (and no unquantized low-rank factors), "
-                              "so LRC fine-tuning has nothing to train; quantize it with --compensate-rank R (e.g. 16).")
+            raise WeloreError("This quantized model has no compensation factors (and no unquantized low-rank "
+                              "factors), so LRC fine-tuning has nothing to train; quantize it with --compensate-rank R "
+                              "(e.g. 16).")
     if not lrc:
         largest = max(1 - plan.kept_fraction(n) for n in plan.ranks)
         raise WeloreError(f"No target matrix has its rank cut by at least {min_cut:.0%} (the largest cut is "
@@ -168,9 +169,10 @@ def _prepare_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     modules = lora_target_modules(model, config.lora_targets)
     packed = [n for n in modules if isinstance(model.get_submodule(n), QuantizedLinear)]
     if packed:
-        raise WeloreError(f"LoRA adapters need Linear layers and {packed[0]} (with {len(packed) - 1} others) is stored as "
-                          "packed quantized codes; use --mode lrc, which trains the quantized model's compensation "
-                          "factors (quantize with --compensate-rank R), or pass --lora-targets for other layers.")
+        raise WeloreError(f"LoRA adapters need Linear layers and {packed[0]} (with {len(packed) - 1} others) is "
+                          "stored as packed quantized codes; use --mode lrc, which trains the quantized model's "
+                          "compensation factors (quantize with --compensate-rank R), or pass --lora-targets for other "
+                          "layers.")
     conv1d = [isinstance(model.get_submodule(n), Conv1D) for n in modules]
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=modules, bias="none", fan_in_fan_out=all(conv1d))
