@@ -9,8 +9,8 @@ shard plus one for the rest, with an index JSON, as `save_pretrained` writes the
 model is never in memory: the skeleton is built on the meta device from `LlamaConfig` only to
 read the parameter names and shapes, and each block's tensors are drawn and written on their
 own. Runs that feed text (data-aware compression, evaluation) get SmolLM2's tokenizer and its
-vocabulary of 49152 instead of 32000. Random weights are fine for time and memory, meaningless for quality. The folder is
-deleted afterwards unless --keep.
+vocabulary of 49152 instead of 32000. Random weights are fine for time and memory, meaningless
+for quality. The folder is deleted afterwards unless --keep.
 
 Each welore command runs in its own child process under `/usr/bin/time -v`: its peak resident
 memory, wall time and CPU time (user + system) are reported; time per block = wall / layers.
@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(CONFIGS), default="tinyllama-1.1b")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=["free"])
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "welore-bigmodel"),
-                        help="scratch folder (deleted after unless --keep; default: welore-bigmodel in the system temp folder)")
+                        help="scratch folder (deleted after unless --keep; "
+                             "default: welore-bigmodel in the system temp folder)")
     parser.add_argument("--max-memory", help="also pass --max-memory to every welore command")
     parser.add_argument("--keep", action="store_true", help="keep the model and outputs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")

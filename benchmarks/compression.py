@@ -8,8 +8,8 @@ first, then each (method, ratio) compressed from a fresh copy of it, saved to a 
 folder for its size on disk, and evaluated on the same token windows of the evaluation split
 of the text. Speed is measured last, in `--speed-rounds` interleaved rounds over all models
 (dense, then each compressed one, then again), keeping each model's best round, so that a
-transient load on the machine cannot favour one model over another. Writes the `compression` section of docs/benchmarks.md and
-the raw figures to docs/compression.json.
+transient load on the machine cannot favour one model over another. Writes the `compression`
+section of docs/benchmarks.md and the raw figures to docs/compression.json.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def main() -> None:
         f"of 32 tokens, batch 1, best of {args.speed_rounds} interleaved rounds (each after a warm-up); ratios (×) are "
         "against the dense row of the same run.",
         "",
-        "| method | ratio (achieved) | whole model | perplexity | params (M) | disk (MB) | prefill tok/s (×) | generate tok/s (×) |",
+        "| method | ratio (achieved) | whole model | perplexity | params (M) | disk (MB) | prefill tok/s (×) | "
+        "generate tok/s (×) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:

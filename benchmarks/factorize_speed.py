@@ -1,6 +1,7 @@
 """Rank-r factors of one matrix: welore's Gram route (`top_factors`) vs a full `torch.linalg.svd`.
 
-    .venv/bin/python benchmarks/factorize_speed.py [--models smollm2-135m tinyllama-1.1b llama2-7b] [--repeats 2] [--threads 1]
+    .venv/bin/python benchmarks/factorize_speed.py [--models smollm2-135m tinyllama-1.1b llama2-7b]
+        [--repeats 2] [--threads 1]
 
 Per matrix shape of three LLaMA-shaped models, side by side in one run and alternating the
 methods, each timed as the best of `--repeats` (wall and CPU time of this process):
@@ -75,7 +76,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "tinyllama-1.1b", "llama2-7b"])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (default 1, as compress gives each core its own matrix)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and BLAS threads (default 1, as compress gives each core its own matrix)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -63,7 +63,8 @@ def main() -> None:
                                           "instead of running")
     args = parser.parse_args()
     budget = ["--data", args.data, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--seq-len", str(args.seq_len), "--val-tokens", str(args.val_tokens), "--warmup-steps", str(args.steps // 10),
+              "--seq-len", str(args.seq_len), "--val-tokens", str(args.val_tokens),
+              "--warmup-steps", str(args.steps // 10),
               "--max-train-tokens", str(args.steps * args.batch_size * args.seq_len)]
 
     records = json.loads(Path(args.records).read_text()) if args.records else []
@@ -98,7 +99,8 @@ def main() -> None:
                 f"| {factorizer} | {r['setting']} | {fmt_ppl(r['val_ppl_before'])} | {fmt_ppl(r['val_ppl_after'])} | "
                 f"{r['trainable_params'] / 1e6:.1f}M | {r['trainable_params'] / base['trainable_params']:.2f}× | "
                 f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}× | "
-                f"{r['total_peak_memory_bytes'] / 1e6:.0f} | {r['total_peak_memory_bytes'] / base['total_peak_memory_bytes']:.2f}× | "
+                f"{r['total_peak_memory_bytes'] / 1e6:.0f} | "
+                f"{r['total_peak_memory_bytes'] / base['total_peak_memory_bytes']:.2f}× | "
                 f"{r['peak_memory_bytes'] / 1e6:.0f} | {r['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}× |")
     table = "\n".join(lines)
     claim = []
@@ -133,11 +135,12 @@ def main() -> None:
         f"Model: {args.model} compressed by WeLore's allocation at ratio {args.ratio} with {made} factorizer "
         f"(data-aware ones calibrated on {args.data}'s calib split), then fine-tuned by "
         f"`welore finetune` in a fresh process per run. Same budget everywhere: {args.steps} optimizer steps of "
-        f"{args.batch_size}×{args.seq_len} tokens ({tokens:,} tokens of {args.data}'s calib split), {args.steps // 10} warm-up "
-        f"steps then cosine decay, gradient clipping at 1.0, float32; validation perplexity on {args.val_tokens} "
-        f"tokens of the eval split. Learning rates: lrc 1e-4, LoRA 5e-4 (r=8, alpha=16, on the factors of "
-        f"compressed matrices and the dense targets), full AdamW 3e-5, GaLore/Fira 1e-4 with scale 0.25, rank "
-        f"128 (factor matrices with a side ≤ 128 get plain AdamW), projection refreshed every 10 steps.",
+        f"{args.batch_size}×{args.seq_len} tokens ({tokens:,} tokens of {args.data}'s calib split), "
+        f"{args.steps // 10} warm-up steps then cosine decay, gradient clipping at 1.0, float32; validation "
+        f"perplexity on {args.val_tokens} tokens of the eval split. Learning rates: lrc 1e-4, LoRA 5e-4 (r=8, "
+        f"alpha=16, on the factors of compressed matrices and the dense targets), full AdamW 3e-5, GaLore/Fira 1e-4 "
+        f"with scale 0.25, rank 128 (factor matrices with a side ≤ 128 get plain AdamW), projection refreshed "
+        f"every 10 steps.",
         "",
         "Ratios (×) are against full fine-tuning with AdamW of the same checkpoint. tokens/s: training tokens "
         "per second over all steps (evaluation excluded). Peak RSS: the process's resident memory at its peak "

@@ -107,7 +107,8 @@ def main() -> None:
     speed = {label: median(label, lambda r: r["tokens_per_s"]) for label in records}
     memory = {label: median(label, lambda r: sum(r["process_peak_memory_bytes"])) for label in records}
     base_losses = records[BASELINE][0]["losses"]
-    lines = ["| setting | global batch | tokens/s (median) | tokens/s × | rounds (tokens/s) | peak RSS, all processes (MB) | "
+    lines = ["| setting | global batch | tokens/s (median) | tokens/s × | rounds (tokens/s) | "
+             "peak RSS, all processes (MB) | "
              "peak × | max relative loss difference vs 1 process |", "|---|---|---|---|---|---|---|---|"]
     for label, processes, _ in SETTINGS:
         rows = records[label]

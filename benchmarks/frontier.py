@@ -75,8 +75,8 @@ class Setting:
     compress: dict = field(default_factory=dict, hash=False)  # further CompressConfig fields (e.g. refit)
 
     def config(self, ratio: float) -> CompressConfig:
-        return CompressConfig(ratio=ratio, method=self.policy, factorizer=self.factorizer, factorizer_params=self.params,
-                              sequential=self.pipeline != "shared", **self.compress)
+        return CompressConfig(ratio=ratio, method=self.policy, factorizer=self.factorizer,
+                              factorizer_params=self.params, sequential=self.pipeline != "shared", **self.compress)
 
     def flags(self) -> str:
         """The `welore compress` options of this setting."""
@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> None:
     calibration = token_windows(tokenizer, load_text(args.calib, split="calib"), args.seq_len, args.calib_tokens)
     evals = {t: token_windows(tokenizer, load_text(t, split="eval"), args.seq_len, args.eval_tokens) for t in TEXTS}
     overlap = {t: overlap_fraction(load_text(args.calib, split="calib"), load_text(t, split="eval")) for t in TEXTS}
-    print(f"calibration {calibration.numel()} tokens of {args.calib}; paragraphs shared with the eval halves: {overlap}")
+    print(f"calibration {calibration.numel()} tokens of {args.calib}; "
+          f"paragraphs shared with the eval halves: {overlap}")
     assert not any(overlap.values()), f"calibration and evaluation text overlap: {overlap}"
 
     data = load_results()
@@ -213,16 +214,16 @@ def run(args: argparse.Namespace) -> None:
             spectra_key = (setting.factorizer, tuple(sorted(setting.params.items())))
             if spectra_key not in spectra:
                 with Clock() as clock:
-                    spectra[spectra_key] = ({n: factorizer.spectrum(weight_matrix(m), layer_stats(n)) for n, m in targets.items()},
-                                            clock)
+                    spectra[spectra_key] = ({n: factorizer.spectrum(weight_matrix(m), layer_stats(n))
+                                             for n, m in targets.items()}, clock)
             spec, spectra_clock = spectra[spectra_key]
             plan = allocate(setting.policy, spec, shapes, ratio)
             compressed = copy.deepcopy(model)
             with Clock() as clock:
                 if setting.pipeline == "shared":
                     for n in plan.factorized:
-                        swap_module(compressed, n, factorize_layer(compressed.get_submodule(n), n, plan.ranks[n], factorizer,
-                                                                   layer_stats(n)))
+                        swap_module(compressed, n, factorize_layer(compressed.get_submodule(n), n, plan.ranks[n],
+                                                                   factorizer, layer_stats(n)))
                 else:  # the pipeline of `welore compress --sequential`, given the plan its first pass would make
                     compress_(compressed, setting.config(ratio), plan=plan, calibration=calibration, progress=False)
             ppl = {t: perplexity(compressed, w, progress=False)[0] for t, w in evals.items()}
@@ -353,7 +354,8 @@ def report(args: argparse.Namespace) -> None:
     ]
     for i, n in enumerate(ranked, 1):
         own = geomean([find[c, tokens, n, q]["perplexity"][c] for c, q in cells])
-        lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | `{find[cells[0][0], tokens, n, cells[0][1]]['flags']}` |")
+        lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | "
+                     f"`{find[cells[0][0], tokens, n, cells[0][1]]['flags']}` |")
     for c in TEXTS:
         o = other(c)
 
@@ -407,7 +409,8 @@ def report(args: argparse.Namespace) -> None:
         lines += ["", f"### The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, whiten@λ/welore, ratio 0.2, "
                   f"{tokens} tokens)", "",
                   "| λ | 0 | " + " | ".join(str(x) for x, _ in lam) + " |", "|---|" + "---:|" * (len(lam) + 1),
-                  "| perplexity on wiki | " + " | ".join(fmt(r["perplexity"]["wiki"]) for r in [base] + [r for _, r in lam]) + " |",
+                  "| perplexity on wiki | "
+                  + " | ".join(fmt(r["perplexity"]["wiki"]) for r in [base] + [r for _, r in lam]) + " |",
                   "| perplexity on news (in-domain) | "
                   + " | ".join(fmt(r["perplexity"]["news"]) for r in [base] + [r for _, r in lam]) + " |"]
     lines += ["", f"### Compression cost ({tokens} calibration tokens, wiki calibration, mean over ratios)", "",
@@ -415,16 +418,20 @@ def report(args: argparse.Namespace) -> None:
               "settings count the one shared pass in full), measured in the runs above.", "",
               "| setting | wall s | CPU s |", "|---|---:|---:|"]
     for n in ranked:
-        recs = [find["wiki", tokens, n, q] for q in ratios if ("wiki", tokens, n, q) in find] or [find[c, tokens, n, q] for c, q in cells]
-        lines.append(f"| {n} | {sum(r['wall_s'] for r in recs) / len(recs):.0f} | {sum(r['cpu_s'] for r in recs) / len(recs):.0f} |")
+        recs = ([find["wiki", tokens, n, q] for q in ratios if ("wiki", tokens, n, q) in find]
+                or [find[c, tokens, n, q] for c, q in cells])
+        lines.append(f"| {n} | {sum(r['wall_s'] for r in recs) / len(recs):.0f} | "
+                     f"{sum(r['cpu_s'] for r in recs) / len(recs):.0f} |")
     if "cost" in data:
         c = data["cost"]
         base = c["rows"]["load only"]
-        lines += ["", f"### Compression time and memory (ratio {c['ratio']}, {c['calib_tokens']} tokens of {c['calib']})", "",
+        lines += ["", f"### Compression time and memory (ratio {c['ratio']}, {c['calib_tokens']} tokens of "
+                  f"{c['calib']})", "",
                   "Each setting's `compress_` in its own process: peak resident memory of the process (`ru_maxrss`, "
                   "the model load included; `load only` loads the model and stops), wall seconds of `compress_`, "
                   "and CPU (user+sys) seconds of the whole process.", "",
-                  "| setting | peak RSS MB | over load only | compress_ wall s | process CPU s |", "|---|---:|---:|---:|---:|"]
+                  "| setting | peak RSS MB | over load only | compress_ wall s | process CPU s |",
+                  "|---|---:|---:|---:|---:|"]
         for n, r in c["rows"].items():
             lines.append(f"| {n} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | "
                          f"{r['compress_wall_s']:.0f} | {r['cpu_s']:.0f} |")
@@ -456,7 +463,8 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=["whiten/welore", "whiten/minimax+seq", "whiten/minimax+refit"])
     p = sub.add_parser("report", help="write the section of docs/benchmarks.md from docs/frontier.json")
     p.add_argument("--main-tokens", type=int, default=8192, help="the calibration size of the main tables")
-    p.add_argument("--commands", nargs="+", default=[], help="the commands that made the records, quoted in the section")
+    p.add_argument("--commands", nargs="+", default=[],
+                   help="the commands that made the records, quoted in the section")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
     {"run": run, "cost": cost, "report": report}[args.command](args)

@@ -70,7 +70,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     grad_sets = [[1e-3 * torch.randn(w.shape, generator=generator) for w in weights] for _ in range(2)]
 
-    runs = [("AdamW", None)] + [(m, r) for r in args.ranks for m in ("GaLore, svd", "GaLore, subspace", "Fira, subspace")]
+    low_rank = ("GaLore, svd", "GaLore, subspace", "Fira, subspace")
+    runs = [("AdamW", None)] + [(m, r) for r in args.ranks for m in low_rank]
     params = {run: [torch.nn.Parameter(w.clone()) for w in weights] for run in runs}
     optimizers = {run: build(run[0], params[run], run[1] or 0, args.gap) for run in runs}
     times: dict[tuple, list[float]] = {run: [] for run in runs}
@@ -100,10 +101,11 @@ def main() -> None:
         refresh = "—" if rank is None else f"{times[run][-1]:.2f}"
         amortised = "—" if rank is None else f"{(times[run][-1] - ordinary) / args.gap * 1e3:.0f}"
         nbytes = state_bytes(optimizers[run])
-        rows.append(f"| {method} | {rank or '—'} | {ordinary * 1e3:.0f} | {refresh} | {amortised} | {period[run] * 1e3:.0f} | "
-                    f"**{period[run] / base_time:.2f}×** | {nbytes / 2**20:.0f} | {nbytes / base_bytes:.2f}× |")
-    command = (f".venv/bin/python benchmarks/optim_speed.py --model {args.model} --ranks {' '.join(map(str, args.ranks))} "
-               f"--gap {args.gap} --threads {args.threads}")
+        rows.append(f"| {method} | {rank or '—'} | {ordinary * 1e3:.0f} | {refresh} | {amortised} | "
+                    f"{period[run] * 1e3:.0f} | **{period[run] / base_time:.2f}×** | {nbytes / 2**20:.0f} | "
+                    f"{nbytes / base_bytes:.2f}× |")
+    command = (f".venv/bin/python benchmarks/optim_speed.py --model {args.model} "
+               f"--ranks {' '.join(map(str, args.ranks))} --gap {args.gap} --threads {args.threads}")
     markdown = "\n".join([
         "## Optimizer step time and state: AdamW vs GaLore vs Fira on SmolLM2-135M's target matrices",
         "",
@@ -117,7 +119,8 @@ def main() -> None:
         "alternating step by step in one run; period average = ((T − 1)·median ordinary step + the warm refresh "
         "step) / T. proj_type \"std\" (the 576 side of every matrix is projected), lr 1e-3, weight decay 0.01.",
         "",
-        "| method | rank | ordinary step (ms) | refresh step (s) | refresh per step (ms) | period average (ms) | vs AdamW | state (MiB) | state vs AdamW |",
+        "| method | rank | ordinary step (ms) | refresh step (s) | refresh per step (ms) | period average (ms) | "
+        "vs AdamW | state (MiB) | state vs AdamW |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",

@@ -47,7 +47,8 @@ def activations():
     for name in MATRICES:
         module = model.model.layers[LAYER].get_submodule(name)
         weights[name] = module.weight.detach().clone()
-        hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1]).clone())))
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, a, n=name: inputs.__setitem__(n, a[0].detach().reshape(-1, a[0].shape[-1]).clone())))
     with torch.no_grad():
         model(windows)
     for h in hooks:
@@ -98,7 +99,8 @@ def torchao_layer(w, bits, group):
         config = Int8WeightOnlyConfig()
     else:
         dtype = {8: torch.int8, 4: torch.int4, 3: torch.int3, 2: torch.int2}[bits]
-        config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(group), mapping_type=MappingType.ASYMMETRIC)
+        config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(group),
+                                      mapping_type=MappingType.ASYMMETRIC)
     quantize_(layer, config)
     return layer[0], tensor_bytes([layer[0].weight])
 
@@ -209,14 +211,16 @@ def main() -> None:
         "(codes + scales + zero points); forward time relative to a dense float32 matmul. "
         f"Machine: {machine()}.",
         "",
-        "Command: `PYTHONPATH=src python benchmarks/quant_backends.py` (with the three backends installed, see the script).",
+        "Command: `PYTHONPATH=src python benchmarks/quant_backends.py` (with the three backends installed, "
+        "see the script).",
         "",
         "| backend | bits | group | stored bits/param | weight rel. err | output rel. err | forward time / dense |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['backend']} | {r['bits']} | {r['group']} | not supported: {r['error'].replace('|', '/')} | | | |")
+            lines.append(f"| {r['backend']} | {r['bits']} | {r['group']} | "
+                         f"not supported: {r['error'].replace('|', '/')} | | | |")
         else:
             lines.append(f"| {r['backend']} | {r['bits']} | {r['group']} | {r['bits_per_param']:.2f} | "
                          f"{r['weight_err']:.4f} | {r['output_err']:.4f} | {r['time_vs_dense']:.1f}x |")

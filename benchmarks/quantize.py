@@ -160,7 +160,8 @@ def goals(runs: dict) -> list[str]:
             line += f"; 3-bit goal (<= 10% bytes, >= 50% of the gap): {'met' if met else 'NOT met'}"
         if match.group(2) == "2":
             met = r["ppl"] <= 3 * dense < base["ppl"]
-            line += (f"; 2-bit goal (within 3x dense, {3 * dense:.2f}, where RTN alone is not): {'met' if met else 'NOT met'}")
+            line += (f"; 2-bit goal (within 3x dense, {3 * dense:.2f}, where RTN alone is not): "
+                     f"{'met' if met else 'NOT met'}")
         out.append(line)
     return (["", "Goals of issue 10 on these figures:", ""] + out) if out else []
 
@@ -194,15 +195,18 @@ def write_doc(record: dict) -> None:
             if name == "speed":
                 continue
             rel = f"{r['ppl'] / dense:.2f}x" if dense else "-"
-            lines.append(f"| {name} | {r['bytes'] / 1e6:.2f} | {r.get('bits_per_param', 16):.3f} | {r['ppl']:.2f} | {rel} |")
+            lines.append(f"| {name} | {r['bytes'] / 1e6:.2f} | {r.get('bits_per_param', 16):.3f} | {r['ppl']:.2f} | "
+                         f"{rel} |")
         lines += goals(runs)
         if "speed" in runs:
             s = runs["speed"]
             d, q = s["dense"], s["int4-g64"]
             lines += ["", "Packed int4 (groups of 64) checkpoint against the dense float32 folder, one run:", "",
-                      "| model | load (s) | weights on disk (MB) | prefill tok/s | generate tok/s |", "|---|---|---|---|---|"]
+                      "| model | load (s) | weights on disk (MB) | prefill tok/s | generate tok/s |",
+                      "|---|---|---|---|---|"]
             for label, v in (("dense", d), ("int4-g64", q)):
-                lines.append(f"| {label} | {v['load_s']:.2f} | {v['disk_bytes'] / 1e6:.1f} | {v['prefill_tok_s']:.0f} | {v['generate_tok_s']:.1f} |")
+                lines.append(f"| {label} | {v['load_s']:.2f} | {v['disk_bytes'] / 1e6:.1f} | "
+                             f"{v['prefill_tok_s']:.0f} | {v['generate_tok_s']:.1f} |")
         lines.append("")
     write_section("quantize", "\n".join(lines))
 

@@ -73,10 +73,12 @@ def fmt(ppl: float) -> str:
 def run(args: argparse.Namespace) -> dict:
     steps = args.train_tokens // (args.batch_size * args.seq_len)
     if steps < 2:
-        raise SystemExit(f"--train-tokens {args.train_tokens} is less than two steps of {args.batch_size}x{args.seq_len}")
+        raise SystemExit(f"--train-tokens {args.train_tokens} is less than two steps of "
+                         f"{args.batch_size}x{args.seq_len}")
     budget = ["--data", args.calib, "--mode", args.mode, "--lr", str(args.lr), "--steps", str(steps),
               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-              "--warmup-steps", str(max(1, steps // 10)), "--max-train-tokens", str(steps * args.batch_size * args.seq_len),
+              "--warmup-steps", str(max(1, steps // 10)),
+              "--max-train-tokens", str(steps * args.batch_size * args.seq_len),
               "--val-tokens", "512", *shlex.split(args.finetune)]
     record: dict = {"machine": machine(), "model": args.model, "ratio": args.ratio, "calib": args.calib,
                     "calib_tokens": args.calib_tokens, "compress": args.compress, "eval_tokens": args.eval_tokens,
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> dict:
         compressed = str(tmp / "compressed")
         seconds = welore("compress", "-q", args.model, "--ratio", str(args.ratio), *shlex.split(args.compress),
                          "--calib", args.calib, "--calib-tokens", str(args.calib_tokens), "--out", compressed)
-        record["runs"]["training-free"] = {"perplexity": evaluate(compressed, tmp, args.eval_tokens), "seconds": seconds}
+        record["runs"]["training-free"] = {"perplexity": evaluate(compressed, tmp, args.eval_tokens),
+                                           "seconds": seconds}
         print("training-free", record["runs"]["training-free"], flush=True)
         for label, extra in (("LM loss", []), ("distillation", ["--distill"])):
             out = tmp / label.replace(" ", "-")
@@ -133,9 +136,9 @@ def render(record: dict, command: str) -> str:
                      f"{run['seconds']:.0f} | {speed} |")
     trained = next((r for r in record["runs"].values() if r.get("trainable_params")), None)
     if trained:
-        lines += ["", f"Trainable parameters: {trained['trainable_params']:,} of {trained['total_params']:,}. Wall seconds: "
-                  "the whole `welore compress` / `welore finetune` command (loading, the teacher's forward passes, "
-                  "validation and saving included)."]
+        lines += ["", f"Trainable parameters: {trained['trainable_params']:,} of {trained['total_params']:,}. "
+                  "Wall seconds: the whole `welore compress` / `welore finetune` command (loading, the teacher's "
+                  "forward passes, validation and saving included)."]
     return "\n".join(lines)
 
 
@@ -145,7 +148,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--calib", choices=TEXTS, default="wiki", help="calibration and training text (calib half)")
     parser.add_argument("--calib-tokens", type=int, default=8192)
-    parser.add_argument("--compress", default=DEFAULT_COMPRESS, help="welore compress options (method, factorizer, ...)")
+    parser.add_argument("--compress", default=DEFAULT_COMPRESS,
+                        help="welore compress options (method, factorizer, ...)")
     parser.add_argument("--train-tokens", type=int, default=65536, help="training-token budget of each fine-tuning run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -154,7 +158,8 @@ def main() -> None:
     parser.add_argument("--finetune", default="", help="further welore finetune options, e.g. '--train-nlrc'")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument("--records", action="store_true", help="render the section from docs/recovery.json instead of running")
+    parser.add_argument("--records", action="store_true",
+                        help="render the section from docs/recovery.json instead of running")
     args = parser.parse_args()
     command = "python benchmarks/recovery.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--records")
     if args.records:

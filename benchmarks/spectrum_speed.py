@@ -48,7 +48,8 @@ def main() -> None:
     rows: dict[str, list[float]] = {}
     svd_total = gram_total = max_rel = 0.0
     for kind, matrices in groups.items():  # the two methods alternate, group by group
-        t_svd = best_time(lambda m=matrices: [torch.linalg.svd(w, full_matrices=False) for w in m.values()], args.repeats)
+        t_svd = best_time(lambda m=matrices: [torch.linalg.svd(w, full_matrices=False) for w in m.values()],
+                          args.repeats)
         t_gram = best_time(lambda m=matrices: singular_values_many(m, progress=False), args.repeats)
         ours = singular_values_many(matrices, progress=False)
         rel = 0.0

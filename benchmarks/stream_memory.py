@@ -86,7 +86,8 @@ def child(args: argparse.Namespace) -> dict:
             save(loaded.model, out)
             result["digest"] = _digest(out)
         elif args.job == "compress-whiten-seq":
-            windows = token_windows(loaded.tokenizer, load_text("wiki", split="calib"), args.seq_len, args.calib_tokens[0])
+            windows = token_windows(loaded.tokenizer, load_text("wiki", split="calib"), args.seq_len,
+                                    args.calib_tokens[0])
             config = CompressConfig(ratio=args.ratio, method="welore", factorizer="whiten", sequential=True,
                                     calib="wiki", calib_tokens=windows.numel())
             compress_(loaded.model, config, calibration=windows, progress=False)
@@ -148,7 +149,8 @@ def render(data: dict) -> str:
         f"Command: `{data['command']}`  ",
         f"Machine: {data['machine']}",
         "",
-        "| job | tokens | resident peak | streamed peak | streamed / resident | law (streamed) | law terms (GB) | wall time resident → streamed | identical |",
+        "| job | tokens | resident peak | streamed peak | streamed / resident | law (streamed) | law terms (GB) | "
+        "wall time resident → streamed | identical |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in data["rows"]:
@@ -169,16 +171,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--max-memory", default="4GB", help="the budget given to the streamed runs (default 4GB)")
-    parser.add_argument("--calib-tokens", type=int, nargs="+", default=[2048, 8192], help="calibration token counts to measure")
+    parser.add_argument("--calib-tokens", type=int, nargs="+", default=[2048, 8192],
+                        help="calibration token counts to measure")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parallel", type=int, default=1, help="jobs run at once (times are then not comparable; peaks are)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="jobs run at once (times are then not comparable; peaks are)")
     parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=JOBS)
     parser.add_argument("--section", default="stream-memory", help="section of docs/benchmarks.md to write")
-    parser.add_argument("--json", default="docs/stream_memory.json", help="raw results (default docs/stream_memory.json)")
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the docs section from a --json file of an earlier run")
+    parser.add_argument("--json", default="docs/stream_memory.json",
+                        help="raw results (default docs/stream_memory.json)")
+    parser.add_argument("--render", metavar="JSON",
+                        help="only rewrite the docs section from a --json file of an earlier run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--streamed", action="store_true", help=argparse.SUPPRESS)
@@ -192,7 +198,8 @@ def main() -> None:
         return
     command = "python benchmarks/stream_memory.py " + " ".join(sys.argv[1:])
     label = args.model
-    if not Path(args.model).is_dir():  # a built-in name: its converted folder, so the jobs' private caches need not convert it
+    # a built-in name: its converted folder, so the jobs' private caches need not convert it
+    if not Path(args.model).is_dir():
         from welore.models import builtin_model_dir
 
         args.model = str(builtin_model_dir(args.model))
@@ -233,7 +240,8 @@ def main() -> None:
             rows.append({"job": job, "tokens": pair["streamed"].get("tokens", 0), "resident": pair["resident"],
                          "streamed": pair["streamed"],
                          "identical": pair["resident"].get("digest") == pair["streamed"].get("digest")})
-    settings = {k: getattr(args, k) for k in ("model", "dtype", "ratio", "max_memory", "batch_size", "seq_len", "parallel")}
+    settings = {k: getattr(args, k)
+                for k in ("model", "dtype", "ratio", "max_memory", "batch_size", "seq_len", "parallel")}
     data = {"command": command, "machine": machine(), "model": label, "settings": settings, "baseline_rss": base,
             "rows": rows}
     Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
