@@ -33,7 +33,8 @@ def _calls(path: Path) -> set[str]:
     """Dotted names of every call in the file, e.g. "os.chdir", "matplotlib.use"."""
     calls = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)):
             calls.add(f"{node.func.value.id}.{node.func.attr}")
     return calls
 

@@ -206,7 +206,8 @@ def test_check_rejects_non_finite_or_empty_stats() -> None:
     assert stats.tokens == 15
     stats.check("model.layers.0.mlp.up_proj")
     stats.abs_sum[2] = float("inf")
-    with pytest.raises(WeloreError, match=r"statistics of model\.layers\.0\.mlp\.up_proj contain NaN.*non-finite activations"):
+    with pytest.raises(WeloreError,
+                       match=r"statistics of model\.layers\.0\.mlp\.up_proj contain NaN.*non-finite activations"):
         stats.check("model.layers.0.mlp.up_proj")
     stats = InputStats.zeros(4)
     stats.add_(torch.full((2, 4), float("nan")))

@@ -135,7 +135,8 @@ def test_analyze_without_ratio(capsys, tmp_path: Path, cli_model_dir: Path) -> N
 def test_analyze_plan_replays_in_compress(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
     analysis = tmp_path / "analysis"
     assert run(capsys, "analyze", cli_model_dir, "--ratio", "0.3", "--method", "welore", "--out", analysis)[0] == 0
-    code, _, err = run(capsys, "compress", cli_model_dir, "--plan", analysis / "rank_plan.json", "--out", tmp_path / "ckpt")
+    code, _, err = run(capsys, "compress", cli_model_dir, "--plan", analysis / "rank_plan.json",
+                       "--out", tmp_path / "ckpt")
     assert code == 0, err
     assert load(tmp_path / "ckpt").welore_plan.ranks == RankPlan.load(analysis / "rank_plan.json").ranks
 
@@ -287,7 +288,8 @@ def test_ratio_outside_unit_interval(capsys, tmp_path: Path, cli_model_dir: Path
 
 @pytest.mark.parametrize("method", ["uniform", "welore", "energy"])
 def test_unreachable_ratio(capsys, tmp_path: Path, cli_model_dir: Path, method: str) -> None:
-    code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.999", "--method", method, "--out", tmp_path / "out")
+    code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.999", "--method", method,
+                         "--out", tmp_path / "out")
     assert_user_error(code, out, err, match="unreachable")
     assert nothing_left(tmp_path, "out")
 
@@ -306,7 +308,8 @@ def test_neither_ratio_nor_plan(capsys, tmp_path: Path, cli_model_dir: Path) -> 
 
 
 @pytest.mark.parametrize("command", ["compress", "analyze", "export"])
-def test_existing_output_folder(capsys, tmp_path: Path, cli_model_dir: Path, checkpoint_dir: Path, command: str) -> None:
+def test_existing_output_folder(capsys, tmp_path: Path, cli_model_dir: Path, checkpoint_dir: Path,
+                                command: str) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
@@ -355,7 +358,8 @@ def test_too_short_text(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
 
 def test_missing_text_file(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
     json_out = tmp_path / "result.json"
-    code, out, err = run(capsys, "evaluate", cli_model_dir, "--text", tmp_path / "missing.txt", *EVAL, "--json", json_out)
+    code, out, err = run(capsys, "evaluate", cli_model_dir, "--text", tmp_path / "missing.txt", *EVAL,
+                         "--json", json_out)
     assert_user_error(code, out, err, match="does not exist")
     assert not json_out.exists()
 
@@ -421,7 +425,8 @@ def test_bad_plan_file(capsys, tmp_path: Path, cli_model_dir: Path, content: str
 
 
 def test_target_pattern_matching_nothing(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
-    code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.2", "--targets", "*.c_attn", "--out", tmp_path / "out")
+    code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.2", "--targets", "*.c_attn",
+                         "--out", tmp_path / "out")
     assert_user_error(code, out, err, match="*.c_attn")
     assert nothing_left(tmp_path, "out")
 

@@ -217,7 +217,8 @@ def test_allocation_on_curvature_spectra(name: str) -> None:
     spectra = calibrated_spectra(dense, CompressConfig(factorizer=name), windows)
     expected = allocate("loss", spectra, shapes, 0.3)
     model = copy.deepcopy(dense)
-    report = compress_(model, CompressConfig(ratio=0.3, method="loss", factorizer=name), calibration=windows, progress=False)
+    report = compress_(model, CompressConfig(ratio=0.3, method="loss", factorizer=name), calibration=windows,
+                       progress=False)
     assert report.plan.ranks == expected.ranks
     whitened = allocate("loss", calibrated_spectra(dense, CompressConfig(factorizer="whiten"), windows), shapes, 0.3)
     assert report.plan.ranks != whitened.ranks
@@ -244,10 +245,11 @@ def test_sequential_kfac_takes_gradients_from_the_dense_model() -> None:
 
 
 @pytest.mark.parametrize("name", CURVATURE)
-def test_cli_compresses_with_curvature(capsys, tmp_path: Path, cli_model_dir: Path, english_text_file: Path, name: str) -> None:
+def test_cli_compresses_with_curvature(capsys, tmp_path: Path, cli_model_dir: Path, english_text_file: Path,
+                                       name: str) -> None:
     out = tmp_path / "ckpt"
-    code, stdout, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--method", "loss", "--factorizer", name,
-                            "--calib", english_text_file, *CALIB, "--out", out)
+    code, stdout, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--method", "loss",
+                            "--factorizer", name, "--calib", english_text_file, *CALIB, "--out", out)
     assert code == 0, err
     assert f"factorizer {name}, calibrated on 256 tokens" in stdout
     saved = load(out)
@@ -261,7 +263,8 @@ def test_cli_compresses_with_curvature(capsys, tmp_path: Path, cli_model_dir: Pa
     [(["--factorizer", "kfac"], "--calib"), (["--factorizer", "fisher", "--sequential"], "--calib")],
     ids=["kfac-without-calib", "fisher-sequential-without-calib"],
 )
-def test_cli_curvature_without_calibration(capsys, tmp_path: Path, cli_model_dir: Path, options: list[str], match: str) -> None:
+def test_cli_curvature_without_calibration(capsys, tmp_path: Path, cli_model_dir: Path, options: list[str],
+                                           match: str) -> None:
     code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.2", *options, "--out", tmp_path / "out")
     assert_user_error(code, out, err, match=match)
     assert nothing_left(tmp_path, "out")

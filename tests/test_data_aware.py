@@ -64,7 +64,9 @@ def input_statistics(model: nn.Module, windows: torch.Tensor, names: list[str] |
     return {n: (xtx[n], abs_sum[n] / windows.numel()) for n in targets}
 
 
-def reference_truncation(factorizer: str, w: torch.Tensor, xtx: torch.Tensor, mean_abs: torch.Tensor, rank: int) -> torch.Tensor:
+def reference_truncation(
+    factorizer: str, w: torch.Tensor, xtx: torch.Tensor, mean_abs: torch.Tensor, rank: int
+) -> torch.Tensor:
     """The rank-`rank` matrix (out, in) float64 that `factorizer` promises, computed directly."""
     w = w.detach().double()  # (out, in)
     if factorizer == "svd":
@@ -146,7 +148,8 @@ def test_largest_ranks_through_compress_are_the_exact_truncation(family: str, fa
     truncations = {}
     with torch.no_grad():
         for name, rank in plan.ranks.items():
-            truncations[name] = reference_truncation(factorizer, weight_matrix(model.get_submodule(name)), *stats[name], rank)
+            weight = weight_matrix(model.get_submodule(name))
+            truncations[name] = reference_truncation(factorizer, weight, *stats[name], rank)
             weight_matrix(reference.get_submodule(name)).copy_(truncations[name])
 
     report = compress_(model, CompressConfig(factorizer=factorizer), plan=plan, calibration=windows, progress=False)
@@ -172,7 +175,8 @@ def test_data_aware_factorizers_beat_svd_on_calibration_output_error(family: str
         calibration = windows if FACTORIZERS[factorizer].needs_stats else None
         compress_(model, CompressConfig(factorizer=factorizer), plan=plan, calibration=calibration, progress=False)
         errors[factorizer] = {
-            name: output_error(weight_matrix(dense.get_submodule(name)), model.get_submodule(name).dense_weight(), stats[name][0])
+            name: output_error(weight_matrix(dense.get_submodule(name)), model.get_submodule(name).dense_weight(),
+                               stats[name][0])
             for name in plan.factorized
         }
     for name in plan.factorized:  # output-optimal for every matrix (Eckart–Young in the whitened norm)
@@ -216,7 +220,8 @@ def test_sequential_calibrates_later_blocks_on_compressed_outputs(family: str, f
     for stats_model, result in ((hybrid, models[True]), (dense, models[False])):
         stats = input_statistics(stats_model, windows, later)
         for name in later:
-            expected = reference_truncation(factorizer, weight_matrix(dense.get_submodule(name)), *stats[name], plan.ranks[name])
+            expected = reference_truncation(factorizer, weight_matrix(dense.get_submodule(name)), *stats[name],
+                                            plan.ranks[name])
             assert_close_matrices(result.get_submodule(name).dense_weight(), expected, name)
 
 
@@ -248,8 +253,8 @@ def calibrated_checkpoints(tmp_path_factory: pytest.TempPathFactory, cli_model_d
     checkpoints = {}
     for factorizer, sequential in RUNS:
         out = folder / f"{factorizer}-{sequential}"
-        argv = ["compress", "-q", str(cli_model_dir), "--ratio", "0.3", "--method", "minimax", "--factorizer", factorizer,
-                "--calib", str(english_text_file), *CALIB, "--out", str(out)]
+        argv = ["compress", "-q", str(cli_model_dir), "--ratio", "0.3", "--method", "minimax",
+                "--factorizer", factorizer, "--calib", str(english_text_file), *CALIB, "--out", str(out)]
         assert main(argv + (["--sequential"] if sequential else [])) == 0
         checkpoints[factorizer, sequential] = out
     return checkpoints
@@ -268,8 +273,8 @@ def test_cli_calibrated_compress_is_the_api_run(calibrated_checkpoints, cli_mode
     loaded = load_model(str(cli_model_dir))
     windows = token_windows(loaded.tokenizer, load_text(str(english_text_file), split="calib"), 32, 256)
     assert windows.shape == (8, 32)
-    report = compress_(loaded.model, CompressConfig(ratio=0.3, method="minimax", factorizer=factorizer, sequential=sequential),
-                       calibration=windows, progress=False)
+    api_config = CompressConfig(ratio=0.3, method="minimax", factorizer=factorizer, sequential=sequential)
+    report = compress_(loaded.model, api_config, calibration=windows, progress=False)
     assert report.plan.ranks == saved.welore_plan.ranks
     assert report.plan.factorized
     ids = token_ids(vocab=SMOLLM2_VOCAB)
@@ -309,7 +314,8 @@ def test_cli_factorizer_params_reach_the_factors(capsys, tmp_path: Path, cli_mod
     assert asvd0.welore_config.factorizer_params == {"alpha": 0.0}
     assert asvd0.welore_plan.ranks == svd.welore_plan.ranks
     for name in svd.welore_plan.factorized:
-        assert torch.allclose(asvd0.get_submodule(name).dense_weight(), svd.get_submodule(name).dense_weight(), atol=1e-5)
+        assert torch.allclose(asvd0.get_submodule(name).dense_weight(), svd.get_submodule(name).dense_weight(),
+                              atol=1e-5)
 
 
 def test_cli_unknown_factorizer(capsys, tmp_path: Path, cli_model_dir: Path, english_text_file: Path) -> None:
@@ -326,8 +332,10 @@ def test_cli_unknown_factorizer(capsys, tmp_path: Path, cli_model_dir: Path, eng
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        (["--factorizer", "whiten", "--calib", "TEXT", "--calib-tokens", "0"], "--calib-tokens must be a positive integer"),
-        (["--factorizer", "whiten", "--calib", "TEXT", "--calib-seq-len", "0"], "--calib-seq-len must be a positive integer"),
+        (["--factorizer", "whiten", "--calib", "TEXT", "--calib-tokens", "0"],
+         "--calib-tokens must be a positive integer"),
+        (["--factorizer", "whiten", "--calib", "TEXT", "--calib-seq-len", "0"],
+         "--calib-seq-len must be a positive integer"),
         (["--factorizer", "whiten", "--calib", "MISSING"], "does not exist"),
         (["--calib", "TEXT"], "data-free"),
         (["--factorizer", "whiten"], "--calib"),

@@ -44,7 +44,8 @@ def launch(*argv, driver: bool = False, **env: str) -> subprocess.CompletedProce
                "--num_machines", "1", "--num_cpu_threads_per_process", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                *target, "finetune", "-q", "--device", "cpu", *map(str, argv)]
-    environment = os.environ | {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""} | env
+    environment = (os.environ | {"PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+                   | env)
     return subprocess.run(command, env=environment, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -173,8 +174,10 @@ def test_fira_under_two_processes_matches_one_process(capsys, folders, english_t
     assert_same_weights(tmp_path / "ddp", tmp_path / "one", atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer,match", [("adamw", "runs under DDP but not yet under FSDP"),
-                                             ("galore", "galore projects each matrix's whole gradient and FSDP splits it")])
+@pytest.mark.parametrize("optimizer,match", [
+    ("adamw", "runs under DDP but not yet under FSDP"),
+    ("galore", "galore projects each matrix's whole gradient and FSDP splits it"),
+])
 def test_fsdp_is_refused_in_one_sentence(optimizer: str, match: str, capsys, folders, english_text_file: Path,
                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets

@@ -50,7 +50,8 @@ def test_mps_work_in_float64_runs_on_the_cpu() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("command", ["analyze", "compress", "evaluate", "compare"])
-def test_cli_refuses_a_missing_gpu(command: str, cli_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_refuses_a_missing_gpu(command: str, cli_model_dir: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture) -> None:
     argv = [command, "-q", str(cli_model_dir), "--device", "cuda"]
     if command == "compress":
         argv += ["--ratio", "0.2", "--out", str(tmp_path / "out")]
@@ -77,7 +78,8 @@ def test_dtype_auto_keeps_the_stored_dtype_and_factors_follow_it(tmp_path: Path)
 def test_data_aware_compression_of_a_bf16_model_keeps_float64_statistics(tmp_path: Path) -> None:
     model = build_tiny("llama").to(torch.bfloat16)
     windows = token_ids(batch=4, length=16)
-    compress_(model, CompressConfig(ratio=0.3, method="uniform", factorizer="whiten"), calibration=windows, progress=False)
+    compress_(model, CompressConfig(ratio=0.3, method="uniform", factorizer="whiten"), calibration=windows,
+              progress=False)
     factored = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     assert factored and all(m.up.weight.dtype == torch.bfloat16 for m in factored)
     stats = InputStats.zeros(8)
@@ -102,7 +104,8 @@ def test_compress_on_cuda_matches_the_cpu() -> None:
     results = []
     for device in ("cpu", "cuda"):
         model = build_tiny("llama").to(device)
-        compress_(model, CompressConfig(ratio=0.3, method="uniform", factorizer="whiten"), calibration=windows, progress=False)
+        compress_(model, CompressConfig(ratio=0.3, method="uniform", factorizer="whiten"), calibration=windows,
+                  progress=False)
         with torch.no_grad():
             results.append(model(windows.to(device)).logits.float().cpu())
     assert torch.allclose(results[0], results[1], atol=1e-3)

@@ -225,7 +225,8 @@ def test_cli_distills_from_the_recorded_source(capsys, dense_and_compressed_dirs
     code, out, err = cli(capsys, compressed_dir, "--distill", "--teacher", dense_dir, "--teacher-dtype", "bfloat16",
                          "--data", english_text_file, "--steps", "1", "--out", tmp_path / "ft2", *CLI)
     assert code == 0, err
-    assert json.loads((tmp_path / "ft2" / "finetune.json").read_text())["result"]["config"]["teacher_dtype"] == "bfloat16"
+    record = json.loads((tmp_path / "ft2" / "finetune.json").read_text())["result"]["config"]
+    assert record["teacher_dtype"] == "bfloat16"
 
 
 def test_cli_distillation_user_errors(capsys, dense_and_compressed_dirs, cli_model_dir: Path, english_text_file: Path,

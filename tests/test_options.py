@@ -65,7 +65,8 @@ def test_every_option_reaches_its_config() -> None:
     assert config.max_grad_norm is None  # 0 = no clipping
     assert config.lora_targets == ["*.q_proj", "re:.*v_proj"] and config.train_nlrc and config.seq_len == 64
     args = build_parser().parse_args(["compress", "m", "--out", "o", "--ratio", "0.3", "--factorizer", "whiten",
-                                      "--calib", "news", "--calib-tokens", "1024", "--sequential", "--dtype", "bfloat16"])
+                                      "--calib", "news", "--calib-tokens", "1024", "--sequential",
+                                      "--dtype", "bfloat16"])
     assert from_args(CompressConfig, args) == CompressConfig(ratio=0.3, factorizer="whiten", calib="news",
                                                              calib_tokens=1024, sequential=True)
     params = build_parser().parse_args(["compress", "m", "--out", "o", "--factorizer", "asvd", "--factorizer-param",

@@ -186,7 +186,8 @@ def test_quantized_model_close_to_dense(family: str) -> None:
 def test_calibrated_quantization_reports_errors() -> None:
     model = build_tiny("llama")
     windows = token_ids(batch=4, length=32)
-    report = quantize_(model, QuantConfig(bits=2, group_size=32, compensate_rank=8), calibration=windows, progress=False)
+    report = quantize_(model, QuantConfig(bits=2, group_size=32, compensate_rank=8), calibration=windows,
+                       progress=False)
     assert set(report.output_error) == set(report.replaced)
     assert all(after <= before for before, after in report.output_error.values())
 
@@ -255,7 +256,8 @@ def test_checkpoint_module_knows_the_plan_file() -> None:
 # --- target size ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [("60MB", 60_000_000), ("1.5 MiB", 1_572_864), ("2000", 2000), ("3kb", 3000)])
+@pytest.mark.parametrize("text, expected",
+                         [("60MB", 60_000_000), ("1.5 MiB", 1_572_864), ("2000", 2000), ("3kb", 3000)])
 def test_parse_size(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
@@ -365,7 +367,8 @@ def test_cli_quantize_mistakes(tmp_path: Path, cli_model_dir: Path, capsys, argv
 def _text_file(tmp_path: Path) -> Path:
     path = tmp_path / "text.txt"
     if not path.exists():
-        path.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(400)))
+        path.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times."
+                                    for i in range(400)))
     return path
 
 
@@ -388,7 +391,8 @@ def test_streamed_load_of_a_quantized_checkpoint(tmp_path: Path) -> None:
     model, path = _saved(tmp_path)
     windows = token_ids(batch=3, length=12)
     streamed = load(path, stream=True)
-    assert perplexity(streamed, windows, batch_size=2, progress=False) == perplexity(model, windows, batch_size=2, progress=False)
+    assert (perplexity(streamed, windows, batch_size=2, progress=False)
+            == perplexity(model, windows, batch_size=2, progress=False))
 
 
 def test_newer_quant_plan_is_refused(tmp_path: Path) -> None:

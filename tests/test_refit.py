@@ -50,7 +50,9 @@ def target_inputs(model: nn.Module, windows: torch.Tensor, names: list[str]) -> 
     return inputs
 
 
-def prefix_inputs(compressed: nn.Module, dense: nn.Module, windows: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+def prefix_inputs(
+    compressed: nn.Module, dense: nn.Module, windows: torch.Tensor, names: list[str]
+) -> dict[str, torch.Tensor]:
     """name -> X̂: the inputs of `name` when the blocks before its own come from `compressed` and
     its own block is dense."""
     result = {}

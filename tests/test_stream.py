@@ -102,11 +102,13 @@ def test_sharded_checkpoint_round_trip(tmp_path: Path) -> None:
     assert torch.equal(logits_of(load(tmp_path / "ckpt"), ids), logits_of(model, ids))
     streamed = load(tmp_path / "ckpt", stream=True)
     windows = token_ids(batch=3, length=12)
-    assert perplexity(streamed, windows, batch_size=2, progress=False) == perplexity(model, windows, batch_size=2, progress=False)
+    assert (perplexity(streamed, windows, batch_size=2, progress=False)
+            == perplexity(model, windows, batch_size=2, progress=False))
 
 
 @pytest.mark.parametrize("factorizer, sequential", [("svd", False), ("whiten", False), ("whiten", True)])
-def test_streamed_compress_is_bit_identical(sharded_dir: Path, tmp_path: Path, factorizer: str, sequential: bool) -> None:
+def test_streamed_compress_is_bit_identical(sharded_dir: Path, tmp_path: Path, factorizer: str,
+                                            sequential: bool) -> None:
     calibration = token_ids(batch=4, length=16, seed=5) if factorizer != "svd" else None
     config = CompressConfig(ratio=0.3, method="welore", factorizer=factorizer, sequential=sequential)
     outs = {}
@@ -135,7 +137,8 @@ def test_streamed_analyze_and_perplexity(sharded_dir: Path) -> None:
     assert all(torch.equal(a.spectra[n], b.spectra[n]) for n in a.spectra)
     assert a.plan == b.plan and a.rows == b.rows
     windows = token_ids(batch=5, length=12, seed=3)
-    assert perplexity(streamed, windows, batch_size=2, progress=False) == perplexity(resident, windows, batch_size=2, progress=False)
+    assert (perplexity(streamed, windows, batch_size=2, progress=False)
+            == perplexity(resident, windows, batch_size=2, progress=False))
     assert block_access(streamed).max_resident == 1
 
 
@@ -251,8 +254,10 @@ def test_cli_max_memory_gives_the_same_checkpoint(capsys, tmp_path: Path, cli_mo
 
 
 def test_cli_max_memory_errors(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
-    code, out, err = _cli(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--out", tmp_path / "x", "--max-memory", "lots")
-    assert code == 2 and err.startswith("welore: error: --max-memory 'lots' is not a memory size") and "Traceback" not in err
+    code, out, err = _cli(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--out", tmp_path / "x",
+                          "--max-memory", "lots")
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("welore: error: --max-memory 'lots' is not a memory size")
     code, out, err = _cli(capsys, "analyze", cli_model_dir, "--max-memory", "1kB")
     assert code == 2 and "below what one block at a time needs" in err and "Traceback" not in err
     code, out, err = _cli(capsys, "analyze", cli_model_dir, "--max-memory", "1GB")
