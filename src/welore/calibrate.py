@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -118,25 +118,30 @@ class _BlockInputs:
     kwargs: dict[str, Any]  # keyword arguments (attention mask, position embeddings, ...)
 
 
-def _block_list(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, nn.ModuleList, dict[str, int]]:
-    """The `nn.ModuleList` of decoder blocks holding the targets, and target name -> block index.
+def _block_list(
+    model: nn.Module, targets: dict[str, nn.Module]
+) -> tuple[str, nn.ModuleList, dict[int, dict[str, nn.Module]]]:
+    """The name of the `nn.ModuleList` of decoder blocks holding the targets, the list, and the
+    targets grouped by block: block index -> {name: module}.
 
     The outermost list wins, so lists inside a block (mixture-of-experts) are not mistaken for it.
     """
+    if not targets:
+        raise WeloreError("No target matrices to calibrate; name some with --targets.")
     lists = sorted(
         ((name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and name),
         key=lambda item: item[0].count("."),
     )
     found: dict[str, tuple[str, nn.ModuleList]] = {}
-    block_of: dict[str, int] = {}
-    for target in targets:
+    per_block: dict[int, dict[str, nn.Module]] = {}
+    for target, module in targets.items():
         for list_name, blocks in lists:
             prefix = f"{list_name}."
             if target.startswith(prefix):
                 index = target[len(prefix) :].split(".", 1)[0]
                 if index.isdigit() and int(index) < len(blocks):
                     found[target] = (list_name, blocks)
-                    block_of[target] = int(index)
+                    per_block.setdefault(int(index), {})[target] = module
                     break
         else:
             raise WeloreError(
@@ -150,7 +155,7 @@ def _block_list(model: nn.Module, targets: dict[str, nn.Module]) -> tuple[str, n
             "calibrate one stack of decoder blocks, so pick targets from one of them."
         )
     list_name, blocks = next(iter(found.values()))
-    return list_name, blocks, block_of
+    return list_name, blocks, per_block
 
 
 def _layer_types(model: nn.Module, n_blocks: int) -> list[str] | None:
@@ -232,7 +237,28 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, inputs: _BlockInputs) -> 
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class _Collector:
+class _ForwardHooks:
+    """While entered, `self.hook(name)` is a forward hook on each module of `self.modules`
+    (name -> module); subclasses say what the hook does."""
+
+    modules: dict[str, nn.Module]
+
+    def hook(self, name: str) -> Callable[[nn.Module, tuple, Any], None]:
+        raise NotImplementedError
+
+    def __enter__(self: _Hooks) -> _Hooks:
+        self._handles = [m.register_forward_hook(self.hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+_Hooks = TypeVar("_Hooks", bound=_ForwardHooks)
+
+
+class _Collector(_ForwardHooks):
     """Forward hooks that accumulate one block's input statistics.
 
     Within one block forward, modules whose input is the same tensor share one InputStats; the
@@ -285,13 +311,8 @@ class _Collector:
 
         return accumulate
 
-    def __enter__(self) -> _Collector:
-        self._handles = [m.register_forward_hook(self.hook(n)) for n, m in self.modules.items()]
-        return self
-
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
+        super().__exit__(*exc)
         self._seen.clear()
 
 
@@ -326,23 +347,15 @@ def iter_block_stats(
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise WeloreError("Calibration windows must be a non-empty (N, seq_len) tensor of token ids, "
                           f"not shape {tuple(windows.shape)}.")
-    if not targets:
-        raise WeloreError("No target matrices to calibrate; name some with --targets.")
-    if batch_size < 1:
-        raise WeloreError(f"batch_size must be at least 1 (got {batch_size}).")
-    list_name, blocks, block_of = _block_list(model, targets)
-    access = _access(model, blocks)
+    list_name, blocks, per_block, access = _target_blocks(model, targets, batch_size)
     stats_bytes = max(sum(8 * m.in_features**2 if isinstance(m, nn.Linear) else 8 * m.weight.shape[0] ** 2
-                          for n, m in targets.items() if block_of[n] == k) for k in set(block_of.values()))
+                          for m in modules.values()) for modules in per_block.values())
     if paired and not sequential:
         raise WeloreError("Paired statistics compare the compressed prefix's inputs with the dense model's, "
                           "so they need sequential=True.")
     streams = 2 if paired else 1
     check_activations(model, streams * activation_bytes(model, windows) + stats_bytes * streams,
                       f"calibration hidden states of {windows.shape[0]}x{windows.shape[1]} tokens and XᵀX statistics")
-    per_block: dict[int, dict[str, nn.Module]] = {}
-    for name, module in targets.items():
-        per_block.setdefault(block_of[name], {})[name] = module
     last = max(per_block)
     modes = {module: module.training for module in model.modules()}
     model.eval()
@@ -369,6 +382,17 @@ def iter_block_stats(
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def _target_blocks(
+    model: nn.Module, targets: dict[str, nn.Module], batch_size: int
+) -> tuple[str, nn.ModuleList, dict[int, dict[str, nn.Module]], Blocks]:
+    """What a block-by-block pass over `targets` needs, checked: the name of their stack of
+    blocks, the stack, the targets grouped by block index (`_block_list`) and the block access."""
+    list_name, blocks, per_block = _block_list(model, targets)
+    if batch_size < 1:
+        raise WeloreError(f"batch_size must be at least 1 (got {batch_size}).")
+    return list_name, blocks, per_block, _access(model, blocks)
 
 
 def _access(model: nn.Module, blocks: nn.ModuleList) -> Blocks:

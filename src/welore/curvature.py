@@ -50,12 +50,12 @@ from tqdm.auto import tqdm
 
 from welore.calibrate import (
     InputStats,
-    _access,
     _advance,
-    _block_list,
     _capture_all,
+    _ForwardHooks,
     _replayed_blocks,
     _run_block,
+    _target_blocks,
 )
 from welore.devices import float64_device
 from welore.errors import WeloreError
@@ -119,7 +119,7 @@ class CurvatureStats:
     grads: GradientStats  # G side: Σ g·gᵀ of the gradients at the layer's outputs
 
 
-class _GradientCollector:
+class _GradientCollector(_ForwardHooks):
     """Hooks on one block's targets: at every forward, register a hook on the output tensor that
     accumulates (g, x) into the target's GradientStats when the backward pass reaches it."""
 
@@ -138,14 +138,6 @@ class _GradientCollector:
             output.register_hook(lambda g: self.stats[name].add_(g, x))
 
         return on_forward
-
-    def __enter__(self) -> _GradientCollector:
-        self._handles = [m.register_forward_hook(self.hook(n)) for n, m in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def _loss_gradients(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, hidden: list[torch.Tensor],
@@ -177,12 +169,7 @@ def gradient_stats(
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise WeloreError("Calibration windows for gradients must be a non-empty (N, seq_len ≥ 2) tensor of token ids, "
                           f"not shape {tuple(windows.shape)}.")
-    if not targets:
-        raise WeloreError("No target matrices to calibrate; name some with --targets.")
-    if batch_size < 1:
-        raise WeloreError(f"batch_size must be at least 1 (got {batch_size}).")
-    list_name, blocks, block_of = _block_list(model, targets)
-    access = _access(model, blocks)
+    list_name, blocks, per_block, access = _target_blocks(model, targets, batch_size)
     hidden_bytes = (len(blocks) + 2) * activation_bytes(model, windows)
     grad_bytes = sum(4 * matrix_shape(m)[0] ** 2 for m in targets.values())
     log.info("output-gradient statistics: %s of hidden states, %s of G matrices",
@@ -190,9 +177,6 @@ def gradient_stats(
     check_activations(model, hidden_bytes + grad_bytes,
                       f"hidden states at every block of {windows.shape[0]}x{windows.shape[1]} tokens and "
                       "output-gradient statistics")
-    per_block: dict[int, dict[str, nn.Module]] = {}
-    for name, module in targets.items():
-        per_block.setdefault(block_of[name], {})[name] = module
     first = min(per_block)
     modes = {module: module.training for module in model.modules()}
     model.eval()
