@@ -251,17 +251,9 @@ def test_unknown_model_name(capsys, tmp_path: Path, spec: str) -> None:
     assert nothing_left(tmp_path, "out")
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "weights.safetensors"])
+@pytest.mark.parametrize("name", ["notes.txt", "weights.safetensors", "model.gguf"])
 def test_file_that_is_not_a_model(capsys, tmp_path: Path, name: str) -> None:
     path = tmp_path / name
-    path.write_text("this is not a model\n")
-    code, out, err = run(capsys, "compress", path, "--ratio", "0.2", "--out", tmp_path / "out")
-    assert_user_error(code, out, err)
-    assert nothing_left(tmp_path, "out")
-
-
-def test_gguf_file_that_is_not_gguf(capsys, tmp_path: Path) -> None:
-    path = tmp_path / "model.gguf"
     path.write_text("this is not a model\n")
     code, out, err = run(capsys, "compress", path, "--ratio", "0.2", "--out", tmp_path / "out")
     assert_user_error(code, out, err)

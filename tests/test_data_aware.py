@@ -40,28 +40,31 @@ def calibration_windows() -> torch.Tensor:
     return token_ids(**WINDOWS)  # (8, 64)
 
 
-def input_statistics(model: nn.Module, windows: torch.Tensor, names: list[str] | None = None):
-    """name -> (XᵀX (in, in), mean |x| (in,)) in float64, from hooks on one forward of the whole model."""
-    targets = find_targets(model) if names is None else {n: model.get_submodule(n) for n in names}
-    xtx: dict[str, torch.Tensor] = {}
-    abs_sum: dict[str, torch.Tensor] = {}
+def target_inputs(model: nn.Module, windows: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """name -> the inputs (tokens, in) float64 the module sees on one forward of `model`."""
+    inputs: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
-        def accumulate(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
-            xtx[name] = xtx.get(name, 0) + x.T @ x
-            abs_sum[name] = abs_sum.get(name, 0) + x.abs().sum(0)
+        def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            inputs[name] = args[0].reshape(-1, args[0].shape[-1]).double()
 
-        return accumulate
+        return keep
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in targets.items()]
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
             model(windows, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return {n: (xtx[n], abs_sum[n] / windows.numel()) for n in targets}
+    return inputs
+
+
+def input_statistics(model: nn.Module, windows: torch.Tensor, names: list[str] | None = None):
+    """name -> (XᵀX (in, in), mean |x| (in,)) in float64, from hooks on one forward of the whole model."""
+    names = list(find_targets(model)) if names is None else names
+    inputs = target_inputs(model, windows, names)  # name -> X (tokens, in)
+    return {n: (inputs[n].T @ inputs[n], inputs[n].abs().sum(0) / windows.numel()) for n in names}
 
 
 def reference_truncation(

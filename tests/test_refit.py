@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import build_tiny, logits_of, token_ids
 from test_cli import assert_user_error, nothing_left, run
-from test_data_aware import a_third, calibration_windows, plan_at, reference_truncation
+from test_data_aware import a_third, calibration_windows, plan_at, reference_truncation, target_inputs
 from torch import nn
 
 from welore.calibrate import iter_block_stats
@@ -28,26 +28,6 @@ from welore.refit import REFITS, Refit
 from welore.targets import find_targets, layer_index, weight_matrix
 
 MODES = sorted(REFITS)
-
-
-def target_inputs(model: nn.Module, windows: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """name -> the inputs (tokens, in) float64 the module sees on one forward of `model`."""
-    inputs: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def keep(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            inputs[name] = args[0].reshape(-1, args[0].shape[-1]).double()
-
-        return keep
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(windows, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs
 
 
 def prefix_inputs(
