@@ -288,7 +288,7 @@ def run_tasks(
         try:
             output = lm_eval.evaluator.simple_evaluate(model=lm, tasks=specs, task_manager=manager,
                                                        num_fewshot=num_fewshot, limit=limit, log_samples=False)
-        except Exception as err:
+        except Exception as err:  # lm-eval and datasets wrap a failed download in many types; only that is re-worded
             network = _network_error(err)
             if network is None:
                 raise
