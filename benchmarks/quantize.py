@@ -10,8 +10,12 @@ by every configuration (what `quantize_` does inside, without the sharing). Byte
 the target matrices as stored (codes, float16 scales and zero points, float16 factors).
 Configuration names: `rtn{b}-g{G}` (RTN alone), `hqq{b}-g{G}`, `eora{b}-g{G}-r{R}` (RTN +
 rank-R compensation whitened by the calibration statistics), `wsvd{b}-g{G}-r{R}` (the same in
-weight space). `speed` saves one int4 model and measures, side by side with the dense folder,
-load time, weight bytes on disk and tokens/s.
+weight space). `lr{P}` is low rank alone: P% of the target parameters removed by welore's
+best cheap setting (SVD-LLM whitening, minimax allocation, calibrated on the same windows), bytes
+counted in bfloat16; `lr{P}-rtn{b}-g{G}` (or `lr{P}-eora…`) is low rank and quantization
+together, `compress --ratio P/100 --quantize int{b}`: that low-rank model's factors (and the
+matrices it kept dense) quantized, W ≈ Q(up)·Q(down). `speed` saves one int4 model and
+measures, side by side with the dense folder, load time, weight bytes on disk and tokens/s.
 
 Results accumulate in docs/quantize.json (one run may add configurations to an earlier one);
 the quantize section of docs/benchmarks.md is rewritten from it.
@@ -20,6 +24,7 @@ the quantize section of docs/benchmarks.md is rewritten from it.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import shutil
@@ -27,13 +32,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from _common import DOC, machine, write_section
 
 from welore.calibrate import iter_block_stats
 from welore.data import load_text, token_windows
 from welore.evaluate import measure_speed, perplexity, weights_size_on_disk
 from welore.models import builtin_model_dir, load_model
-from welore.quantize import QuantConfig, apply_quant_plan_, plan_quantization
+from welore.quantize import (
+    QuantConfig,
+    _collect_stats,
+    apply_quant_plan_,
+    plan_quantization,
+    quant_targets,
+)
 from welore.spectrum import _one_thread_per_op
 from welore.targets import find_targets, weight_matrix
 
@@ -49,6 +61,23 @@ def parse(name: str) -> tuple[str, int, int, int]:
         raise SystemExit(f"unknown configuration {name!r}")
     kind, bits, group, rank = match.groups()
     return kind, int(bits), int(group), int(rank or 0)
+
+
+LOW_RANK = re.compile(r"lr(\d+)(?:-(.+))?")  # lr{P} alone, or lr{P}-{quantization name}
+
+
+def low_rank(cache: dict, percent: int, calib) -> tuple:
+    """The default model compressed at ratio percent/100 (whiten/minimax), and its bfloat16 target bytes; cached."""
+    if percent not in cache:
+        from welore.compress import CompressConfig, compress_
+
+        model = load_model("smollm2-135m").model
+        config = CompressConfig(ratio=percent / 100, method="minimax", factorizer="whiten", calib="calib")
+        plan = compress_(model, config, calibration=calib, progress=False).plan
+        nbytes = 2 * sum(m * n if plan.ranks[k] is None else plan.ranks[k] * (m + n)
+                         for k, (m, n) in plan.shapes.items())
+        cache[percent] = (model, nbytes)
+    return cache[percent]
 
 
 def main() -> None:
@@ -70,6 +99,7 @@ def main() -> None:
     evals = token_windows(tokenizer, load_text(args.eval, split="eval"), args.seq_len, args.eval_tokens)
     calib = token_windows(tokenizer, load_text(args.calib, split="calib"), args.seq_len, args.calib_tokens)
     stats = None
+    lowrank: dict = {}  # percent -> (low-rank model, bytes)
     record = json.loads(JSON.read_text()) if JSON.exists() else {"runs": {}}
     key = f"eval={args.eval},calib={args.calib},eval_tokens={args.eval_tokens},calib_tokens={args.calib_tokens}"
     runs = record["runs"].setdefault(key, {})
@@ -82,6 +112,8 @@ def main() -> None:
             runs[name] = {"ppl": ppl, "bytes": dense_bytes}
         elif name == "speed":
             runs[name] = speed(args)
+        elif LOW_RANK.fullmatch(name):
+            runs[name] = joint(name, lowrank, calib, evals, dense_bytes)
         else:
             kind, bits, group, rank = parse(name)
             if kind == "eora" and stats is None:
@@ -106,6 +138,25 @@ def main() -> None:
         record["machine"] = machine()
         JSON.write_text(json.dumps(record, indent=2) + "\n")
     write_doc(record)
+
+
+def joint(name: str, lowrank: dict, calib, evals, dense_bytes: int) -> dict:
+    """Perplexity and bytes of `lr{P}` (low rank alone) or `lr{P}-{quantization}` (its factors quantized)."""
+    percent, quant = LOW_RANK.fullmatch(name).groups()
+    base, nbytes = low_rank(lowrank, int(percent), calib)
+    if quant is None:
+        ppl, _ = perplexity(base, evals, progress=False)
+        return {"ppl": ppl, "bytes": nbytes, "bits_per_param": 16 * nbytes / dense_bytes}
+    kind, bits, group, rank = parse(quant)
+    model = copy.deepcopy(base)
+    config = QuantConfig(bits=bits, group_size=group, compensate_rank=rank, quantizer="hqq" if kind == "hqq" else "rtn")
+    with torch.no_grad():  # compensation of the factors is whitened by the factors' own inputs
+        factor_stats = _collect_stats(model, quant_targets(model), calib, 4, False) if kind == "eora" else None
+    with _one_thread_per_op():
+        plan = plan_quantization(model, config, progress=False)
+        apply_quant_plan_(model, plan, factor_stats, progress=False)
+    ppl, _ = perplexity(model, evals, progress=False)
+    return {"ppl": ppl, "bytes": plan.nbytes, "bits_per_param": 16 * plan.nbytes / dense_bytes}
 
 
 def speed(args) -> dict:
@@ -163,6 +214,15 @@ def goals(runs: dict) -> list[str]:
             line += (f"; 2-bit goal (within 3x dense, {3 * dense:.2f}, where RTN alone is not): "
                      f"{'met' if met else 'NOT met'}")
         out.append(line)
+    combined = {n: r for n, r in runs.items() if LOW_RANK.fullmatch(n) and LOW_RANK.fullmatch(n).group(2)}
+    for name, r in runs.items():
+        match = LOW_RANK.fullmatch(name)
+        if not match or match.group(2) or not combined:
+            continue
+        better = [n for n, c in combined.items() if c["bytes"] <= r["bytes"] and c["ppl"] <= r["ppl"]]
+        out.append(f"- {name} (low rank alone, {r['bytes'] / 1e6:.1f} MB, perplexity {r['ppl']:.2f}): "
+                   + (f"dominated by {', '.join(better)} (fewer bytes, lower perplexity)" if better
+                      else "not dominated by any combined configuration measured"))
     return (["", "Goals of issue 10 on these figures:", ""] + out) if out else []
 
 
@@ -174,7 +234,10 @@ def write_doc(record: dict) -> None:
         "point per group, float16 compensation factors); the dense row counts them in bfloat16. `rtnB-gG`: "
         "round-to-nearest, B bits, groups of G weights of a row; `eoraB-gG-rR`: plus a rank-R correction of the "
         "quantization error whitened by the calibration text's XᵀX (EoRA); `wsvdB-gG-rR`: the same correction "
-        "fitted in weight space. Perplexity on the evaluation half of the text named, compensation calibrated on "
+        "fitted in weight space; `lrP`: low rank alone, P% of the target parameters removed (whitened SVD, minimax "
+        "allocation, calibrated like the compensation), bytes in bfloat16; `lrP-rtnB-gG`: that low-rank model with its "
+        "factors and remaining dense matrices quantized (`compress --ratio P/100 --quantize intB`). "
+        "Perplexity on the evaluation half of the text named, compensation calibrated on "
         "the calibration half of the other. "
         f"Machine: {record.get('machine')}.",
         "",

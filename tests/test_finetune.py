@@ -363,6 +363,23 @@ def test_quantized_lrc_resumes_like_an_uninterrupted_run(blocks, tmp_path: Path)
         run(other, blocks, out=tmp_path / "other", resume=True, **options)
 
 
+def test_lrc_on_quantized_low_rank_factors_trains_their_compensation(blocks) -> None:
+    from welore.quantize import QuantConfig, quantize_
+
+    model = compressed()
+    quantize_(model, QuantConfig(bits=4, group_size=16, compensate_rank=2), progress=False)
+    names = set(mark_trainable_(model, config()).names)
+    lrc = model.welore_plan.lrc(0.5)
+    assert names >= {f"{n}.{f}.{c}" for n in lrc for f in ("up", "down") for c in ("up", "down")}
+    assert all(n.rsplit(".", 1)[-1] in ("up", "down") for n in names)
+    result = run(model, blocks, steps=4)
+    assert set(result.trainable_names) == names and result.val_ppl_after < result.val_ppl_before
+    uncompensated = compressed()
+    quantize_(uncompensated, QuantConfig(bits=4, group_size=16), progress=False)
+    with pytest.raises(WeloreError, match="no compensation factors"):
+        run(uncompensated, blocks)
+
+
 def test_quantized_models_refuse_what_cannot_train(blocks) -> None:
     with pytest.raises(WeloreError, match="no compensation factors.*--compensate-rank"):
         run(quantized(rank=0), blocks)

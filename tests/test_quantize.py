@@ -351,7 +351,7 @@ def test_cli_target_size(tmp_path: Path, cli_model_dir: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--quantize", "int3", "--ratio", "0.2"], "drop --ratio"),
+    (["--quantize", "int3", "--ratio", "0.2", "--factorizer", "whiten"], "needs calibration text"),
     (["--quantize", "int3", "--target-size", "1MB"], "not both"),
     (["--target-size", "lots"], "Cannot read size"),
     (["--quantize", "int4", "--group-size", "7"], "Group size 7"),
@@ -439,3 +439,80 @@ def test_backward_through_packed_codes_keeps_no_float_weight() -> None:
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(layer.bias.grad, reference.bias.grad, atol=1e-5, rtol=1e-5)
     assert (48, 64) not in saved and (64, 48) not in saved
+
+
+# --- low rank and quantization together (W ≈ Q(up)·Q(down)) ---------------------------------------
+
+
+def _joint(bits: int = 4, rank: int = 0, calibrated: bool = False):
+    from conftest import give_decaying_spectra_
+
+    from welore.compress import CompressConfig, compress_
+
+    model = build_tiny("llama")
+    give_decaying_spectra_(model)
+    low_rank = compress_(model, CompressConfig(ratio=0.3, method="welore"), progress=False)
+    calibration = token_ids(batch=4, length=16, seed=3) if calibrated else None
+    report = quantize_(model, QuantConfig(bits=bits, group_size=16, compensate_rank=rank), calibration=calibration,
+                       progress=False)
+    return model, low_rank, report
+
+
+def test_joint_quantizes_the_factors_and_the_dense_rest() -> None:
+    from welore.modules import LowRankLinear
+
+    model, low_rank, report = _joint()
+    plan = report.plan
+    for name, rank in low_rank.plan.ranks.items():
+        module = model.get_submodule(name)
+        if rank is None:
+            assert isinstance(module, QuantizedLinear) and name in plan.shapes
+        else:
+            assert isinstance(module, LowRankLinear) and isinstance(module.up, QuantizedLinear)
+            assert plan.shapes[f"{name}.up"] == (module.out_features, rank)
+            assert plan.shapes[f"{name}.down"] == (rank, module.in_features)
+    assert model.welore_plan is low_rank.plan  # the rank plan is kept beside the quantization plan
+    quant_alone = quantize_(build_tiny("llama"), QuantConfig(bits=4, group_size=16), progress=False).plan
+    params = sum(m * n for m, n in plan.shapes.values())
+    assert params == pytest.approx((1 - low_rank.plan.achieved_ratio) * quant_alone.params, rel=1e-9)
+    assert plan.nbytes == sum(matrix_bytes(s, 4, 16) for s in plan.shapes.values()) < quant_alone.nbytes
+
+
+def test_joint_save_load_export_and_quantize_twice(tmp_path: Path) -> None:
+    model, _, report = _joint(rank=2, calibrated=True)
+    assert report.output_error and all(after <= before + 1e-9 for before, after in report.output_error.values())
+    path = save(model, tmp_path / "joint")
+    ids = token_ids()
+    reloaded = load(path)
+    assert torch.equal(logits_of(model, ids), logits_of(reloaded, ids))
+    assert reloaded.welore_plan.ranks == model.welore_plan.ranks
+    from welore.evaluate import perplexity
+
+    windows = token_ids(batch=3, length=12)
+    assert perplexity(load(path, stream=True), windows, progress=False) == perplexity(model, windows, progress=False)
+    dense = export_dense(path, tmp_path / "dense")
+    from transformers import AutoModelForCausalLM
+
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(dense), ids), logits_of(model, ids),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(WeloreError, match="already quantized"):
+        quantize_(model, QuantConfig(bits=4, group_size=16), progress=False)
+
+
+def test_cli_low_rank_and_quantization_together(tmp_path: Path, cli_model_dir: Path, capsys) -> None:
+    from welore.cli import main
+
+    out = tmp_path / "joint"
+    code = main(["compress", "-q", str(cli_model_dir), "--ratio", "0.3", "--method", "uniform", "--quantize", "int4",
+                 "--group-size", "16", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "low rank (uniform, svd)" in printed and "at 4 bits" in printed
+    model = load(out)
+    assert model.welore_plan.method == "uniform"
+    dense = load_dense_target_bytes(cli_model_dir)
+    # 70% of the weights at 6 bits (4-bit codes, groups of 16) instead of 32
+    assert model.welore_quant_plan.nbytes < 0.7 * dense * 6 / 32
+    assert f"{dense / 1e6:.2f} MB -> {model.welore_quant_plan.nbytes / 1e6:.3f} MB" in printed
+    assert main(["evaluate", "-q", str(out), "--text", str(_text_file(tmp_path)), "--max-tokens", "128",
+                 "--seq-len", "64", "--no-speed"]) == 0

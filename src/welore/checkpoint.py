@@ -253,6 +253,8 @@ def densify_(
     for name, module in list(model.named_modules()):
         if not isinstance(module, (LowRankLinear, QuantizedLinear)) or (skip and name.startswith(f"{skip}.")):
             continue
+        if any(name.startswith(f"{done}.") for done in replaced):  # a quantized factor of a LowRankLinear
+            continue
         weight = module.dense_weight().detach()  # (out, in)
         if isinstance(module, QuantizedLinear):
             weight = weight.to(module.weight_dtype)

@@ -156,25 +156,44 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def _compress_quantized(args: argparse.Namespace) -> None:
-    """`compress --quantize/--target-size`: weight-only quantization (+ compensation) of the targets."""
+    """`compress --quantize/--target-size`: weight-only quantization (+ compensation) of the
+    targets; with --ratio/--plan, of the low-rank factors (and the matrices kept dense) after
+    low-rank compression: W ≈ Q(up)·Q(down)."""
     from welore._io import check_output_dir
     from welore.checkpoint import save
-    from welore.compress import CompressConfig, calibration_windows
+    from welore.compress import CompressConfig, calibration_windows, compress_
     from welore.evaluate import weights_size_on_disk
+    from welore.plan import RankPlan
     from welore.quantize import QuantOptions, quantize_
+    from welore.targets import find_targets, weight_matrix
 
-    if args.ratio is not None or args.plan is not None:
-        raise WeloreError("--quantize/--target-size quantize the full-rank matrices; "
-                          "drop --ratio/--plan (low rank and quantization together is not built yet).")
-    compress = from_args(CompressConfig, args)
+    joint = args.ratio is not None or args.plan is not None
+    if args.ratio is not None and args.plan is not None:
+        raise WeloreError("Give --ratio (with --method) or --plan, not both; e.g. --ratio 0.2 --method welore.")
+    rank_plan = RankPlan.load(args.plan) if args.plan else None
+    # a saved plan sets the ranks, so no allocation method
+    compress = from_args(CompressConfig, args, **({"method": None} if rank_plan is not None else {}))
     config = from_args(QuantOptions, args).config(compress)
     _check_load_options(args)
     check_output_dir(args.out, args.overwrite)
     loaded = _load(args.model, args)
     calibration = calibration_windows(loaded.tokenizer, compress, args.model)
     start = time.perf_counter()
+    low_rank = None
+    if joint:  # low rank first; the calibration text serves the factorizer if it is data-aware, and the compensation
+        dense_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size()
+                          for m in find_targets(loaded.model, compress.targets).values())
+        data_aware = compress.make_factorizer().needs_stats
+        low_rank = compress_(loaded.model, compress, plan=rank_plan, calibration=calibration if data_aware else None,
+                             progress=not args.quiet)
     report = quantize_(loaded.model, config, calibration=calibration, progress=not args.quiet)
     elapsed = time.perf_counter() - start
+    if low_rank is not None:
+        factors = report.dense_bytes
+        report.dense_bytes = dense_bytes
+        print(f"low rank ({low_rank.plan.method}, {compress.factorizer}): {len(low_rank.replaced)} of "
+              f"{len(low_rank.plan.ranks)} target matrices factorized, {low_rank.plan.achieved_ratio:.2%} of their "
+              f"parameters removed ({dense_bytes / 1e6:.2f} MB -> {factors / 1e6:.2f} MB); then quantized:")
     save(loaded.model, args.out, tokenizer=loaded.tokenizer, overwrite=args.overwrite, source=args.model)
     plan = report.plan
     target = config.target_size
@@ -410,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the compressed checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     loading(p)
-    add_options(p.add_argument_group("quantization (instead of --ratio/--plan)"), QuantOptions)
+    quantization = p.add_argument_group("quantization (alone, or with --ratio/--plan: of the low-rank factors)")
+    add_options(quantization, QuantOptions)
 
     p = command("export", cmd_export)
     p.add_argument("checkpoint", help="a welore checkpoint folder")

@@ -78,8 +78,11 @@ class LowRankLinear(nn.Module):
         return module
 
     def dense_weight(self) -> torch.Tensor:
-        """The (out, in) product up·down, in float32 then cast back to the factors' dtype."""
-        return (self.up.weight.float() @ self.down.weight.float()).to(self.up.weight.dtype)
+        """The (out, in) product up·down, in float32 then cast back to the factors' dtype (a
+        factor stored as packed codes, `QuantizedLinear`, contributes its dequantized weight)."""
+        up, down = (f.dense_weight() if hasattr(f, "dense_weight") else f.weight.float() for f in (self.up, self.down))
+        dtype = getattr(self.up, "weight_dtype", None) or self.up.weight.dtype
+        return (up @ down).to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

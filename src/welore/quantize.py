@@ -36,6 +36,12 @@ truncated SVD of E·S mapped back by S⁻¹ — `welore.factorize`'s `whiten` fa
 — which minimises the error of the layer's outputs on the calibration text,
 ‖(E − up·down)·Xᵀ‖_F, so compensation never increases it.
 
+**With low rank** (`quant_targets`): on a model already compressed by `welore.compress_`, the
+layers quantized are the two factors of every `LowRankLinear` (each an ordinary dense layer of
+shape (out, r) or (r, in)) and the target matrices its rank plan kept dense, so W ≈ Q(up)·Q(down):
+the parameters removed by low rank and the bits removed by quantization multiply. The rank plan
+and the quantization plan are both saved; loading applies the first, then the second.
+
 **Any size** (`target_size` in bytes): every matrix gets a bit width and a compensation rank
 so that codes + scales + offsets + factors of all target matrices fit the budget: the error of
 each choice is known from the singular values of E (or E·S), and one Lagrange multiplier λ
@@ -60,8 +66,9 @@ from tqdm.auto import tqdm
 from welore._io import write_json
 from welore.errors import WeloreError
 from welore.factorize import FACTORIZERS, svd_factors, whitening
+from welore.modules import LowRankLinear
 from welore.spectrum import _one_thread_per_op, check_finite
-from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
+from welore.targets import DENSE_TYPES, _matches, find_targets, matrix_shape, weight_matrix
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +146,7 @@ def dequantize(
 def check_group_size(shape: tuple[int, int], group_size: int, name: str = "a target matrix") -> None:
     numel = shape[0] * shape[1]
     if group_size < 1 or numel % group_size:
-        divisors = [g for g in (32, 64, 128, 256) if numel % g == 0]
+        divisors = [g for g in (32, 64, 128, 256, 16, 8, 4, 2) if numel % g == 0]
         raise WeloreError(
             f"Group size {group_size} does not divide the {shape[0]}x{shape[1]} weights of {name}; "
             f"use one that does, e.g. {divisors[0] if divisors else 1}."
@@ -726,6 +733,30 @@ def apply_quant_plan_(
     return list(plan.shapes), errors
 
 
+def quant_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[str, nn.Module]:
+    """The dense layers to quantize, name -> layer: the target matrices (`find_targets`), or, on
+    a model compressed by low rank, the two factors (`up`, `down`) of every `LowRankLinear` and
+    the target matrices its rank plan kept dense — with `patterns`, those of the plan's matrices
+    that match one."""
+    plan = getattr(model, "welore_plan", None)
+    if plan is None or not any(isinstance(m, LowRankLinear) for m in model.modules()):
+        return find_targets(model, patterns)
+    names = [n for n in plan.ranks if not patterns or any(_matches(n, p) for p in patterns)]
+    if not names:
+        raise WeloreError(f"No target matrix of the rank plan matches {patterns}; check --targets.")
+    targets = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LowRankLinear):
+            targets |= {f"{name}.down": module.down, f"{name}.up": module.up}
+        else:
+            targets[name] = module
+    for name, module in targets.items():
+        if not isinstance(module, DENSE_TYPES):
+            raise WeloreError(f"{name} is already quantized; quantize the low-rank model before quantizing it again.")
+    return targets
+
+
 def _collect_stats(
     model: nn.Module, targets: dict[str, nn.Module], calibration: torch.Tensor, batch_size: int, progress: bool
 ) -> dict:
@@ -743,7 +774,7 @@ def plan_quantization(
     model: nn.Module, config: QuantConfig, stats: dict | None = None, progress: bool = True
 ) -> QuantPlan:
     """The per-matrix bits and ranks: uniform from the config, or allocated to `target_size`."""
-    targets = find_targets(model, config.targets)
+    targets = quant_targets(model, config.targets)
     shapes = {n: matrix_shape(m) for n, m in targets.items()}
     for name, shape in shapes.items():
         check_group_size(shape, config.group_size, name)
@@ -781,7 +812,7 @@ def quantize_(
     tokens (EoRA); without it, on the weights. The statistics of all targets are held at once
     (one (in, in) float64 matrix per distinct input).
     """
-    targets = find_targets(model, config.targets)
+    targets = quant_targets(model, config.targets)
     if not targets:
         raise WeloreError("No target matrices to quantize; check --targets.")
     dense_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size() for m in targets.values())
