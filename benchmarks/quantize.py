@@ -271,7 +271,36 @@ def write_doc(record: dict) -> None:
                 lines.append(f"| {label} | {v['load_s']:.2f} | {v['disk_bytes'] / 1e6:.1f} | "
                              f"{v['prefill_tok_s']:.0f} | {v['generate_tok_s']:.1f} |")
         lines.append("")
+    plotted = plot(record)
+    if plotted:
+        lines += ["", f"![size-quality frontier]({plotted})", "",
+                  "Figure: bytes of the target matrices against perplexity, per family, for the first evaluation "
+                  "direction above (`--doc-only` redraws it from docs/quantize.json).", ""]
     write_section("quantize", "\n".join(lines))
+
+
+FAMILIES = (("quantization alone", re.compile(r"(rtn|hqq)\d-g\d+")),
+            ("quantization + compensation", re.compile(r"(eora|wsvd)\d-g\d+-r\d+")),
+            ("low rank alone", re.compile(r"lr\d+")),
+            ("low rank + quantization", re.compile(r"lr\d+-.+")))
+
+
+def plot(record: dict) -> str | None:
+    """Draw docs/quantize.png (bytes vs perplexity per family) from the first run key; its name, or None."""
+    from welore.report import plot_size_quality
+
+    key, runs = next(iter(record["runs"].items()), (None, {}))
+    points: dict[str, list] = {}
+    for name, r in runs.items():
+        family = next((f for f, pattern in FAMILIES if pattern.fullmatch(name)), None)
+        if family is not None and "ppl" in r:
+            points.setdefault(family, []).append((r["bytes"] / 1e6, r["ppl"], name))
+    if not points:
+        return None
+    dense = runs.get("dense")
+    plot_size_quality(points, JSON.with_suffix(".png"), dense=(dense["bytes"] / 1e6, dense["ppl"]) if dense else None,
+                      title=f"SmolLM2-135M, {key}")
+    return JSON.with_suffix(".png").name
 
 
 if __name__ == "__main__":

@@ -516,3 +516,13 @@ def test_cli_low_rank_and_quantization_together(tmp_path: Path, cli_model_dir: P
     assert f"{dense / 1e6:.2f} MB -> {model.welore_quant_plan.nbytes / 1e6:.3f} MB" in printed
     assert main(["evaluate", "-q", str(out), "--text", str(_text_file(tmp_path)), "--max-tokens", "128",
                  "--seq-len", "64", "--no-speed"]) == 0
+
+
+def test_size_quality_plot_is_written_atomically(tmp_path: Path) -> None:
+    from welore.report import plot_size_quality
+
+    points = {"quantization alone": [(46.4, 91.0, "rtn3-g64"), (33.2, 5e5, "rtn2-g64")],
+              "low rank + quantization": [(53.7, 30.0, "lr10-rtn4-g64")]}
+    plot_size_quality(points, tmp_path / "f.png", dense=(212.3, 11.2), title="frontier")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]

@@ -1,5 +1,6 @@
 """Plots: spectra by matrix type, a layer × matrix-type heatmap of kept-rank fractions,
-perplexity against compression ratio, and gradient spectra against weight spectra.
+perplexity against compression ratio, gradient spectra against weight spectra, and the
+size–quality frontier of quantization and low rank.
 
 Figures are built with matplotlib's object API (`Figure`, not `pyplot`) and written straight
 to PNG through `welore._io.atomic_file`, so no global state changes (a notebook's backend and
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from welore._io import atomic_file
 
@@ -138,5 +140,36 @@ def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
     ax.set_title(f"low-rank gradients vs low-rank weights (Spearman {rho:+.2f})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path, dpi=110)
+
+
+def plot_size_quality(
+    points: dict[str, list[tuple[float, float, str]]], path: Path, dense: tuple[float, float] | None = None,
+    title: str = "",
+) -> None:
+    """Size–quality frontier: perplexity (log) against stored bytes (MB) of the target matrices,
+    one marker style per family (e.g. quantization alone, low rank alone, both), each point
+    labelled; `dense` (MB, perplexity) is drawn as a star and a dotted line."""
+    fig = Figure(figsize=(7.2, 4.6))
+    ax = fig.subplots()
+    for (family, rows), marker in zip(points.items(), "osD^vP", strict=False):
+        rows = sorted(rows)
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], marker=marker, lw=1.0, label=family)
+        for x, y, name in rows:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    if dense is not None:
+        ax.scatter([dense[0]], [dense[1]], marker="*", s=90, color="black", label="dense (bfloat16)", zorder=3)
+        ax.axhline(dense[1], color="black", lw=0.6, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("bytes of the target matrices as stored (MB, log)")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path, dpi=110)
