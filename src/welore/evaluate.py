@@ -16,7 +16,8 @@ versions can be put side by side in one table (`format_table`):
 
 The model is treated as an opaque `nn.Module`: `model(input_ids).logits` and `model.generate`
 are all this module relies on. Evaluation never keeps gradients, runs under
-`torch.inference_mode`, and restores every submodule's train/eval mode afterwards.
+`torch.inference_mode` (`torch.no_grad` for an FSDP-sharded model, see `_no_grad`), and restores
+every submodule's train/eval mode afterwards.
 """
 
 from __future__ import annotations
@@ -220,7 +221,18 @@ def _window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(nll.double().sum())
 
 
-@torch.inference_mode()
+def _no_grad(model: nn.Module):
+    """`torch.inference_mode()`, or `torch.no_grad()` for a model sharded by FSDP (`fully_shard`):
+    FSDP reuses its all-gather buffers in training, and a buffer made in inference mode cannot be
+    written outside it."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(model, FSDPModule):
+            return torch.no_grad()
+    return torch.inference_mode()
+
+
 def perplexity(
     model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
 ) -> tuple[float, int]:
@@ -236,7 +248,7 @@ def perplexity(
     n_windows, length = windows.shape
     total_nll = 0.0  # float64 running sum of token NLLs
     n_predicted = 0
-    with _eval_mode(model), tqdm(
+    with _no_grad(model), _eval_mode(model), tqdm(
         total=n_windows, desc="perplexity", unit="window", disable=not progress
     ) as bar:
         batches = _batch_logits(model, windows, batch_size, progress)

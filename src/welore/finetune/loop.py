@@ -13,8 +13,9 @@ follows the run of one process with P times the batch size: the same blocks per 
 same mean loss (reduced over processes), gradients averaged by DDP's all-reduce. GaLore and
 Fira see that all-reduced gradient in every process and compute the same projection, so the
 processes stay identical. Only the main process writes (checkpoints, the output folder); the
-others wait at a barrier. FSDP and DeepSpeed are refused (`check_engine`): saving, checkpoints and
-GaLore/Fira here need whole tensors.
+others wait at a barrier. Under `accelerate launch --use_fsdp` the model is sharded instead
+(`welore.finetune.sharding`: torch's FSDP2, on CPUs and GPUs alike) for `full` and `lrc` with
+AdamW; DeepSpeed is refused (`check_engine`).
 
 With `config.distill` the loss of each micro-batch is `Distillation.loss` (`welore.finetune.distill`):
 the KL from a frozen teacher's next-token distribution, computed on the fly in every process
@@ -52,6 +53,7 @@ from welore.finetune.distill import (
     resolve_teacher,
 )
 from welore.finetune.optimizers import build_optimizer
+from welore.finetune.sharding import check_fsdp, fsdp_requested, shard_, unshard
 from welore.finetune.state import (
     TrainingState,
     check_resumable,
@@ -63,6 +65,7 @@ from welore.finetune.state import (
     run_identity,
     save_checkpoint,
     start_run,
+    trainable_state,
 )
 from welore.finetune.trainable import finish_model, mark_trainable_, prepare_model
 
@@ -82,21 +85,13 @@ def check_precision(precision: str, device: str = "auto") -> None:
         raise WeloreError("This GPU does not support bf16; use --precision fp16 or no.")
 
 
-# Engines `accelerate launch` can start that this loop does not support: the environment
-# variable the launcher sets -> the engine's name.
-UNSUPPORTED_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-
-
 def check_engine(config: FinetuneConfig) -> None:
-    """Refuse sharded engines: the loop checkpoints, saves and projects whole tensors (DDP only)."""
-    for variable, engine in UNSUPPORTED_ENGINES.items():
-        if os.environ.get(variable, "false").lower() != "true":
-            continue
-        if config.optimizer != "adamw":
-            raise WeloreError(f"{config.optimizer} projects each matrix's whole gradient and {engine} splits it "
-                              f"across processes; launch without {engine} (plain DDP keeps whole gradients).")
-        raise WeloreError(f"welore fine-tuning runs under DDP but not yet under {engine}; launch without {engine} "
-                          "(every process then holds the whole model).")
+    """Refuse DeepSpeed, and what FSDP cannot run (`welore.finetune.sharding`)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise WeloreError("welore fine-tuning runs under DDP and FSDP but not under DeepSpeed; launch with --use_fsdp "
+                          "or without an engine (plain DDP).")
+    if fsdp_requested():
+        check_fsdp(config.mode, config.optimizer)
 
 
 def check_output(out: Path | None, config: FinetuneConfig, overwrite: bool, resume: bool) -> None:
@@ -134,7 +129,8 @@ def _accelerator(config: FinetuneConfig):
     # cpu=True is also what makes accelerate use gloo (MULTI_CPU) when launched without GPUs;
     # in one process, ACCELERATE_TORCH_DEVICE is accelerate's way to name a device (cuda:1, mps).
     named = {} if launched() or device.type == "cpu" else {"accelerate_torch_device": str(device)}
-    with patch_environment(**named):
+    # welore shards the model itself under --use_fsdp (accelerate's FSDP plugin needs GPUs).
+    with patch_environment(accelerate_use_fsdp="false", **named):
         return Accelerator(cpu=device.type == "cpu", mixed_precision=config.precision,
                            gradient_accumulation_steps=config.grad_accum)
 
@@ -219,17 +215,21 @@ def finetune(
                              config.val_fraction)
     run_dir = checkpoints_dir(out) if out is not None else None
     teacher_print = model_fingerprint(distill.teacher) if distill is not None and out is not None else None
-    identity = run_identity(config, model_print, blocks.fingerprint(), processes=world, teacher_print=teacher_print)
+    identity = run_identity(config, model_print, blocks.fingerprint(), processes=world, teacher_print=teacher_print,
+                            engine="fsdp" if fsdp_requested() and world > 1 else "ddp")
     checkpoint = check_resumable(run_dir, identity) if resume else None
     trainable = mark_trainable_(model, config)
+    sharded = fsdp_requested() and world > 1
+    skeleton = shard_(model) if sharded else None  # before the optimizer: it holds the shards
     optimizer = build_optimizer(model, trainable.matrices, trainable.names, config)
+    raw_optimizer = optimizer
     # An AcceleratedScheduler steps once per process at every optimizer step: hence `* world`.
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps * world, config.steps * world)
     per_step = config.batch_size * config.grad_accum * world  # blocks per optimizer step, all processes
     state = TrainingState()
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, trainable.names, optimizer, scheduler,
-                                rank=accelerator.process_index)
+                                rank=accelerator.process_index, sharded=sharded)
     else:
         state.history.append({"step": 0, "val_ppl": _evaluate(model, blocks.val, config.batch_size)})
         if run_dir is not None and config.save_every and accelerator.is_main_process:
@@ -239,7 +239,10 @@ def finetune(
     # Its own generator: a DataLoader iterator otherwise draws a seed from torch's global RNG
     # when it starts, which a resumed run would do at another point of the RNG stream.
     loader = DataLoader(stream, batch_size=config.batch_size, shuffle=False, generator=torch.Generator())
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if sharded:  # the model is FSDP's already; prepare would wrap it in DDP as well
+        optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     resumed_from = state.step if checkpoint is not None else None
     start_step = state.step
 
@@ -286,9 +289,10 @@ def finetune(
                     model.train()
                 if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
                     rng_states = gather_object([rng_state()])  # every process's, process 0 first
+                    params, optimizer_state = trainable_state(accelerator.unwrap_model(model), raw_optimizer,
+                                                              trainable.names, sharded)
                     if accelerator.is_main_process:
-                        save_checkpoint(run_dir, state, accelerator.unwrap_model(model), trainable.names,
-                                        optimizer, scheduler, rng_states)
+                        save_checkpoint(run_dir, state, params, optimizer_state, scheduler, rng_states)
                     accelerator.wait_for_everyone()
                 tick = time.perf_counter()
     finally:
@@ -296,6 +300,8 @@ def finetune(
     process_peaks = gather_object([memory.total_peak_bytes])
     model = finish_model(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
     accelerator.free_memory()
+    if sharded:
+        model = unshard(model, skeleton)  # an ordinary model again, in every process
     model.eval()
     if config.mode == "lora" and not config.keep_adapter:
         model = model.merge_and_unload()

@@ -68,12 +68,12 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 
 
 def run_identity(config: FinetuneConfig, model_print: dict[str, str], data_print: str, processes: int = 1,
-                 teacher_print: dict[str, str] | None = None) -> dict:
+                 teacher_print: dict[str, str] | None = None, engine: str = "ddp") -> dict:
     """What a resumed run must share with the run it continues. A distillation teacher is not
     saved in checkpoints (it is frozen, and loaded again), only its fingerprint."""
     options = {k: v for k, v in config.to_dict().items() if k not in _FREE_OPTIONS}
     return {"format": RUN_FORMAT, "version": RUN_VERSION, "config": options, "model": model_print, "data": data_print,
-            "processes": processes, "teacher": teacher_print}
+            "processes": processes, "engine": engine, "teacher": teacher_print}
 
 
 def _difference(saved: dict, current: dict) -> str | None:
@@ -84,6 +84,8 @@ def _difference(saved: dict, current: dict) -> str | None:
         return f"its run.json is of version {saved.get('version')} and this welore writes version {RUN_VERSION}"
     if saved.get("processes") != current["processes"]:
         return f"the number of processes, {saved.get('processes')} vs {current['processes']},"
+    if saved.get("engine", "ddp") != current["engine"]:
+        return f"the engine, {saved.get('engine', 'ddp')} vs {current['engine']},"
     for key, value in current["config"].items():
         if saved.get("config", {}).get(key) != value:
             return f"--{key.replace('_', '-')} {saved.get('config', {}).get(key)!r} vs {value!r}"
@@ -162,17 +164,30 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(run_dir: Path, state: TrainingState, model: nn.Module, names: list[str],
-                    optimizer: torch.optim.Optimizer, scheduler, rng_states: list[dict]) -> Path:
+def trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str],
+                    sharded: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trainable parameters and the optimizer's state dict, whole, for `save_checkpoint`.
+
+    Under FSDP (`sharded`) every process must call it and only the main process gets them."""
+    if sharded:
+        from welore.finetune.sharding import gather_trainable
+
+        return gather_trainable(model, optimizer, names)
+    params = dict(model.named_parameters())
+    return {n: params[n].detach() for n in names}, optimizer.state_dict()
+
+
+def save_checkpoint(run_dir: Path, state: TrainingState, params: dict[str, torch.Tensor], optimizer_state: dict,
+                    scheduler, rng_states: list[dict]) -> Path:
     """Write checkpoint `step-N` atomically, then remove the older ones (the main process only).
 
-    `rng_states` holds every process's `rng_state()`, process 0 first.
+    `params` and `optimizer_state` come from `trainable_state`; `rng_states` holds every
+    process's `rng_state()`, process 0 first.
     """
-    params = dict(model.named_parameters())
     path = run_dir / f"step-{state.step:06d}"
     with atomic_dir(path, overwrite=True) as tmp:
-        save_file({n: params[n].detach().contiguous().cpu() for n in names}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({n: t.contiguous().cpu() for n, t in params.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         generators = {}
         for rank, rng in enumerate(rng_states):
             generators[f"rank{rank}.torch"] = rng["torch"]
@@ -190,18 +205,27 @@ def save_checkpoint(run_dir: Path, state: TrainingState, model: nn.Module, names
 
 
 def load_checkpoint(path: Path, model: nn.Module, names: list[str], optimizer: torch.optim.Optimizer,
-                    scheduler, rank: int = 0) -> TrainingState:
-    """Restore weights, optimizer, scheduler and process `rank`'s RNG states from checkpoint `path`."""
+                    scheduler, rank: int = 0, sharded: bool = False) -> TrainingState:
+    """Restore weights, optimizer, scheduler and process `rank`'s RNG states from checkpoint `path`.
+
+    Under FSDP (`sharded`) every process must call it: each reads the whole checkpoint and
+    keeps its shard."""
     data = json.loads((path / "state.json").read_text())
     tensors = load_file(path / "trainable.safetensors")
     if set(tensors) != set(names):
         raise WeloreError(f"{path} holds other trainable parameters than this run trains; "
                           "use a new --out or the same options.")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if sharded:
+        from welore.finetune.sharding import scatter_trainable
+
+        scatter_trainable(model, optimizer, tensors, optimizer_state)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(data["scheduler"])
     generators = load_file(path / "rng.safetensors")
     prefix = f"rank{rank}."
