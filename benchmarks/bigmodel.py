@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bigmodel.py --model tinyllama-1.1b --runs free aware [--dir /tmp/welore-big]
     .venv/bin/python benchmarks/bigmodel.py --model llama2-7b --runs free evaluate
+    .venv/bin/python benchmarks/bigmodel.py --model llama2-7b --runs evaluate-dense   # the uncompressed model
 
 The model is random-weight (normal(0, 0.02) linears, unit norms, as LLaMA's `_init_weights`),
 built from a public config and saved in bfloat16 as safetensors shards, one decoder block per
@@ -55,10 +56,11 @@ RUNS = {  # name -> welore arguments after the model folder; {out} is a scratch 
     "aware": ["compress", "{model}", "--ratio", "0.2", "--factorizer", "whiten", "--calib", "wiki",
               "--sequential", "--out", "{out}", "--overwrite", "-q"],
     "evaluate": ["evaluate", "{out}", "--max-tokens", "2048", "--no-speed", "-q"],
+    "evaluate-dense": ["evaluate", "{model}", "--max-tokens", "2048", "--no-speed", "-q"],
 }
 
 
-TEXT_RUNS = ("aware", "evaluate")  # runs that feed text, so the model gets SmolLM2's tokenizer
+TEXT_RUNS = ("aware", "evaluate", "evaluate-dense")  # runs that feed text, so the model gets SmolLM2's tokenizer
 
 
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
