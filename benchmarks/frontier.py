@@ -397,6 +397,9 @@ def report(args: argparse.Namespace) -> None:
             losers = [b for b in baselines if b != best and cross(c, b, q) <= mine]
             verdict = "yes" if not losers else "**no**: not better than " + ", ".join(losers)
             lines.append(f"| {c} → {other(c)} | {q} | {fmt(mine)} | " + " | ".join(versus) + f" | {verdict} |")
+        missing = [f"{c} → {other(c)} at {q}" for c in TEXTS for q in (0.1, 0.2, 0.3, 0.4) if (c, tokens, best, q) not in find]
+        if missing:
+            lines += ["", f"Not measured for {best} (so not shown to beat the baselines there): {', '.join(missing)}."]
     sizes = sorted({r["calib_tokens"] for r in records})
     scan = [n for n in dict.fromkeys(r["label"] for r in records if r["calib_tokens"] != tokens and r["ratio"] == 0.2)]
     if scan:
