@@ -355,10 +355,12 @@ def report(args: argparse.Namespace) -> None:
     ]
     for i, n in enumerate(ranked, 1):
         own = geomean([find[c, tokens, n, q]["perplexity"][c] for c, q in cells])
-        lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | `{find[cells[0][0], tokens, n, cells[0][1]]['flags']}` |")
+        flags = find[cells[0][0], tokens, n, cells[0][1]]["flags"]
+        lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | `{flags}` |")
     legacy = sorted({r["source"] for r in main if r.get("source")})
     if legacy:
-        lines += ["", f"Records marked in `docs/frontier.json` with `source` {', '.join(legacy)} come from the run of that "
+        lines += ["", f"Records marked in `docs/frontier.json` with `source` {', '.join(legacy)} come from the run of "
+                  "that "
                   "commit (same protocol: 8,192 wiki calibration tokens, 4,096 evaluation tokens of each text, windows "
                   "of 512; `frontier.py import-legacy`); re-measured here, whiten/uniform and whiten/welore at 0.2 "
                   "agree with them to 6 significant digits."]
@@ -397,7 +399,8 @@ def report(args: argparse.Namespace) -> None:
             losers = [b for b in baselines if b != best and cross(c, b, q) <= mine]
             verdict = "yes" if not losers else "**no**: not better than " + ", ".join(losers)
             lines.append(f"| {c} → {other(c)} | {q} | {fmt(mine)} | " + " | ".join(versus) + f" | {verdict} |")
-        missing = [f"{c} → {other(c)} at {q}" for c in TEXTS for q in (0.1, 0.2, 0.3, 0.4) if (c, tokens, best, q) not in find]
+        missing = [f"{c} → {other(c)} at {q}" for c in TEXTS for q in (0.1, 0.2, 0.3, 0.4)
+                   if (c, tokens, best, q) not in find]
         if missing:
             lines += ["", f"Not measured for {best} (so not shown to beat the baselines there): {', '.join(missing)}."]
     sizes = sorted({r["calib_tokens"] for r in records})
@@ -419,7 +422,8 @@ def report(args: argparse.Namespace) -> None:
     lam = [(x, find.get(("news", tokens, f"whiten@{x}/welore", 0.2))) for x in SHRINKAGE_GRID]
     base = find.get(("news", tokens, "whiten/welore", 0.2))
     if not (base and all(r for _, r in lam)):
-        lines += ["", f"The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, ratio 0.2) is not among the records "
+        lines += ["", f"The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, ratio 0.2) is not among the "
+                  "records "
                   "(not re-run in this sweep): λ is as the earlier scan chose it, unverified here."]
     if base and all(r for _, r in lam):
         lines += ["", f"### The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, whiten@λ/welore, ratio 0.2, "
@@ -507,7 +511,8 @@ def main() -> None:
     p.add_argument("--commands", nargs="+", default=[],
                    help="the commands that made the records, quoted in the section")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    p = sub.add_parser("import-legacy", help="add the wiki-calibrated records of the in-domain era's docs/frontier.json")
+    p = sub.add_parser("import-legacy",
+                       help="add the wiki-calibrated records of the in-domain era's docs/frontier.json")
     p.add_argument("file", help="that file, e.g. from `git show eb3a8fc:docs/frontier.json`")
     p.add_argument("--source", default="eb3a8fc", help="the commit it comes from, recorded in each record")
     args = parser.parse_args()
