@@ -7,7 +7,8 @@ dataclass, and the CLI reads the dataclass to build its argparse arguments:
     seq_len: int = 512  # tokens per window          --seq-len N   "tokens per window (default: 512)"
     calib: str | None = None  # calibration text     --calib CALIB
     sequential: bool = False  # calibrate ...        --sequential          (a switch)
-    speed: bool = True  # measure tokens/s           --no-speed            (a switch turning it off)
+    speed: bool = True  # measure tokens/s           --no-speed            (a switch turning it off; its help
+                                                     says so after the field's comment)
     targets: list[str] | None = None  # patterns     --targets PATTERN [PATTERN ...]
     betas: tuple[float, float] = (0.9, 0.999)        --betas BETAS BETAS
     params: dict = field(default_factory=dict)       --params NAME=VALUE   (once per name; the values
@@ -223,6 +224,7 @@ def add_options(
         names = [f.metadata["short"]] if "short" in f.metadata else []
         if tp is bool:
             if default is True:
+                help_text = f"{help_text} (on by default; this switch turns it off)" if help_text else help_text
                 parser.add_argument(*names, flag("no_" + f.name), action="store_false", help=help_text, **kwargs)
             else:
                 parser.add_argument(*names, flag(f.name), action="store_true", help=help_text, **kwargs)
