@@ -326,7 +326,7 @@ def report(args: argparse.Namespace) -> None:
     lines = [
         "## Data-aware compression across domains: the quality frontier on SmolLM2-135M",
         "",
-        "Commands (each piece under `flock /work/wt/cpu.lock`; every record lands in `docs/frontier.json`, the section "
+        "Commands (every record lands in `docs/frontier.json`, the section "
         "is then written from all of them):",
         "",
         *[f"    {c}" for c in args.commands],

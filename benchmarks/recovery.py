@@ -123,7 +123,7 @@ def render(record: dict, command: str) -> str:
     lines = [
         f"## Recovery after compression: LM fine-tuning vs distillation, judged on {other}",
         "",
-        "Command (under `flock /work/wt/cpu.lock`):",
+        "Command:",
         "",
         f"    {command}",
         "",
