@@ -215,11 +215,11 @@ def finetune(
                              config.val_fraction)
     run_dir = checkpoints_dir(out) if out is not None else None
     teacher_print = model_fingerprint(distill.teacher) if distill is not None and out is not None else None
+    sharded = fsdp_requested() and world > 1
     identity = run_identity(config, model_print, blocks.fingerprint(), processes=world, teacher_print=teacher_print,
-                            engine="fsdp" if fsdp_requested() and world > 1 else "ddp")
+                            engine="fsdp" if sharded else "ddp")
     checkpoint = check_resumable(run_dir, identity) if resume else None
     trainable = mark_trainable_(model, config)
-    sharded = fsdp_requested() and world > 1
     skeleton = shard_(model) if sharded else None  # before the optimizer: it holds the shards
     optimizer = build_optimizer(model, trainable.matrices, trainable.names, config)
     raw_optimizer = optimizer
@@ -298,10 +298,11 @@ def finetune(
     finally:
         bar.close()
     process_peaks = gather_object([memory.total_peak_bytes])
-    model = finish_model(accelerator.unwrap_model(model, keep_fp32_wrapper=False))
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     accelerator.free_memory()
     if sharded:
         model = unshard(model, skeleton)  # an ordinary model again, in every process
+    model = finish_model(model)
     model.eval()
     if config.mode == "lora" and not config.keep_adapter:
         model = model.merge_and_unload()
