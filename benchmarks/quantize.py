@@ -52,15 +52,16 @@ from welore.targets import find_targets, weight_matrix
 JSON = DOC.parent / "quantize.json"
 DEFAULT = ["dense", "rtn3-g64", "eora3-g64-r8", "wsvd3-g64-r8", "rtn2-g64", "eora2-g64-r8", "eora2-g64-r64",
            "rtn4-g32", "rtn4-g64", "rtn4-g128", "rtn3-g32", "rtn3-g128", "rtn2-g32", "rtn2-g128", "speed"]
-NAME = re.compile(r"(rtn|hqq|eora|wsvd)(\d)-g(\d+)(?:-r(\d+))?")
+NAME = re.compile(r"(rtn|hqq|eora|wsvd)(\d)-g(\d+)(?:-r(\d+))?(?:-i(\d+))?")
 
 
-def parse(name: str) -> tuple[str, int, int, int]:
+def parse(name: str) -> tuple[str, int, int, int, int]:
+    """kind, bits, group size, compensation rank, alternation rounds of a configuration name."""
     match = NAME.fullmatch(name)
     if not match:
         raise SystemExit(f"unknown configuration {name!r}")
-    kind, bits, group, rank = match.groups()
-    return kind, int(bits), int(group), int(rank or 0)
+    kind, bits, group, rank, rounds = match.groups()
+    return kind, int(bits), int(group), int(rank or 0), int(rounds or 1)
 
 
 LOW_RANK = re.compile(r"lr(\d+)(?:-(.+))?")  # lr{P} alone, or lr{P}-{quantization name}
@@ -115,7 +116,7 @@ def main() -> None:
         elif LOW_RANK.fullmatch(name):
             runs[name] = joint(name, lowrank, calib, evals, dense_bytes)
         else:
-            kind, bits, group, rank = parse(name)
+            kind, bits, group, rank, rounds = parse(name)
             if kind == "eora" and stats is None:
                 t = time.perf_counter()
                 targets = find_targets(loaded.model)
@@ -125,7 +126,7 @@ def main() -> None:
                 print(f"calibration statistics: {time.perf_counter() - t:.0f}s", flush=True)
                 start = time.perf_counter()
             model = load_model("smollm2-135m").model
-            config = QuantConfig(bits=bits, group_size=group, compensate_rank=rank,
+            config = QuantConfig(bits=bits, group_size=group, compensate_rank=rank, compensate_iters=rounds,
                                  quantizer="hqq" if kind == "hqq" else "rtn")
             with _one_thread_per_op():
                 plan = plan_quantization(model, config, progress=False)
@@ -147,9 +148,10 @@ def joint(name: str, lowrank: dict, calib, evals, dense_bytes: int) -> dict:
     if quant is None:
         ppl, _ = perplexity(base, evals, progress=False)
         return {"ppl": ppl, "bytes": nbytes, "bits_per_param": 16 * nbytes / dense_bytes}
-    kind, bits, group, rank = parse(quant)
+    kind, bits, group, rank, rounds = parse(quant)
     model = copy.deepcopy(base)
-    config = QuantConfig(bits=bits, group_size=group, compensate_rank=rank, quantizer="hqq" if kind == "hqq" else "rtn")
+    config = QuantConfig(bits=bits, group_size=group, compensate_rank=rank, compensate_iters=rounds,
+                         quantizer="hqq" if kind == "hqq" else "rtn")
     with torch.no_grad():  # compensation of the factors is whitened by the factors' own inputs
         factor_stats = _collect_stats(model, quant_targets(model), calib, 4, False) if kind == "eora" else None
     with _one_thread_per_op():
@@ -214,15 +216,33 @@ def goals(runs: dict) -> list[str]:
             line += (f"; 2-bit goal (within 3x dense, {3 * dense:.2f}, where RTN alone is not): "
                      f"{'met' if met else 'NOT met'}")
         out.append(line)
-    combined = {n: r for n, r in runs.items() if LOW_RANK.fullmatch(n) and LOW_RANK.fullmatch(n).group(2)}
-    for name, r in runs.items():
-        match = LOW_RANK.fullmatch(name)
-        if not match or match.group(2) or not combined:
-            continue
-        better = [n for n, c in combined.items() if c["bytes"] <= r["bytes"] and c["ppl"] <= r["ppl"]]
+    for name, r in runs.items():  # alternation against EoRA's single round, same bytes
+        match = NAME.fullmatch(name)
+        one = runs.get(name.rsplit("-i", 1)[0]) if match and match.group(5) else None
+        if one is not None:
+            out.append(f"- {name}: {match.group(5)} alternating rounds, perplexity {r['ppl']:.2f} against "
+                       f"{one['ppl']:.2f} for one round (EoRA) at the same {r['bytes'] / 1e6:.2f} MB: Q(W - L·R) + L·R "
+                       f"{'better' if r['ppl'] < one['ppl'] else 'not better'}")
+
+    def is_combined(n: str) -> bool:  # low rank and quantization together: compensation, or quantized factors
+        quant, low = NAME.fullmatch(n), LOW_RANK.fullmatch(n)
+        return bool((quant and quant.group(4)) or (low and low.group(2)))
+
+    combined = {n: r for n, r in runs.items() if is_combined(n)}
+    alone = [n for n in runs if LOW_RANK.fullmatch(n) and not LOW_RANK.fullmatch(n).group(2)]
+    dominated = []
+    for name in alone if combined else []:
+        r = runs[name]
+        better = sorted((n for n, c in combined.items() if c["bytes"] <= r["bytes"] and c["ppl"] <= r["ppl"]),
+                        key=lambda n: combined[n]["bytes"])
+        dominated.append(bool(better))
         out.append(f"- {name} (low rank alone, {r['bytes'] / 1e6:.1f} MB, perplexity {r['ppl']:.2f}): "
-                   + (f"dominated by {', '.join(better)} (fewer bytes, lower perplexity)" if better
+                   + (f"dominated by {len(better)} combined configurations, the smallest {better[0]} "
+                      f"({combined[better[0]]['bytes'] / 1e6:.1f} MB, {combined[better[0]]['ppl']:.2f})" if better
                       else "not dominated by any combined configuration measured"))
+    if dominated:
+        out.append(f"- low rank + quantization dominates low rank alone at every size measured ({len(dominated)} "
+                   f"sizes): {'met' if all(dominated) else 'NOT met'}")
     return (["", "Goals of issue 10 on these figures:", ""] + out) if out else []
 
 
@@ -281,6 +301,7 @@ def write_doc(record: dict) -> None:
 
 FAMILIES = (("quantization alone", re.compile(r"(rtn|hqq)\d-g\d+")),
             ("quantization + compensation", re.compile(r"(eora|wsvd)\d-g\d+-r\d+")),
+            ("quantization + compensation, alternated", re.compile(r"(eora|wsvd)\d-g\d+-r\d+-i\d+")),
             ("low rank alone", re.compile(r"lr\d+")),
             ("low rank + quantization", re.compile(r"lr\d+-.+")))
 

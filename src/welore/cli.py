@@ -202,7 +202,8 @@ def _compress_quantized(args: argparse.Namespace) -> None:
     rank_note = ("no compensation" if set(ranks) == {0} else
                  "compensation ranks " + ", ".join(f"{r} ({n})" for r, n in sorted(ranks.items())))
     space = (f"EoRA, whitened by {calibration.numel()} tokens of {compress.calib}" if calibration is not None
-             else "weight space")
+             else "weight space") + (f"; best of {config.compensate_iters} rounds alternating with the codes"
+                                     if config.compensate_iters > 1 else "")
     print(f"quantized {len(report.replaced)} target matrices ({config.quantizer}, groups of {config.group_size}): "
           f"{widths}; {rank_note}" + ("" if set(ranks) == {0} else f" ({space})"))
     request = f" (requested {target / 1e6:.3f} MB, {plan.nbytes / target - 1:+.2%})" if target else ""

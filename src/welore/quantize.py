@@ -34,7 +34,10 @@ E = W − Ŵ is approximated by a rank-r product up·down. Without calibration i
 SVD of E (best in weight space, Eckart–Young); with calibration statistics XᵀX = S·Sᵀ it is the
 truncated SVD of E·S mapped back by S⁻¹ — `welore.factorize`'s `whiten` factorizer applied to E
 — which minimises the error of the layer's outputs on the calibration text,
-‖(E − up·down)·Xᵀ‖_F, so compensation never increases it.
+‖(E − up·down)·Xᵀ‖_F, so compensation never increases it. With `compensate_iters` k > 1 the
+codes and the factors alternate (LQ-LoRA, Guo et al. 2023; CALDERA, Saha et al. 2024):
+Ŵ ← Q(W − up·down), then up·down refitted to W − Ŵ, k rounds in all; the round with the least
+(output, else weight) error is kept, so it is never worse than EoRA's single round.
 
 **With low rank** (`quant_targets`): on a model already compressed by `welore.compress_`, the
 layers quantized are the two factors of every `LowRankLinear` (each an ordinary dense layer of
@@ -347,6 +350,7 @@ class QuantPlan:
     ranks: dict[str, int]  # module name -> compensation rank (0 = none)
     quantizer: str = "rtn"  # how the codes were chosen (provenance)
     factor_dtype: str = "float16"  # storage dtype of the compensation factors
+    compensate_iters: int = 1  # rounds of quantization/compensation alternation (1 = EoRA; provenance)
     requested_bytes: int | None = None  # the target size asked for, if any
     meta: dict = field(default_factory=dict)  # free-form provenance
     version: int = QUANT_PLAN_VERSION
@@ -386,7 +390,8 @@ class QuantPlan:
     def to_dict(self) -> dict:
         return {
             "format": "welore-quant-plan", "version": self.version, "quantizer": self.quantizer,
-            "factor_dtype": self.factor_dtype, "requested_bytes": self.requested_bytes, "bytes": self.nbytes,
+            "factor_dtype": self.factor_dtype, "compensate_iters": self.compensate_iters,
+            "requested_bytes": self.requested_bytes, "bytes": self.nbytes,
             "meta": self.meta,
             "matrices": {
                 n: {"shape": list(s), "bits": self.bits[n], "group_size": self.group_size[n], "rank": self.ranks[n]}
@@ -409,7 +414,8 @@ class QuantPlan:
                 group_size={n: int(e["group_size"]) for n, e in matrices.items()},
                 ranks={n: int(e["rank"]) for n, e in matrices.items()},
                 quantizer=data.get("quantizer", "rtn"), factor_dtype=data.get("factor_dtype", "float16"),
-                requested_bytes=data.get("requested_bytes"), meta=data.get("meta", {}),
+                compensate_iters=int(data.get("compensate_iters", 1)), requested_bytes=data.get("requested_bytes"),
+                meta=data.get("meta", {}),
             )
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise WeloreError(f"A matrix entry of the quantization plan is malformed ({err!r}); "
@@ -432,6 +438,7 @@ class QuantConfig:
     group_size: int = 64  # consecutive weights of a row sharing one scale and offset
     quantizer: str = "rtn"  # rtn (round to nearest) | hqq (HQQ's optimised zero points)
     compensate_rank: int = 0  # rank r of the low-rank correction of W − Q(W); 0 = none
+    compensate_iters: int = 1  # rounds alternating Q ← Q(W − up·down) and up·down ← fit(W − Q); 1 = EoRA alone
     target_size: int | None = None  # bytes of all target matrices (codes, scales, offsets, factors)
     target_bits: tuple[int, ...] = BITS  # widths target_size may choose from
     max_compensate_rank: int = 256  # largest compensation rank target_size may choose
@@ -454,6 +461,11 @@ class QuantConfig:
             raise WeloreError(f"Unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}.")
         if self.compensate_rank < 0:
             raise WeloreError(f"Compensation rank {self.compensate_rank} is negative; use 0 (none) or e.g. 32.")
+        if self.compensate_iters < 1:
+            raise WeloreError(f"Compensation rounds {self.compensate_iters} must be at least 1, e.g. 4.")
+        if self.compensate_iters > 1 and not self.compensate_rank and self.target_size is None:
+            raise WeloreError("Alternating rounds need a compensation to alternate with; add --compensate-rank, "
+                              "e.g. 8.")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise WeloreError(f"Unknown factor dtype {self.factor_dtype!r}; choose one of {', '.join(FACTOR_DTYPES)}.")
         if not self.target_bits or any(b not in BITS for b in self.target_bits):
@@ -486,6 +498,8 @@ class QuantOptions:
         # group's min/max grid; hqq: HQQ's optimised zero points
     compensate_rank: int = 0  # rank of a correction of the quantization error:
         # EoRA with --calib, weight-space SVD without
+    compensate_iters: int = 1  # rounds alternating quantization of W − up·down and refitting the
+        # compensation to what it leaves (LQ-LoRA/CALDERA); the best round is kept; 1 = EoRA alone
     max_compensate_rank: int = 256  # largest compensation rank --target-size may give a matrix
     factor_dtype: str = field(default="float16", metadata={"choices": list(FACTOR_DTYPES)})  # storage dtype of the
         # compensation factors
@@ -498,7 +512,7 @@ class QuantOptions:
         calib = getattr(compress, "calib", None)
         return QuantConfig(
             bits=FORMATS[self.quantize] if self.quantize else None, group_size=self.group_size,
-            quantizer=self.quantizer, compensate_rank=self.compensate_rank,
+            quantizer=self.quantizer, compensate_rank=self.compensate_rank, compensate_iters=self.compensate_iters,
             target_size=parse_size(self.target_size) if self.target_size else None,
             max_compensate_rank=self.max_compensate_rank, factor_dtype=self.factor_dtype,
             targets=getattr(compress, "targets", None), calib=calib,
@@ -668,12 +682,50 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return up.to(torch.float64) @ down.to(torch.float64)
+
+
+def _output_norm(error: torch.Tensor, stats) -> float:
+    """‖E·S‖ with the calibration statistics (the layer's output error on them), else ‖E‖."""
+    if stats is None:
+        return float(error.norm())
+    root = whitening(stats).root  # (in, in)
+    return float((error.to(root.device) @ root).norm())
+
+
+def _compensate(
+    name: str, weight: torch.Tensor, q: QuantizedWeight, error: torch.Tensor, rank: int, stats, dtype: torch.dtype,
+    quantizer: str, iters: int,
+) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
+    """Codes and rank-r factors (stored dtype) with W ≈ Ŵ + up·down. Round 1 is EoRA: Ŵ = Q(W),
+    up·down fitted to W − Ŵ. Each further round (LQ-LoRA / CALDERA's alternation) quantizes what
+    the factors leave, Ŵ = Q(W − up·down), and refits the factors to W − Ŵ; the round with the
+    least error (on the calibration outputs with `stats`, else on the weights) is kept, so more
+    rounds never do worse than EoRA."""
+    def fit(q: QuantizedWeight, error: torch.Tensor) -> tuple[float, QuantizedWeight, torch.Tensor, torch.Tensor]:
+        up, down = (f.to(dtype) for f in _compensation(error, rank, stats))
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise WeloreError(f"The compensation factors of {name} overflow {dtype}; use --factor-dtype float32.")
+        residual = _output_norm(error - _product(up, down), stats) if iters > 1 else 0.0
+        return residual, q, up, down
+
+    best = latest = fit(q, error)
+    for _ in range(iters - 1):
+        _, q, up, down = latest
+        q = quantize_weight((weight.detach().to(torch.float64).cpu() - _product(up, down)).to(torch.float32),
+                            q.bits, q.group_size, quantizer)
+        latest = fit(q, _error_matrix(weight, q))
+        best = min(best, latest, key=lambda candidate: candidate[0])
+    return best[1:]
+
+
 def quantize_layer(
     dense: nn.Module, name: str, bits: int, group_size: int, rank: int = 0, quantizer: str = "rtn",
-    stats=None, factor_dtype: str = "float16",
+    stats=None, factor_dtype: str = "float16", iters: int = 1,
 ) -> tuple[QuantizedLinear, tuple[float, float] | None]:
-    """Quantize one dense layer (and compensate its error at `rank`); with `stats`, also return
-    its relative calibration output error before and after compensation."""
+    """Quantize one dense layer (and compensate its error at `rank`, alternating `iters` rounds);
+    with `stats`, also return its relative calibration output error before and after compensation."""
     weight = weight_matrix(dense)
     check_finite(name, weight)
     q = quantize_weight(weight, bits, group_size, quantizer)
@@ -683,19 +735,11 @@ def quantize_layer(
     if rank or stats is not None:
         error = _error_matrix(weight, q)  # (out, in)
     if rank:
-        up, down = _compensation(error, rank, stats)
-        up, down = up.to(dtype), down.to(dtype)
-        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-            raise WeloreError(f"The compensation factors of {name} overflow {factor_dtype}; "
-                              "use --factor-dtype float32.")
+        q, up, down = _compensate(name, weight, q, error, rank, stats, dtype, quantizer, iters)
     if stats is not None:
-        root = whitening(stats).root  # (in, in)
         reference = _reference_energy(weight, stats) ** 0.5
-        before = float((error.to(root.device) @ root).norm()) / reference
-        after = before
-        if rank:
-            residual = error - up.to(torch.float64) @ down.to(torch.float64)
-            after = float((residual.to(root.device) @ root).norm()) / reference
+        before = _output_norm(error, stats) / reference
+        after = _output_norm(_error_matrix(weight, q) - _product(up, down), stats) / reference if rank else before
         errors = (before, after)
     bias = dense.bias.detach() if dense.bias is not None else None
     module = QuantizedLinear.from_quantized(q, bias, up, down, factor_dtype=dtype, dtype=weight.dtype)
@@ -724,7 +768,8 @@ def apply_quant_plan_(
                                      dtype=weight_matrix(dense).dtype, factor_dtype=factor_dtype)
         else:
             module, err = quantize_layer(dense, name, plan.bits[name], plan.group_size[name], plan.ranks[name],
-                                         plan.quantizer, (stats or {}).get(name), plan.factor_dtype)
+                                         plan.quantizer, (stats or {}).get(name), plan.factor_dtype,
+                                         plan.compensate_iters)
             if err is not None:
                 errors[name] = err
         _swap(model, name, module)
@@ -779,7 +824,7 @@ def plan_quantization(
     for name, shape in shapes.items():
         check_group_size(shape, config.group_size, name)
     common = dict(shapes=shapes, group_size=dict.fromkeys(shapes, config.group_size), quantizer=config.quantizer,
-                  factor_dtype=config.factor_dtype)
+                  factor_dtype=config.factor_dtype, compensate_iters=config.compensate_iters)
     if config.target_size is None:
         ranks = {n: min(config.compensate_rank, min(s)) for n, s in shapes.items()}
         return QuantPlan(bits=dict.fromkeys(shapes, config.bits), ranks=ranks, **common)
