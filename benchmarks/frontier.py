@@ -110,6 +110,8 @@ def _settings() -> dict[str, Setting]:
     for factorizer in ("kfac", "fisher"):  # curvature-aware: WeLore's allocation and the loss-estimate one
         for policy in ("welore", "loss", "minimax"):
             settings[f"{factorizer}/{policy}"] = Setting(factorizer, policy)
+    for policy in ("welore", "loss", "minimax"):  # K-FAC with whitening's shrinkage on its input side (λ not re-chosen)
+        settings[f"kfac@{SHRINKAGE}/{policy}"] = Setting("kfac", policy, params=shrunk)
     settings["kfac/welore+refit"] = Setting("kfac", "welore", "sequential", compress={"refit": "both"})
     for lam in SHRINKAGE_GRID:  # the scan that chose SHRINKAGE
         settings.setdefault(f"whiten@{lam}/welore", Setting("whiten", "welore", params={"shrinkage": lam}))

@@ -18,7 +18,9 @@ What a user does, each step a `welore` command in its own process:
    `--eval-tokens` of BOTH texts' evaluation halves (windows of 512, as the frontier benchmark),
    so the figure on the other text is a cross-domain one: neither compression nor training saw it.
 
-Writes docs/recovery.json (the raw figures) and the `recovery` section of docs/benchmarks.md.
+Every run adds its record to docs/recovery.json (a rerun with the same model, ratio, calibration,
+compression options, budget and learning rate replaces its record), and the `recovery` section of
+docs/benchmarks.md shows them all, one table per record.
 """
 
 from __future__ import annotations
@@ -71,10 +73,22 @@ def dense_figures(args: argparse.Namespace) -> dict[str, float] | None:
     return data["dense"]
 
 
+KEY = ("model", "ratio", "calib", "calib_tokens", "compress", "train_tokens", "finetune")
+
+
+def load_records() -> list[dict]:
+    """Every record of docs/recovery.json (an early file held one record, not a list)."""
+    if not RESULTS.exists():
+        return []
+    data = json.loads(RESULTS.read_text())
+    return data["records"] if "records" in data else [data]
+
+
 def save(record: dict) -> None:
-    """Write docs/recovery.json atomically."""
+    """Add (or replace) `record` in docs/recovery.json, written atomically."""
+    records = [r for r in load_records() if [r.get(k) for k in KEY] != [record.get(k) for k in KEY]]
     tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.write_text(json.dumps({"records": [*records, record]}, indent=1) + "\n")
     tmp.replace(RESULTS)
 
 
@@ -82,7 +96,7 @@ def fmt(ppl: float) -> str:
     return f"{ppl:.1f}" if ppl < 1000 else f"{ppl:.2e}"
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, command: str) -> dict:
     steps = args.train_tokens // (args.batch_size * args.seq_len)
     if steps < 2:
         raise SystemExit(f"--train-tokens {args.train_tokens} is less than two steps of "
@@ -94,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
               "--val-tokens", "512", *shlex.split(args.finetune)]
     record: dict = {"machine": machine(), "model": args.model, "ratio": args.ratio, "calib": args.calib,
                     "calib_tokens": args.calib_tokens, "compress": args.compress, "eval_tokens": args.eval_tokens,
-                    "train_tokens": steps * args.batch_size * args.seq_len, "finetune": budget, "runs": {}}
+                    "train_tokens": steps * args.batch_size * args.seq_len, "finetune": budget, "command": command,
+                    "runs": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         record["dense"] = dense_figures(args) or evaluate(args.model, tmp, args.eval_tokens)
@@ -118,14 +133,23 @@ def run(args: argparse.Namespace) -> dict:
     return record
 
 
-def render(record: dict, command: str) -> str:
+def render(records: list[dict]) -> str:
+    """The section: one table per record, in the order they were measured."""
+    lines = ["## Recovery after compression: LM fine-tuning vs distillation, away from the training text", ""]
+    for record in records:
+        lines += [*render_record(record), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_record(record: dict) -> list[str]:
     calib, other, dense = record["calib"], next(t for t in TEXTS if t != record["calib"]), record["dense"]
     lines = [
-        f"## Recovery after compression: LM fine-tuning vs distillation, judged on {other}",
+        f"### {record['train_tokens']:,} training tokens of {calib}, ratio {record['ratio']}, "
+        f"`{record['compress']}`; judged on {other}",
         "",
         "Command:",
         "",
-        f"    {command}",
+        f"    {record['command']}",
         "",
         f"Machine: {record['machine']}. The default model compressed at ratio {record['ratio']} by "
         f"`welore compress --ratio {record['ratio']} {record['compress']} --calib {calib} "
@@ -151,7 +175,7 @@ def render(record: dict, command: str) -> str:
         lines += ["", f"Trainable parameters: {trained['trainable_params']:,} of {trained['total_params']:,}. "
                   "Wall seconds: the whole `welore compress` / `welore finetune` command (loading, the teacher's "
                   "forward passes, validation and saving included)."]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -175,14 +199,11 @@ def main() -> None:
     args = parser.parse_args()
     command = "python benchmarks/recovery.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--records")
     if args.records:
-        record = json.loads(RESULTS.read_text())
-        command = record.get("command", command)
+        records = load_records()
     else:
-        record = run(args)
-        record["command"] = command
-        if not args.no_write:
-            save(record)
-    publish("recovery", render(record, command), write=not args.no_write)
+        record = run(args, command)
+        records = [r for r in load_records() if [r.get(k) for k in KEY] != [record.get(k) for k in KEY]] + [record]
+    publish("recovery", render(records), write=not args.no_write)
 
 
 if __name__ == "__main__":
