@@ -10,7 +10,7 @@ What a user does, each step a `welore` command in its own process:
 1. `welore compress` the default model at `--ratio` with the `--compress` options (the best
    training-free setting of the cross-domain frontier), calibrated on `--calib-tokens` of the
    `--calib` text's calibration half;
-2. `welore finetune` the checkpoint twice on the same budget — `--train-tokens` of the same
+2. `welore finetune` the checkpoint twice on the same budget (`--losses` picks one) — `--train-tokens` of the same
    text's calibration half, one pass, `--batch-size` × `--seq-len` tokens per step, warm-up
    then cosine decay — once with the plain next-token loss and once with `--distill` (KL to the
    dense source model's next-token distribution, α = 1, τ = 1);
@@ -41,6 +41,7 @@ WELORE = [sys.executable, "-m", "welore.cli"]
 TEXTS = ("wiki", "news")
 RESULTS = DOC.parent / "recovery.json"
 DEFAULT_COMPRESS = "--method welore --factorizer whiten --factorizer-param shrinkage=0.1"
+LOSSES = {"lm": ("LM loss", []), "distill": ("distillation", ["--distill"])}  # --losses name -> label, options
 
 
 def welore(*argv: str) -> float:
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         record["runs"]["training-free"] = {"perplexity": evaluate(compressed, tmp, args.eval_tokens),
                                            "seconds": seconds}
         print("training-free", record["runs"]["training-free"], flush=True)
-        for label, extra in (("LM loss", []), ("distillation", ["--distill"])):
+        for label, extra in (LOSSES[name] for name in args.losses):
             out = tmp / label.replace(" ", "-")
             seconds = welore("finetune", "-q", compressed, *budget, *extra, "--out", str(out))
             result = json.loads((out / "finetune.json").read_text())["result"]
@@ -143,6 +144,11 @@ def render(records: list[dict]) -> str:
 
 def render_record(record: dict) -> list[str]:
     calib, other, dense = record["calib"], next(t for t in TEXTS if t != record["calib"]), record["dense"]
+    ways = {"LM loss": "the plain next-token loss",
+            "distillation": "`--distill` (KL to the dense source model's next-token distribution)"}
+    made = [ways[label] for label in record["runs"] if label in ways]
+    how = (f"once with {made[0]} and once with {made[1]}" if len(made) == 2
+           else f"with {made[0]} only" if made else "not at all")
     lines = [
         f"### {record['train_tokens']:,} training tokens of {calib}, ratio {record['ratio']}, "
         f"`{record['compress']}`; judged on {other}",
@@ -153,10 +159,9 @@ def render_record(record: dict) -> list[str]:
         "",
         f"Machine: {record['machine']}. The default model compressed at ratio {record['ratio']} by "
         f"`welore compress --ratio {record['ratio']} {record['compress']} --calib {calib} "
-        f"--calib-tokens {record['calib_tokens']}`, then `welore finetune` with the same budget twice: "
-        f"`{' '.join(record['finetune'])}` ({record['train_tokens']:,} training tokens of {calib}'s calibration half, "
-        "one pass), once with the plain next-token loss and once with `--distill` (KL to the dense source model's "
-        f"next-token distribution). Perplexity by `welore evaluate --max-tokens {record['eval_tokens']} --seq-len 512` "
+        f"--calib-tokens {record['calib_tokens']}`, then `welore finetune "
+        f"{' '.join(record['finetune'])}` ({record['train_tokens']:,} training tokens of {calib}'s calibration half, "
+        f"one pass), {how}. Perplexity by `welore evaluate --max-tokens {record['eval_tokens']} --seq-len 512` "
         f"on each text's evaluation half: {other} was seen neither by the compression nor by the training.",
         "",
         f"| model | perplexity on {other} (cross-domain) | perplexity on {calib} | × dense on {other} | wall s | "
@@ -193,6 +198,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--finetune", default="", help="further welore finetune options, e.g. '--train-nlrc'")
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES),
+                        help="which fine-tuning runs to make (both by default, on the same budget)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--records", action="store_true",
                         help="render the section from docs/recovery.json instead of running")
