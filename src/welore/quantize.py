@@ -683,7 +683,8 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return up.to(torch.float64) @ down.to(torch.float64)
+    """up·down (out, in) in float64 on the CPU, where the quantization errors live."""
+    return up.to("cpu", torch.float64) @ down.to("cpu", torch.float64)
 
 
 def _output_norm(error: torch.Tensor, stats) -> float:
