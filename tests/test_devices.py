@@ -109,3 +109,18 @@ def test_compress_on_cuda_matches_the_cpu() -> None:
         with torch.no_grad():
             results.append(model(windows.to(device)).logits.float().cpu())
     assert torch.allclose(results[0], results[1], atol=1e-3)
+
+
+@cuda
+def test_quantization_with_alternating_compensation_on_cuda_matches_the_cpu() -> None:
+    from welore.quantize import QuantConfig, quantize_
+
+    windows = token_ids(batch=4, length=16)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = build_tiny("llama").to(device)
+        quantize_(model, QuantConfig(bits=3, group_size=32, compensate_rank=4, compensate_iters=3),
+                  calibration=windows, progress=False)
+        with torch.no_grad():
+            results.append(model(windows.to(device)).logits.float().cpu())
+    assert torch.allclose(results[0], results[1], atol=1e-3)
