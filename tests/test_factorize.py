@@ -18,6 +18,8 @@ from welore.factorize import (
     FACTORIZERS,
     GRAM_MIN_RELATIVE_SIGMA,
     Whiten,
+    balance_factors,
+    make_factorizer,
     svd_factors,
     top_factors,
     whitening,
@@ -352,3 +354,29 @@ def test_whiten_shrinkage_whitens_the_ridged_gram_matrix() -> None:
     best = (u[:, : IN // 2] * s[: IN // 2]) @ vh[: IN // 2] @ torch.linalg.inv(root)
     torch.testing.assert_close((up @ down).double(), best, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(up @ down, plain[0] @ plain[1])
+
+
+def test_balanced_factors_keep_the_product_and_even_the_norms() -> None:
+    g = torch.Generator().manual_seed(3)
+    up = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.logspace(2, 3, 6, dtype=torch.float64)
+    down = torch.randn(6, 30, generator=g, dtype=torch.float64) * 1e-3
+    up[:, 5] = 0  # a dead component stays as it is
+    new_up, new_down = balance_factors(up, down)
+    torch.testing.assert_close(new_up @ new_down, up @ down, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_up.norm(dim=0)[:5], new_down.norm(dim=1)[:5])
+    assert torch.equal(new_down[5], down[5]) and torch.equal(new_up[:, 5], up[:, 5])
+
+
+@pytest.mark.parametrize("factorizer", ["whiten", "asvd"])
+def test_compressed_layers_hold_balanced_factors(factorizer: str) -> None:
+    from welore.compress import factorize_layer
+
+    layer = torch.nn.Linear(48, 32)
+    stats = InputStats.zeros(48)
+    stats.add_(torch.randn(256, 48) * torch.logspace(0, 2, 48))  # large, uneven inputs: unbalanced raw factors
+    raw_up, raw_down = make_factorizer(factorizer).factors(layer.weight, 8, stats)
+    assert (raw_up.norm(dim=0) / raw_down.norm(dim=1)).max() > 3  # the case this guards
+    low = factorize_layer(layer, "layer", 8, factorizer, stats)
+    up, down = low.up.weight.detach(), low.down.weight.detach()  # (out, r), (r, in)
+    torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(up @ down, raw_up @ raw_down, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS, Factorizer, describe_factorizer_params, make_factorizer
+from welore.factorize import FACTORIZERS, Factorizer, balance_factors, describe_factorizer_params, make_factorizer
 from welore.modules import LowRankLinear, count_parameters, swap_module
 from welore.options import check_positive
 from welore.plan import POLICIES, RankPlan, allocate, check_ratio
@@ -183,6 +183,7 @@ def factorize_layer(
         if getattr(factorizer, "needs_gradients", False):  # the refit passes input statistics alone
             stats, factorizer = stats.inputs, _BoundGradients(factorizer, stats.grads)
         up, down = refit(weight, up, down, stats, factorizer, name)
+    up, down = balance_factors(up, down)  # fine-tuning (LRC) updates both factors in proportion
     bias = dense.bias.detach() if dense.bias is not None else None
     return LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), bias, dtype=weight.dtype)
 

@@ -153,6 +153,20 @@ def top_factors(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return a @ (vectors / root), (vectors * root).T  # vectors = V_r: (m, r), (r, n)
 
 
+def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product up·down with every component j rescaled so ‖up[:, j]‖ = ‖down[j, :]‖.
+
+    Whitened and curvature-aware factors put S⁻¹ (or L_G⁻ᵀ) on one side only, so one factor's
+    entries can be 10²–10³ times the other's; a per-element optimizer (Adam) fine-tuning them
+    then moves the small factor by far more, relative to its size, than the large one.
+    Balanced, both sides of a component carry √(‖up_j‖·‖down_j‖), as plain SVD's U√Σ and √ΣVᵀ do.
+    A component with a zero side is left alone."""
+    up_norm, down_norm = up.norm(dim=0), down.norm(dim=1)  # (r,), (r,)
+    live = (up_norm > 0) & (down_norm > 0)
+    scale = torch.where(live, (down_norm / torch.where(live, up_norm, 1.0)).sqrt(), 1.0)
+    return up * scale, down / scale[:, None]
+
+
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced truncated-SVD factors, float32: up = U_r·√S_r (out, r), down = √S_r·V_rᵀ (r, in)."""
     up, down = top_factors(weight, rank)  # (out, r), (r, in)
