@@ -1,6 +1,7 @@
 """`LowRankLinear`: a dense layer replaced by two factors, W ≈ up · down.
 
-    y = up(down(x)) = (U_r·√Σ_r) · (√Σ_r·V_rᵀ) · x + b
+    y = up(down(x)) = (U_r·√Σ_r) · (√Σ_r·V_rᵀ) · x + b   (for plain SVD; every factorization is
+    stored balanced: column j of up and row j of down of equal norm, `welore.factorize.balance_factors`)
     down: (r, in) — the first factor, applied to the input
     up:   (out, r) — the second factor, carries the original bias
 
