@@ -241,8 +241,8 @@ def goals(runs: dict) -> list[str]:
                       f"({combined[better[0]]['bytes'] / 1e6:.1f} MB, {combined[better[0]]['ppl']:.2f})" if better
                       else "not dominated by any combined configuration measured"))
     if dominated:
-        out.append(f"- low rank + quantization dominates low rank alone at every size measured ({len(dominated)} "
-                   f"sizes): {'met' if all(dominated) else 'NOT met'}")
+        out.append(f"- low rank + quantization (a compensation, or quantized factors) dominates low rank alone at "
+                   f"every size measured ({len(dominated)} sizes): {'met' if all(dominated) else 'NOT met'}")
     return (["", "Goals of issue 10 on these figures:", ""] + out) if out else []
 
 
@@ -254,9 +254,13 @@ def write_doc(record: dict) -> None:
         "point per group, float16 compensation factors); the dense row counts them in bfloat16. `rtnB-gG`: "
         "round-to-nearest, B bits, groups of G weights of a row; `eoraB-gG-rR`: plus a rank-R correction of the "
         "quantization error whitened by the calibration text's XᵀX (EoRA); `wsvdB-gG-rR`: the same correction "
-        "fitted in weight space; `lrP`: low rank alone, P% of the target parameters removed (whitened SVD, minimax "
-        "allocation, calibrated like the compensation), bytes in bfloat16; `lrP-rtnB-gG`: that low-rank model with its "
-        "factors and remaining dense matrices quantized (`compress --ratio P/100 --quantize intB`). "
+        "fitted in weight space; `-iK` after either: K rounds alternating the codes and the correction "
+        "(`--compensate-iters K`, LQ-LoRA/CALDERA's Q(W − L·R) + L·R, the best round kept); `hqqB-gG`: HQQ's "
+        "optimised zero points instead of RTN (calibration-free); `lrP`: low rank alone, P% of the target "
+        "parameters removed (whitened SVD, minimax allocation, calibrated like the compensation), bytes in bfloat16; "
+        "`lrP-rtnB-gG`: that low-rank model with its factors and remaining dense matrices quantized "
+        "(`compress --ratio P/100 --quantize intB`; the lr10-rtn rows "
+        "were measured before welore stored factors balanced, 47ff2d2). Rows are sorted by bytes. "
         "Perplexity on the evaluation half of the text named, compensation calibrated on "
         "the calibration half of the other. "
         f"Machine: {record.get('machine')}.",
@@ -274,7 +278,7 @@ def write_doc(record: dict) -> None:
         dense = runs.get("dense", {}).get("ppl")
         lines += [f"### {key}", "", "| configuration | target bytes (MB) | bits/param | perplexity | vs dense |",
                   "|---|---|---|---|---|"]
-        for name, r in runs.items():
+        for name, r in sorted(runs.items(), key=lambda item: -item[1].get("bytes", 0)):
             if name == "speed":
                 continue
             rel = f"{r['ppl'] / dense:.2f}x" if dense else "-"
