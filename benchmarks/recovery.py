@@ -44,6 +44,12 @@ DEFAULT_COMPRESS = "--method welore --factorizer whiten --factorizer-param shrin
 LOSSES = {"lm": ("LM loss", []), "distill": ("distillation", ["--distill"])}  # --losses name -> label, options
 
 
+def git_commit() -> str | None:
+    """The code measured (a rerun after a change to welore adds a record instead of replacing one)."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
 def welore(*argv: str) -> float:
     """Run one `welore` command; return its wall seconds."""
     start = time.perf_counter()
@@ -74,7 +80,7 @@ def dense_figures(args: argparse.Namespace) -> dict[str, float] | None:
     return data["dense"]
 
 
-KEY = ("model", "ratio", "calib", "calib_tokens", "compress", "train_tokens", "finetune")
+KEY = ("model", "ratio", "calib", "calib_tokens", "compress", "train_tokens", "finetune", "commit")
 
 
 def load_records() -> list[dict]:
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
     record: dict = {"machine": machine(), "model": args.model, "ratio": args.ratio, "calib": args.calib,
                     "calib_tokens": args.calib_tokens, "compress": args.compress, "eval_tokens": args.eval_tokens,
                     "train_tokens": steps * args.batch_size * args.seq_len, "finetune": budget, "command": command,
-                    "runs": {}}
+                    "commit": git_commit(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         record["dense"] = dense_figures(args) or evaluate(args.model, tmp, args.eval_tokens)
@@ -151,7 +157,8 @@ def render_record(record: dict) -> list[str]:
            else f"with {made[0]} only" if made else "not at all")
     lines = [
         f"### {record['train_tokens']:,} training tokens of {calib}, ratio {record['ratio']}, "
-        f"`{record['compress']}`; judged on {other}",
+        f"`{record['compress']}`; judged on {other}"
+        + (f" (welore {record['commit']})" if record.get("commit") else ""),
         "",
         "Command:",
         "",
