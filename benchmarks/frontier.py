@@ -359,6 +359,19 @@ def report(args: argparse.Namespace) -> None:
         own = geomean([find[c, tokens, n, q]["perplexity"][c] for c, q in cells])
         flags = find[cells[0][0], tokens, n, cells[0][1]]["flags"]
         lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | `{flags}` |")
+    every = sorted({(r["calib"], r["ratio"]) for r in main})  # the whole sweep, both directions
+    everywhere = [n for n in dict.fromkeys(r["label"] for r in main)
+                  if all((c, tokens, n, q) in find for c, q in every)]
+    if len(every) > len(cells) and len(everywhere) > 1:
+        overall = {n: geomean([cross(c, n, q) for c, q in every]) for n in everywhere}
+        lines += ["", f"Over every cell of the sweep ({len(every)}: "
+                  f"{', '.join(sorted({f'{c} → {other(c)}' for c, _ in every}))} at "
+                  f"{', '.join(str(q) for q in sorted({q for _, q in every}))}), for the settings measured in all of "
+                  "them:", "", "| rank | setting | cross-domain geo-mean | in-domain geo-mean |",
+                  "|---:|---|---:|---:|"]
+        for i, n in enumerate(sorted(everywhere, key=overall.get), 1):
+            own = geomean([find[c, tokens, n, q]["perplexity"][c] for c, q in every])
+            lines.append(f"| {i} | {n} | {overall[n]:.1f} | {own:.1f} |")
     legacy = sorted({r["source"] for r in main if r.get("source")})
     if legacy:
         lines += ["", f"Records marked in `docs/frontier.json` with `source` {', '.join(legacy)} come from the run of "
