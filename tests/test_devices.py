@@ -98,29 +98,30 @@ def test_factors_on_cuda_match_the_cpu() -> None:
     assert up32.device.type == "cuda" and up32.dtype == torch.float32
 
 
-@cuda
-def test_compress_on_cuda_matches_the_cpu() -> None:
+def _logits_on_cpu_and_cuda(change) -> list[torch.Tensor]:
+    """The tiny model's logits after `change(model, windows)` in place, on the CPU and on the GPU."""
     windows = token_ids(batch=4, length=16)
     results = []
     for device in ("cpu", "cuda"):
         model = build_tiny("llama").to(device)
-        compress_(model, CompressConfig(ratio=0.3, method="uniform", factorizer="whiten"), calibration=windows,
-                  progress=False)
+        change(model, windows)
         with torch.no_grad():
             results.append(model(windows.to(device)).logits.float().cpu())
-    assert torch.allclose(results[0], results[1], atol=1e-3)
+    return results
+
+
+@cuda
+def test_compress_on_cuda_matches_the_cpu() -> None:
+    cpu, gpu = _logits_on_cpu_and_cuda(lambda model, windows: compress_(
+        model, CompressConfig(ratio=0.3, method="uniform", factorizer="whiten"), calibration=windows, progress=False))
+    assert torch.allclose(cpu, gpu, atol=1e-3)
 
 
 @cuda
 def test_quantization_with_alternating_compensation_on_cuda_matches_the_cpu() -> None:
     from welore.quantize import QuantConfig, quantize_
 
-    windows = token_ids(batch=4, length=16)
-    results = []
-    for device in ("cpu", "cuda"):
-        model = build_tiny("llama").to(device)
-        quantize_(model, QuantConfig(bits=3, group_size=32, compensate_rank=4, compensate_iters=3),
-                  calibration=windows, progress=False)
-        with torch.no_grad():
-            results.append(model(windows.to(device)).logits.float().cpu())
-    assert torch.allclose(results[0], results[1], atol=1e-3)
+    config = QuantConfig(bits=3, group_size=32, compensate_rank=4, compensate_iters=3)
+    cpu, gpu = _logits_on_cpu_and_cuda(lambda model, windows: quantize_(model, config, calibration=windows,
+                                                                        progress=False))
+    assert torch.allclose(cpu, gpu, atol=1e-3)
