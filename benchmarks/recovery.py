@@ -160,6 +160,7 @@ def render_record(record: dict) -> list[str]:
         f"`{record['compress']}`; judged on {other}"
         + (f" (welore {record['commit']})" if record.get("commit") else ""),
         "",
+        *([record["note"], ""] if record.get("note") else []),
         "Command:",
         "",
         f"    {record['command']}",
