@@ -564,3 +564,12 @@ def test_size_quality_plot_is_written_atomically(tmp_path: Path) -> None:
     plot_size_quality(points, tmp_path / "f.png", dense=(212.3, 11.2), title="frontier")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]
+
+
+def test_eora_factors_are_stored_balanced() -> None:
+    dense = torch.nn.Linear(64, 48, bias=False)
+    dense.weight.data = _weight()
+    stats, _ = _stats(64)
+    module, _ = quantize_layer(dense, "layer", 3, 32, rank=4, stats=stats, factor_dtype="float32")
+    up, down = module.up.detach(), module.down.detach()  # (out, r), (r, in)
+    torch.testing.assert_close(up.norm(dim=0), down.norm(dim=1), rtol=1e-4, atol=1e-7)

@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from welore._io import write_json
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS, svd_factors, whitening
+from welore.factorize import FACTORIZERS, balance_factors, svd_factors, whitening
 from welore.modules import LowRankLinear
 from welore.spectrum import _one_thread_per_op, check_finite
 from welore.targets import DENSE_TYPES, _matches, find_targets, matrix_shape, weight_matrix
@@ -562,9 +562,10 @@ def _error_matrix(weight: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
 def _compensation(error: torch.Tensor, rank: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors (up (out, r), down (r, in), float32) of E: the truncated SVD of E·S mapped
     back by S⁻¹ with the calibration statistics' whitening S (EoRA: `welore.factorize`'s
-    `whiten` factorizer applied to E), else the truncated SVD of E itself."""
+    `whiten` factorizer applied to E), else the truncated SVD of E itself; balanced as
+    `welore.compress` stores its factors, so fine-tuning moves both sides alike."""
     if stats is not None:
-        return FACTORIZERS["whiten"].factors(error, rank, stats)
+        return balance_factors(*FACTORIZERS["whiten"].factors(error, rank, stats))
     return svd_factors(error, rank)
 
 
@@ -698,17 +699,17 @@ def _output_norm(error: torch.Tensor, stats) -> float:
 def _compensate(
     name: str, weight: torch.Tensor, q: QuantizedWeight, error: torch.Tensor, rank: int, stats, dtype: torch.dtype,
     quantizer: str, iters: int,
-) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
-    """Codes and rank-r factors (stored dtype) with W ≈ Ŵ + up·down. Round 1 is EoRA: Ŵ = Q(W),
-    up·down fitted to W − Ŵ. Each further round (LQ-LoRA / CALDERA's alternation) quantizes what
-    the factors leave, Ŵ = Q(W − up·down), and refits the factors to W − Ŵ; the round with the
-    least error (on the calibration outputs with `stats`, else on the weights) is kept, so more
-    rounds never do worse than EoRA."""
+) -> tuple[float, QuantizedWeight, torch.Tensor, torch.Tensor]:
+    """‖W − Ŵ − up·down‖ (as `_output_norm` measures it), the codes and the rank-r factors
+    (stored dtype). Round 1 is EoRA: Ŵ = Q(W), up·down fitted to W − Ŵ. Each further round
+    (LQ-LoRA / CALDERA's alternation) quantizes what the factors leave, Ŵ = Q(W − up·down), and
+    refits the factors to W − Ŵ; the round with the least error (on the calibration outputs with
+    `stats`, else on the weights) is kept, so more rounds never do worse than EoRA."""
     def fit(q: QuantizedWeight, error: torch.Tensor) -> tuple[float, QuantizedWeight, torch.Tensor, torch.Tensor]:
         up, down = (f.to(dtype) for f in _compensation(error, rank, stats))
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise WeloreError(f"The compensation factors of {name} overflow {dtype}; use --factor-dtype float32.")
-        residual = _output_norm(error - _product(up, down), stats) if iters > 1 else 0.0
+        residual = _output_norm(error - _product(up, down), stats) if iters > 1 or stats is not None else 0.0
         return residual, q, up, down
 
     best = latest = fit(q, error)
@@ -718,7 +719,7 @@ def _compensate(
                             q.bits, q.group_size, quantizer)
         latest = fit(q, _error_matrix(weight, q))
         best = min(best, latest, key=lambda candidate: candidate[0])
-    return best[1:]
+    return best
 
 
 def quantize_layer(
@@ -736,12 +737,11 @@ def quantize_layer(
     if rank or stats is not None:
         error = _error_matrix(weight, q)  # (out, in)
     if rank:
-        q, up, down = _compensate(name, weight, q, error, rank, stats, dtype, quantizer, iters)
+        residual, q, up, down = _compensate(name, weight, q, error, rank, stats, dtype, quantizer, iters)
     if stats is not None:
         reference = _reference_energy(weight, stats) ** 0.5
         before = _output_norm(error, stats) / reference
-        after = _output_norm(_error_matrix(weight, q) - _product(up, down), stats) / reference if rank else before
-        errors = (before, after)
+        errors = (before, residual / reference if rank else before)
     bias = dense.bias.detach() if dense.bias is not None else None
     module = QuantizedLinear.from_quantized(q, bias, up, down, factor_dtype=dtype, dtype=weight.dtype)
     return module.to(weight.device), errors
