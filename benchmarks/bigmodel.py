@@ -13,9 +13,10 @@ own. Runs that feed text (data-aware compression, evaluation) get SmolLM2's toke
 vocabulary of 49152 instead of 32000. Random weights are fine for time and memory, meaningless
 for quality. The folder is deleted afterwards unless --keep.
 
-Each welore command runs in its own child process under `/usr/bin/time -v`: its peak resident
+Each welore command runs in its own child process, with a cache folder of its own (a first
+run: no spectra computed before), under `/usr/bin/time -v`: its peak resident
 memory, wall time and CPU time (user + system) are reported; time per block = wall / layers.
-The machine is shared with other jobs, so CPU time is the steadier figure.
+The 1-minute load average before and after each run says whether the machine was shared.
 """
 
 from __future__ import annotations
@@ -108,13 +109,17 @@ def build(name: str, folder: Path, tokenizer: Path | None = None) -> int:
     return total
 
 
-def measure(argv: list[str]) -> dict[str, float]:
-    """Run `python -m welore.cli ARGV` under /usr/bin/time -v: peak RSS (GB), wall and CPU (s)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+def measure(argv: list[str], cache: Path) -> dict[str, float]:
+    """Run `python -m welore.cli ARGV` under /usr/bin/time -v: peak RSS (GB), wall and CPU (s), and
+    the machine's 1-minute load average before and after. `cache` (a new folder) is welore's
+    cache for the run, so nothing computed by an earlier run (cached spectra) is reused."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), WELORE_CACHE=str(cache))
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "welore.cli", *argv]
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    load_after = os.getloadavg()[0]
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stdout}\n{done.stderr[-3000:]}")
     fields = dict(re.findall(r"^\s*([^:\n]+):\s*(.+)$", done.stderr, re.M))
@@ -122,6 +127,7 @@ def measure(argv: list[str]) -> dict[str, float]:
         "rss_gb": int(fields["Maximum resident set size (kbytes)"]) * 1024 / 1e9,
         "wall_s": wall,
         "cpu_s": float(fields["User time (seconds)"]) + float(fields["System time (seconds)"]),
+        "load": (load_before, load_after),  # 1-minute load averages: how much else ran beside it
     }
 
 
@@ -150,27 +156,31 @@ def main() -> None:
             argv = [a.format(model=model_dir, out=out_dir) for a in RUNS[run]]
             if args.max_memory:
                 argv += ["--max-memory", args.max_memory]
-            figures = measure(argv)
+            figures = measure(argv, cache=scratch / f"cache-{run}")
             rows.append((run, " ".join(argv).replace(str(scratch), "$DIR"), figures))
             print(run, figures, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(scratch / args.model, ignore_errors=True)
             shutil.rmtree(out_dir, ignore_errors=True)
+            for run in args.runs:
+                shutil.rmtree(scratch / f"cache-{run}", ignore_errors=True)
 
     lines = [
         f"## Big models: {args.model} (random bf16 weights, {size / 1e9:.2f} GB on disk)",
         "",
         f"Command: `.venv/bin/python benchmarks/bigmodel.py --model {args.model} --runs {' '.join(args.runs)}"
         + (f" --max-memory {args.max_memory}" if args.max_memory else "") + "`  ",
-        f"Machine: {machine()}; shared with other jobs while measured, so CPU time is the steadier figure.",
+        f"Machine: {machine()}. The load average (1 minute, before → after) says how much else ran; "
+        "above the core count, wall time overstates what the run needs and CPU time is the steadier figure.",
         "",
-        "| run | welore command | peak RSS (GB) | × checkpoint | wall (s) | CPU (s) | wall per block (s) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| run | welore command | peak RSS (GB) | × checkpoint | wall (s) | CPU (s) | wall per block (s) | load |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for run, command, f in rows:
         lines.append(f"| {run} | `welore {command}` | {f['rss_gb']:.2f} | {f['rss_gb'] * 1e9 / size:.2f} | "
-                     f"{f['wall_s']:.0f} | {f['cpu_s']:.0f} | {f['wall_s'] / layers:.1f} |")
+                     f"{f['wall_s']:.0f} | {f['cpu_s']:.0f} | {f['wall_s'] / layers:.1f} | "
+                     f"{f['load'][0]:.1f} → {f['load'][1]:.1f} |")
     text = "\n".join(lines)
     publish(f"bigmodel-{args.model}", text, write=not args.no_write)
 
