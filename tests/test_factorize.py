@@ -14,6 +14,7 @@ import torch
 from welore.calibrate import InputStats
 from welore.errors import WeloreError
 from welore.factorize import (
+    _WHITENINGS,
     ASVD,
     FACTORIZERS,
     GRAM_MIN_RELATIVE_SIGMA,
@@ -354,6 +355,63 @@ def test_whiten_shrinkage_whitens_the_ridged_gram_matrix() -> None:
     best = (u[:, : IN // 2] * s[: IN // 2]) @ vh[: IN // 2] @ torch.linalg.inv(root)
     torch.testing.assert_close((up @ down).double(), best, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(up @ down, plain[0] @ plain[1])
+
+
+def _root_route(w: torch.Tensor, rank: int, xtx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM as written: truncated SVD of W·S (S the Cholesky factor of XᵀX), then ·S⁻¹; spectrum and W_r."""
+    root = torch.linalg.cholesky(xtx)
+    u, s, vh = torch.linalg.svd(w.double() @ root)
+    return s, (u[:, :rank] * s[:rank]) @ vh[:rank] @ torch.linalg.inv(root)
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.5])
+def test_whiten_of_a_wide_weight_needs_no_root_and_matches_it(shrinkage: float) -> None:
+    """out ≤ in (o_proj, down_proj): spectrum and factors come from W·XᵀX·Wᵀ, with the root route's
+    figures; at full rank W comes back, and the output error is the spectrum's tail."""
+    x = correlated_inputs()
+    w = weight()[: IN - 4]  # (12, 16): wide
+    stats = stats_of(x)
+    xtx = stats.xtx + shrinkage * torch.diag(stats.xtx.diagonal())
+    factorizer = Whiten(shrinkage=shrinkage)
+    spectrum = factorizer.spectrum(w, stats)
+    reference, _ = _root_route(w, 1, xtx)
+    assert spectrum.shape == (IN - 4,)
+    torch.testing.assert_close(spectrum, reference, rtol=1e-6, atol=0.0)
+    for rank in (1, 5, 9):
+        up, down = factorizer.factors(w, rank, stats)
+        assert up.shape == (IN - 4, rank) and down.shape == (rank, IN) and up.dtype == torch.float32
+        _, best = _root_route(w, rank, xtx)
+        torch.testing.assert_close((up @ down).double(), best, atol=1e-5, rtol=1e-4)
+        if shrinkage == 0.0:
+            tail = spectrum[rank:].pow(2).sum().item()
+            assert output_error(w, up @ down, x) == pytest.approx(tail, rel=1e-3)
+    up, down = factorizer.factors(w, IN - 4, stats)
+    assert torch.allclose(up @ down, w, atol=1e-5)
+    assert stats not in _WHITENINGS, "no Cholesky factor was computed for a wide weight"
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12, 512])
+def test_whiten_output_gram_in_row_blocks(rows: int) -> None:
+    """W·(XᵀX + λ·diag)·Wᵀ built a block of rows at a time: its lower triangle is the whole product's."""
+    stats = stats_of(correlated_inputs())
+    w = weight()[:12].to(torch.bfloat16)  # stored dtype: converted a block at a time
+    xtx = stats.xtx + 0.3 * torch.diag(stats.xtx.diagonal())
+    expected = w.double() @ xtx @ w.double().T
+    got = Whiten(shrinkage=0.3)._output_gram(w, stats, rows=rows)
+    torch.testing.assert_close(got.tril(), expected.tril(), rtol=1e-12, atol=1e-9)
+
+
+def test_whiten_of_a_wide_weight_on_rank_deficient_inputs() -> None:
+    """Fewer tokens than inputs: within the inputs' span the wide route is exact without jitter;
+    beyond it (σ_r = 0) the factors come from the jittered root, as for a tall weight."""
+    x = correlated_inputs(tokens=6)  # rank(XᵀX) = 6
+    w = weight()[:10]  # (10, 16): wide
+    stats = stats_of(x)
+    up, down = FACTORIZERS["whiten"].factors(w, 6, stats)
+    assert output_error(w, up @ down, x) < 1e-9 * output_error(w, torch.zeros_like(w), x)
+    up, down = FACTORIZERS["whiten"].factors(w, 10, stats)  # beyond the span
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    assert torch.allclose(up @ down, w, atol=1e-4)
 
 
 def test_balanced_factors_keep_the_product_and_even_the_norms() -> None:

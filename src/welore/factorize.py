@@ -43,7 +43,7 @@ import torch
 from welore.devices import float64_device
 from welore.errors import WeloreError
 from welore.options import describe_fields, parse_value
-from welore.spectrum import singular_values
+from welore.spectrum import gram_singular_values, singular_values
 
 if TYPE_CHECKING:
     from welore.calibrate import InputStats
@@ -119,6 +119,7 @@ def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return values[-rank:].flip(0), vectors[:, -rank:].flip(1)
 
 
+ROWS = 512  # rows of a weight converted to float64 at a time where a Gram matrix is built from it
 GRAM_MIN_RELATIVE_SIGMA = 1e-5  # the Gram route needs σ_r ≥ this × σ_1; below it, the full SVD
 
 
@@ -139,18 +140,26 @@ def top_factors(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     assert 1 <= rank <= min(a.shape), f"rank {rank} outside [1, {min(a.shape)}] for a {tuple(a.shape)} matrix"
     a = a.detach().to(float64_device(a.device), torch.float64)  # (m, n); MPS: on the CPU
     wide = a.shape[0] <= a.shape[1]
-    gram = a @ a.T if wide else a.T @ a  # (k, k), k = min(m, n)
-    top, vectors = _top_eigenpairs(gram, rank)  # (r,) σ_1² ≥ … ≥ σ_r², (k, r)
-    del gram
-    if not top[-1].item() >= GRAM_MIN_RELATIVE_SIGMA**2 * top[0].item() > 0:
+    top = _gram_top(a @ a.T if wide else a.T @ a, rank)  # Gram (k, k), k = min(m, n)
+    if top is None:
         log.debug("σ_r/σ_1 below %g for a %s matrix at rank %d: full SVD",
                   GRAM_MIN_RELATIVE_SIGMA, tuple(a.shape), rank)
         u, s, vh = torch.linalg.svd(a, full_matrices=False)  # (m, k), (k,), (k, n)
         return _balanced(u, s, vh, rank)
-    root = top.sqrt().sqrt()  # (r,) √σ
+    vectors, root = top
     if wide:  # vectors = U_r
         return vectors * root, (vectors / root).T @ a  # (m, r), (r, n)
     return a @ (vectors / root), (vectors * root).T  # vectors = V_r: (m, r), (r, n)
+
+
+def _gram_top(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """From the Gram matrix (k, k) of some A (destroyed on the CPU): its top r eigenvectors (k, r),
+    one side's singular vectors of A, and √σ_1 ≥ … ≥ √σ_r (r,); None when σ_r is below
+    GRAM_MIN_RELATIVE_SIGMA·σ_1 and the route is not precise enough (see `top_factors`)."""
+    top, vectors = _top_eigenpairs(gram, rank)  # (r,) σ_1² ≥ … ≥ σ_r², (k, r)
+    if not top[-1].item() >= GRAM_MIN_RELATIVE_SIGMA**2 * top[0].item() > 0:
+        return None
+    return vectors, top.sqrt().sqrt()
 
 
 def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,16 +304,82 @@ class Whiten:
     def spectrum(self, weight: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
         """Singular values of W·S: σ_j² is the output error (on the calibration tokens) of cutting j."""
         stats = _require_stats("whiten", weight, stats)
+        if weight.shape[0] <= weight.shape[1]:  # (W·S)·(W·S)ᵀ = W·XᵀX·Wᵀ: no root needed
+            return gram_singular_values(self._output_gram(weight, stats))
         root = whitening(stats, self.shrinkage).root
-        return singular_values(weight.detach().to(root.device, torch.float64) @ root)
+        return gram_singular_values(root.T @ _row_gram(weight, root.device) @ root)  # (W·S)ᵀ·(W·S) = Sᵀ·WᵀW·S
 
     def factors(self, weight: torch.Tensor, rank: int, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-r factors of W·S, mapped back: up·down = W_r minimises ‖(W − W_r)·Xᵀ‖_F.
+
+        Both orientations work from the smaller Gram matrix of W·S, formed without W·S itself and
+        with W in float64 a block of rows at a time (`_output_gram`, `_row_gram`): down_proj and
+        gate_proj of a 1.1B model then need 0.1–0.15 GB beyond their statistics instead of 0.3."""
         stats = _require_stats("whiten", weight, stats)
+        wide = weight.shape[0] <= weight.shape[1]
+        if wide:  # U_r of W·S from W·XᵀX·Wᵀ; W_r = U_r·U_rᵀ·W, so √Σ_r·V_rᵀ·S⁻¹ = Σ_r^(-1/2)·U_rᵀ·W
+            top = _gram_top(self._output_gram(weight, stats), rank)
+            if top is not None:
+                vectors, root = top  # (out, r), (r,)
+                up, down = vectors * root, _left_product((vectors / root).T, weight)  # (out, r), (r, in)
+                return up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)
         white = whitening(stats, self.shrinkage)
-        w = weight.detach().to(white.root.device, torch.float64)  # (out, in)
+        if not wide:  # V_r of W·S from Sᵀ·WᵀW·S; up = W·S·V_r·Σ_r^(-1/2), down = √Σ_r·V_rᵀ·S⁻¹
+            top = _gram_top(white.root.T @ _row_gram(weight, white.root.device) @ white.root, rank)
+            if top is not None:
+                vectors, root = top  # (in, r), (r,)
+                up = _right_product(weight, white.root @ (vectors / root))  # (out, r)
+                down = white.right_solve((vectors * root).T)  # (r, in)
+                return up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)
+        w = weight.detach().to(white.root.device, torch.float64)  # (out, in); σ_r too small for a Gram route
         up, down = top_factors(w @ white.root, rank)  # (out, r), (r, in) in the whitened space
         down = white.right_solve(down)  # (r, in): √Σ_r·V_rᵀ·S⁻¹
         return up.to(weight.device, torch.float32), down.to(weight.device, torch.float32)
+
+    def _output_gram(self, weight: torch.Tensor, stats: InputStats, rows: int = ROWS) -> torch.Tensor:
+        """W·(XᵀX + λ·diag(XᵀX))·Wᵀ (out, out), float64, `rows` rows of W at a time.
+
+        For a weight with no more outputs than inputs (o_proj, down_proj, k/v) this is the small
+        Gram matrix of W·S, so its spectrum and top factors need no Cholesky factor S (in, in)
+        nor a solve with it. Where XᵀX is singular this is exact, with no jitter."""
+        xtx = stats.xtx
+        w = weight.detach().to(xtx.device)  # (out, in), in its own dtype
+        shrink = self.shrinkage * xtx.diagonal() if self.shrinkage else None  # (in,)
+        out = w.shape[0]
+        gram = torch.zeros(out, out, dtype=torch.float64, device=xtx.device)  # (out, out)
+        for i in range(0, out, rows):
+            part = w[i:i + rows].to(torch.float64)  # (rows, in)
+            left = part @ xtx  # (rows, in)
+            if shrink is not None:
+                left += part * shrink
+            for j in range(0, i + rows, rows):  # the lower triangle and diagonal blocks: all eigh reads
+                torch.matmul(left, w[j:j + rows].to(torch.float64).T, out=gram[i:i + rows, j:j + rows])
+        return gram  # the lower triangle (and diagonal blocks), all that the symmetric eigen-solvers read
+
+
+def _row_gram(weight: torch.Tensor, device: torch.device, rows: int = ROWS) -> torch.Tensor:
+    """WᵀW (in, in), float64 on `device`, summed over blocks of `rows` rows of W."""
+    w = weight.detach().to(device)
+    gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=device)
+    for i in range(0, w.shape[0], rows):
+        part = w[i:i + rows].to(torch.float64)  # (rows, in)
+        gram.addmm_(part.T, part)
+    return gram
+
+
+def _right_product(weight: torch.Tensor, right: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
+    """W·right (out, r), float64, with W in float64 `rows` rows at a time."""
+    w = weight.detach().to(right.device)
+    return torch.cat([w[i:i + rows].to(torch.float64) @ right for i in range(0, w.shape[0], rows)])
+
+
+def _left_product(left: torch.Tensor, weight: torch.Tensor, rows: int = ROWS) -> torch.Tensor:
+    """left·W (r, in), float64, with W in float64 `rows` rows at a time (left: (r, out))."""
+    w = weight.detach().to(left.device)
+    result = torch.zeros(left.shape[0], w.shape[1], dtype=torch.float64, device=left.device)
+    for i in range(0, w.shape[0], rows):
+        result.addmm_(left[:, i:i + rows], w[i:i + rows].to(torch.float64))
+    return result
 
 
 @register_factorizer("asvd")
