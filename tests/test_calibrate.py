@@ -222,3 +222,34 @@ def test_non_finite_activations_stop_calibration() -> None:
     with pytest.raises(WeloreError, match=r"mlp\.(gate|up)_proj.*contain NaN"):
         collect(model, token_ids(**WINDOWS))
     assert_no_hooks(model)
+
+
+def test_drained_statistics_are_freed_before_the_next_block() -> None:
+    """`drain` hands out a block's statistics in order and empties the dict; the generator keeps
+    no reference, so while the next block runs the earlier block's statistics are gone (one
+    block's XᵀX in memory at a time, not two)."""
+    import gc
+    import weakref
+
+    from welore.calibrate import drain
+
+    model = build_tiny("llama", layers=3)
+    targets = find_targets(model)
+    alive: list[weakref.ref] = []
+    seen_alive: list[int] = []  # earlier statistics still referenced, each time a block starts
+
+    def count(module: nn.Module, args: tuple) -> None:
+        gc.collect()
+        seen_alive.append(sum(ref() is not None for ref in alive))
+
+    hooks = [block.register_forward_pre_hook(count) for block in model.model.layers]
+    for _, block_stats in iter_block_stats(model, targets, token_ids(**WINDOWS), batch_size=BATCH, progress=False):
+        names, handed = list(block_stats), []
+        for name, stats in drain(block_stats):
+            handed.append(name)
+            alive.append(weakref.ref(stats))
+        del stats
+        assert handed == names and not block_stats
+    for hook in hooks:
+        hook.remove()
+    assert len(alive) == len(targets) and seen_alive and not any(seen_alive), seen_alive

@@ -130,6 +130,29 @@ def test_streamed_compress_is_bit_identical(sharded_dir: Path, tmp_path: Path, f
     assert perplexity(load(tmp_path / "streamed", stream=True), windows, batch_size=2, progress=False) == resident_ppl
 
 
+def test_block_passes_hold_no_weights_outside_the_blocks(sharded_dir: Path) -> None:
+    """Between capturing block 0's inputs and the last block, embeddings, final norm and LM head
+    are off memory (meta); afterwards they are back, equal to the files, and still tied."""
+    from welore.calibrate import block_outputs, iter_block_stats
+    from welore.targets import find_targets
+
+    model = _streamed(sharded_dir)
+    access = block_access(model)
+    before = {n: t.clone() for n, t in access.state_dict_outside().items()}
+    tied_before = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    seen = []
+    for k, _ in iter_block_stats(model, find_targets(model), token_ids(batch=2, length=8, seed=1), batch_size=2,
+                                 progress=False):
+        outside = [t for n, t in model.state_dict(keep_vars=True).items() if access.block_of(n) is None]
+        seen.append((k, {t.device.type for t in outside if t.requires_grad or t.is_floating_point()}))
+    assert seen and all(devices == {"meta"} for _, devices in seen), seen
+    after = access.state_dict_outside()
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied_before
+    hidden, _ = block_outputs(model, token_ids(batch=2, length=8, seed=2), batch_size=2, progress=False)
+    assert hidden and all(t.device.type != "meta" for t in access.state_dict_outside().values())
+
+
 def test_streamed_analyze_and_perplexity(sharded_dir: Path) -> None:
     resident, streamed = _resident(sharded_dir), _streamed(sharded_dir)
     a, b = analyze(resident, ratio=0.3, progress=False), analyze(streamed, ratio=0.3, progress=False)

@@ -45,9 +45,13 @@ from tqdm.auto import tqdm
 
 from welore.devices import float64_device
 from welore.errors import WeloreError
+from welore.spectrum import all_finite
 from welore.stream import Blocks, activation_bytes, block_access, check_activations
 
 log = logging.getLogger(__name__)
+
+
+ADD_CHUNK_TOKENS = 512  # tokens converted to float64 at a time when statistics accumulate
 
 
 @dataclass(eq=False)  # identity semantics: several modules may hold the same object
@@ -81,15 +85,18 @@ class InputStats:
     def add_(self, x: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """Accumulate a batch of inputs x (..., in); with `dense`, the dense model's inputs of the
         same tokens (..., in), also Σ x x_denseᵀ."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)  # (tokens, in)
-        self.xtx.addmm_(x.T, x)  # (in, in)
+        x = x.detach().reshape(-1, x.shape[-1])  # (tokens, in)
         if dense is not None:
-            dense = dense.detach().reshape(-1, dense.shape[-1]).to(self.xtx.device, torch.float64)  # (tokens, in)
+            dense = dense.detach().reshape(-1, dense.shape[-1])  # (tokens, in)
             assert dense.shape == x.shape, f"dense inputs {tuple(dense.shape)} do not pair with inputs {tuple(x.shape)}"
             if self.cross is None:
                 self.cross = torch.zeros_like(self.xtx)
-            self.cross.addmm_(x.T, dense)  # (in, in)
-        self.abs_sum.add_(x.abs().sum(dim=0))  # (in,)
+        for start in range(0, x.shape[0], ADD_CHUNK_TOKENS):  # float64 copies of a chunk, not of the whole batch
+            part = x[start:start + ADD_CHUNK_TOKENS].to(self.xtx.device, torch.float64)  # (chunk, in)
+            self.xtx.addmm_(part.T, part)  # (in, in)
+            if dense is not None:
+                self.cross.addmm_(part.T, dense[start:start + ADD_CHUNK_TOKENS].to(self.xtx.device, torch.float64))
+            self.abs_sum.add_(part.abs().sum(dim=0))  # (in,)
         self.tokens += x.shape[0]
 
     def check(self, name: str) -> None:
@@ -97,8 +104,8 @@ class InputStats:
         if self.tokens == 0:
             raise WeloreError(f"The input statistics of {name} hold no tokens; the module never ran on the "
                               "calibration text, so check the targets and the calibration windows.")
-        finite = torch.isfinite(self.xtx).all() and torch.isfinite(self.abs_sum).all()
-        if not (finite and (self.cross is None or torch.isfinite(self.cross).all())):
+        finite = all_finite(self.xtx) and all_finite(self.abs_sum)
+        if not (finite and (self.cross is None or all_finite(self.cross))):
             raise WeloreError(
                 f"The input statistics of {name} contain NaN or Inf; the model or the calibration text produced "
                 "non-finite activations (try float32 instead of float16, or check the model's weights)."
@@ -338,6 +345,8 @@ def iter_block_stats(
     k (e.g. compress it) before resuming: with `sequential`, block k+1's statistics are then
     taken on the changed block's outputs; without, on the unchanged block's. Statistics live on
     the device of the module they describe. Block k is in memory while its statistics are used.
+    The generator keeps no reference to a block's statistics once resumed: a consumer that drops
+    them (`drain`) holds one block's statistics at a time, not two.
 
     `paired` (with `sequential`) also runs the dense model alongside: a second stream of hidden
     states goes through every block before the consumer changes it, and each target's statistics
@@ -365,23 +374,34 @@ def iter_block_stats(
             dense_hidden = [h.clone() for h in hidden] if paired else None  # the dense model's stream
             log.info("calibrating %d targets in %d blocks of %s on %d windows of %d tokens",
                      len(targets), len(per_block), list_name, windows.shape[0], windows.shape[1])
-            for k in range(last + 1):
-                with access.use(k):
-                    advanced = False
-                    if k in per_block:
-                        advance = not sequential and k < last
-                        stats = _block_stats(blocks[k], per_block[k], hidden, inputs[k], keep_outputs=advance,
-                                             dense_hidden=dense_hidden)
-                        advanced = advance
-                        yield k, stats
-                    elif dense_hidden is not None and k < last:  # a block without targets: the dense stream too
-                        _advance(blocks[k], dense_hidden, inputs[k])
-                    if k < last and not advanced:  # the next block's inputs: this block's outputs, after any change
-                        _advance(blocks[k], hidden, inputs[k])  # looked up again: the consumer may have replaced it
-                bar.update()
+            with access.outside_released():
+                for k in range(last + 1):
+                    with access.use(k):
+                        advanced = False
+                        if k in per_block:
+                            advance = not sequential and k < last
+                            stats = _block_stats(blocks[k], per_block[k], hidden, inputs[k], keep_outputs=advance,
+                                                 dense_hidden=dense_hidden)
+                            advanced = advance
+                            yield k, stats
+                            del stats  # so a consumer that drops them frees them before the next block's
+                        elif dense_hidden is not None and k < last:  # a block without targets: the dense stream too
+                            _advance(blocks[k], dense_hidden, inputs[k])
+                        if k < last and not advanced:  # the next block's inputs: this block's outputs, after any
+                            _advance(blocks[k], hidden, inputs[k])  # change; looked up again: it may be replaced
+                    bar.update()
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def drain(block_stats: dict[str, InputStats]) -> Iterator[tuple[str, InputStats]]:
+    """(name, statistics) of one block from `iter_block_stats`, in order, each removed from the
+    dict as it is handed out: statistics no remaining target shares are freed as soon as the
+    consumer drops them (a 1.1B model's blocks hold 0.36 GB of XᵀX, its down_proj's 0.25 GB)."""
+    while block_stats:
+        name = next(iter(block_stats))
+        yield name, block_stats.pop(name)
 
 
 def _target_blocks(
@@ -463,9 +483,10 @@ def block_outputs(
                       f"hidden states of {windows.shape[0]}x{windows.shape[1]} tokens")
     with torch.no_grad():
         hidden, inputs = _capture_all(model, access.blocks, windows, batch_size)
-        for k in tqdm(range(len(access)), desc="blocks", unit="block", disable=not progress):
-            with access.use(k) as block:
-                _advance(block, hidden, inputs[k])
+        with access.outside_released():
+            for k in tqdm(range(len(access)), desc="blocks", unit="block", disable=not progress):
+                with access.use(k) as block:
+                    _advance(block, hidden, inputs[k])
     return hidden, inputs[-1]
 
 

@@ -16,6 +16,7 @@ nothing to read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field, replace
 
@@ -149,10 +150,17 @@ def block_spectra(model: nn.Module, targets: dict[str, nn.Module], progress: boo
     access = block_access(model)
     groups = access.groups(targets)
     spectra: dict[str, torch.Tensor] = {}
-    for k, names in tqdm(groups, desc="spectra", unit="block", disable=not progress):
-        with access.use(k):
-            spectra.update(compute_spectra({n: targets[n] for n in names}, progress=False))
+    with _outside_released_if_unused(access, groups):
+        for k, names in tqdm(groups, desc="spectra", unit="block", disable=not progress):
+            with access.use(k):
+                spectra.update(compute_spectra({n: targets[n] for n in names}, progress=False))
     return {n: spectra[n] for n in targets}
+
+
+def _outside_released_if_unused(access, groups: list[tuple[int | None, list[str]]]):
+    """`access.outside_released()` when every target lies inside the decoder blocks (a pass
+    over targets outside them, e.g. the LM head, needs those weights)."""
+    return access.outside_released() if all(k is not None for k, _ in groups) else contextlib.nullcontext()
 
 
 def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
@@ -209,8 +217,10 @@ def apply_plan_(
             swap_module(model, name, module)
         return list(plan.factorized)
     access = block_access(model)
-    with tqdm(total=len(plan.factorized), desc="factorizing", disable=not progress) as bar:
-        for k, names in access.groups(plan.factorized):
+    groups = access.groups(plan.factorized)
+    with tqdm(total=len(plan.factorized), desc="factorizing", disable=not progress) as bar, \
+            _outside_released_if_unused(access, groups):
+        for k, names in groups:
             with access.use(k):
                 for name in names:
                     rank = plan.ranks[name]
@@ -228,7 +238,7 @@ def calibrated_spectra(
     """The spectra a data-aware factorizer sees (e.g. singular values of W·S, or of L_Gᵀ·W·L_A
     for kfac, in loss units), block by block. `gradients`: the output-gradient statistics a
     curvature-aware factorizer needs (`gradient_stats`), gathered here when not given."""
-    from welore.calibrate import iter_block_stats
+    from welore.calibrate import drain, iter_block_stats
 
     factorizer = config.make_factorizer()
     targets = find_targets(model, config.targets)
@@ -237,10 +247,11 @@ def calibrated_spectra(
     spectra = {}
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
                                            sequential=False):
-        for name, stats in block_stats.items():
+        for name, stats in drain(block_stats):  # each block's statistics freed before the next block's are taken
             stats.check(name)
             spectra[name] = factorizer.spectrum(weight_matrix(targets[name]), _with_gradients(stats, gradients, name))
-    return spectra
+        del stats
+    return {name: spectra[name] for name in targets}
 
 
 def gradient_stats(model: nn.Module, targets: dict[str, nn.Module], calibration: torch.Tensor, batch_size: int = 4,
@@ -285,21 +296,25 @@ def _apply_plan_calibrated_(
     the dense model's inputs are gathered beside them and the factors refitted. A
     curvature-aware factorizer also gets `gradients` (taken on the dense model, here when not
     given: the loss's gradients need the whole model, so they are not sequential)."""
-    from welore.calibrate import iter_block_stats
+    from welore.calibrate import drain, iter_block_stats
 
     check_plan_fits(model, plan)
     targets = {name: model.get_submodule(name) for name in plan.factorized}
     refit = config.make_refit()
     if getattr(config.make_factorizer(), "needs_gradients", False) and gradients is None:
         gradients = gradient_stats(model, targets, calibration, batch_size, progress)
+    streamed = block_access(model).streamed
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
                                            sequential=config.sequential, paired=refit is not None):
-        for name, stats in block_stats.items():
+        for name, stats in drain(block_stats):  # each block's statistics freed before the next block's are taken
             stats.check(name)
             rank = plan.ranks[name]
             assert rank is not None
             swap_module(model, name, factorize_layer(targets[name], name, rank, config.make_factorizer(),
                                                      _with_gradients(stats, gradients, name), refit))
+            if streamed:  # its block releases only what it holds now; `targets` would keep this weight in memory
+                targets[name].to("meta")
+        del stats
     return list(plan.factorized)
 
 

@@ -271,6 +271,13 @@ class Blocks:
         """Block k in memory for the duration (k None: nothing to read)."""
         yield self.blocks[k] if k is not None else None
 
+    @contextlib.contextmanager
+    def outside_released(self) -> Iterator[None]:
+        """For the duration, the weights outside the decoder blocks need not be in memory (a pass
+        over the blocks uses them only before the first block and after the last); resident
+        models keep them."""
+        yield
+
     def state_dict_outside(self) -> dict[str, torch.Tensor]:
         """The state dict of everything outside the decoder blocks."""
         return {n: t for n, t in self.model.state_dict().items() if self.block_of(n) is None}
@@ -348,6 +355,23 @@ class StreamedBlocks(Blocks):
         if missing:
             raise WeloreError(f"{self.files.folder} has no tensor {missing[0]}; "
                               "the weights do not match the model's config, re-create the folder.")
+
+    @contextlib.contextmanager
+    def outside_released(self) -> Iterator[None]:
+        """The weights outside the blocks that came from the files (embeddings, final norm, LM
+        head, and what is tied to them) go to the meta device for the duration and are read back
+        afterwards: a pass over the blocks then holds W_out only at its ends."""
+        state = {n: t for n, t in self.model.state_dict(keep_vars=True).items()
+                 if self.block_of(n) is None and t.device.type != "meta"}
+        from_files = {t.data_ptr() for n, t in state.items() if n in self.files}
+        released = [n for n, t in state.items() if t.data_ptr() in from_files]
+        del state  # no reference may outlive the release
+        for name in released:
+            set_module_tensor_to_device(self.model, name, "meta", clear_cache=False)
+        try:
+            yield
+        finally:
+            self.materialize_outside()
 
     @contextlib.contextmanager
     def use(self, k: int | None, keep_changes: bool = True) -> Iterator[nn.Module | None]:
