@@ -6,12 +6,15 @@ factors' bytes, the perplexity), so the resident and streamed runs are compared 
 in one run and checked to give identical results. Next to each streamed peak stands the
 peak-memory law of the README:
 
-    peak ≈ P (python + torch + welore, measured by an empty job)
-         + W_out (weights outside the decoder blocks: embeddings, final norm, LM head)
-         + 2·W_block (the block being processed and its factorized / working copy)
-         + N·T·d·b (hidden states of all N windows of T tokens; b bytes per value)
-         + S (XᵀX statistics of one block, float64: Σ over its distinct inputs of in²·8; calibration only)
-         + L (one batch's logits and their float32 log-probabilities, 2·B·T·V·4; perplexity only)
+    peak ≈ P + max(ends, blocks), P python + torch + welore (measured by an empty job), where
+      ends   = W_out (weights outside the decoder blocks: embeddings, final norm, LM head)
+               + N·T·d·b (hidden states of all N windows of T tokens; b bytes per value)
+               + L (one batch's logits and their float32 log-probabilities, 2·B·T·V·4; perplexity only)
+               + 2·W_shard (the largest output shard serialized in memory; compress and export only)
+      blocks = 2·W_block (the block being processed and its factorized / working copy)
+               + N·T·d·b
+               + S (XᵀX statistics of one block, float64: Σ over its distinct inputs of in²·8; calibration only)
+    (the weights outside the blocks are released while a pass goes over the blocks)
 
     python benchmarks/stream_memory.py                     # SmolLM2-135M (float32), writes docs/benchmarks.md
     python benchmarks/stream_memory.py --model DIR --dtype bfloat16 --section stream-memory-1b --jobs ...
@@ -109,8 +112,9 @@ def child(args: argparse.Namespace) -> dict:
     return result
 
 
-def law(settings: dict, tokens: int, job: str, base: int) -> dict[str, int]:
-    """The README's peak-memory law for a streamed `job`, term by term, in bytes."""
+def law(settings: dict, tokens: int, job: str, base: int) -> dict[str, dict[str, int]]:
+    """The README's peak-memory law for a streamed `job`, term by term, in bytes, for its two
+    phases: at the ends of a pass (`ends`) and over the blocks (`blocks`); the peak is the larger."""
     import torch
 
     from welore.checkpoint import empty_model
@@ -122,16 +126,18 @@ def law(settings: dict, tokens: int, job: str, base: int) -> dict[str, int]:
     dtype = DTYPES.get(settings["dtype"], torch.float32)
     access = StreamedBlocks(empty_model(folder, dtype), TensorFiles(folder))
     d, mlp, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    terms = {"P": base, "W_out": access.outside_bytes, "2·W_block": 2 * access.block_bytes}
+    shared = {"P": base}
     if job in ("compress-whiten-seq", "evaluate"):
-        terms["N·T·d·b"] = tokens * d * dtype.itemsize
-    if job == "compress-whiten-seq":
-        terms["S"] = (3 * d * d + mlp * mlp) * 8  # q/k/v, o, gate/up and down inputs
+        shared["N·T·d·b"] = tokens * d * dtype.itemsize
+    ends = {**shared, "W_out": access.outside_bytes}  # capturing block 0's inputs, the LM head, writing the output
     if job == "evaluate":
-        terms["L"] = 2 * settings["batch_size"] * settings["seq_len"] * vocab * 4
+        ends["L"] = 2 * settings["batch_size"] * settings["seq_len"] * vocab * 4
     if job.startswith(("compress", "export")):  # the largest shard written (the embeddings), serialized in memory
-        terms["2·W_shard"] = 2 * access.outside_bytes
-    return terms
+        ends["2·W_shard"] = 2 * access.outside_bytes
+    blocks = {**shared, "2·W_block": 2 * access.block_bytes}  # between them: the weights outside are released
+    if job == "compress-whiten-seq":
+        blocks["S"] = (3 * d * d + mlp * mlp) * 8  # q/k/v, o, gate/up and down inputs
+    return {"ends": ends, "blocks": blocks}
 
 
 def render(data: dict) -> str:
@@ -155,11 +161,13 @@ def render(data: dict) -> str:
     ]
     for row in data["rows"]:
         r, s = row["resident"], row["streamed"]
-        terms = law(settings, row["tokens"], row["job"], base)
-        text = ", ".join(f"{k} {v / gb:.3f}" for k, v in terms.items())
+        phases = law(settings, row["tokens"], row["job"], base)
+        text = "; ".join(f"{phase}: " + ", ".join(f"{k} {v / gb:.3f}" for k, v in terms.items())
+                         for phase, terms in phases.items())
+        predicted = max(sum(terms.values()) for terms in phases.values())
         lines.append(
             f"| {row['job']} | {row['tokens'] or '-'} | {r['peak_rss'] / gb:.2f} GB | {s['peak_rss'] / gb:.2f} GB | "
-            f"{s['peak_rss'] / r['peak_rss']:.2f}× | {sum(terms.values()) / gb:.2f} GB | {text} | "
+            f"{s['peak_rss'] / r['peak_rss']:.2f}× | {predicted / gb:.2f} GB | {text} | "
             f"{r['seconds']:.0f} s → {s['seconds']:.0f} s | {'yes' if row['identical'] else 'NO'} |"
         )
     return "\n".join(lines)
