@@ -130,6 +130,23 @@ def test_streamed_compress_is_bit_identical(sharded_dir: Path, tmp_path: Path, f
     assert perplexity(load(tmp_path / "streamed", stream=True), windows, batch_size=2, progress=False) == resident_ppl
 
 
+def test_a_replaced_layer_is_released_with_its_block(sharded_dir: Path) -> None:
+    """A layer swapped out while its block is in use keeps no weights afterwards, even when the
+    caller still holds it (a data-aware compression holds every dense target)."""
+    from welore.modules import swap_module
+    from welore.targets import find_targets
+
+    model = _streamed(sharded_dir)
+    access = block_access(model)
+    name = next(n for n in find_targets(model) if access.block_of(n) == 0)
+    with access.use(0):
+        old = model.get_submodule(name)
+        assert all(p.device.type != "meta" for p in old.parameters())
+        swap_module(model, name, torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+                    if isinstance(old, torch.nn.Linear) else type(old)(*old.weight.shape[::-1]))
+    assert all(p.device.type == "meta" for p in old.parameters())
+
+
 def test_block_passes_hold_no_weights_outside_the_blocks(sharded_dir: Path) -> None:
     """Between capturing block 0's inputs and the last block, embeddings, final norm and LM head
     are off memory (meta); afterwards they are back, equal to the files, and still tied."""

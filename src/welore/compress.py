@@ -251,7 +251,7 @@ def calibrated_spectra(
             stats.check(name)
             spectra[name] = factorizer.spectrum(weight_matrix(targets[name]), _with_gradients(stats, gradients, name))
         del stats
-    return {name: spectra[name] for name in targets}
+    return spectra
 
 
 def gradient_stats(model: nn.Module, targets: dict[str, nn.Module], calibration: torch.Tensor, batch_size: int = 4,
@@ -303,7 +303,6 @@ def _apply_plan_calibrated_(
     refit = config.make_refit()
     if getattr(config.make_factorizer(), "needs_gradients", False) and gradients is None:
         gradients = gradient_stats(model, targets, calibration, batch_size, progress)
-    streamed = block_access(model).streamed
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
                                            sequential=config.sequential, paired=refit is not None):
         for name, stats in drain(block_stats):  # each block's statistics freed before the next block's are taken
@@ -312,8 +311,6 @@ def _apply_plan_calibrated_(
             assert rank is not None
             swap_module(model, name, factorize_layer(targets[name], name, rank, config.make_factorizer(),
                                                      _with_gradients(stats, gradients, name), refit))
-            if streamed:  # its block releases only what it holds now; `targets` would keep this weight in memory
-                targets[name].to("meta")
         del stats
     return list(plan.factorized)
 

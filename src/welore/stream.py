@@ -384,6 +384,7 @@ class StreamedBlocks(Blocks):
         for name, tensor in self.files.read([prefix + n for n in names]).items():
             set_module_tensor_to_device(self.model, name, self.device, value=tensor, clear_cache=False)
         loaded = {n: p for n, p in block.named_parameters()}
+        modules = list(block.modules())  # those holding what was read
         self.resident.add(k)
         self.max_resident = max(self.max_resident, len(self.resident))
         try:
@@ -401,6 +402,10 @@ class StreamedBlocks(Blocks):
             for name, param in list(block.named_parameters()):
                 if param.device.type != "meta":
                     set_module_tensor_to_device(block, name, "meta", clear_cache=False)
+            kept = {id(m) for m in block.modules()}
+            for module in modules:  # replaced ones too: a caller may still hold them, but not their weights
+                if id(module) not in kept:
+                    module.to("meta")
             self.resident.discard(k)
 
 
