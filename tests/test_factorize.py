@@ -16,9 +16,11 @@ from welore.errors import WeloreError
 from welore.factorize import (
     _WHITENINGS,
     ASVD,
+    EVR_MAX_FRACTION,
     FACTORIZERS,
     GRAM_MIN_RELATIVE_SIGMA,
     Whiten,
+    _top_eigenpairs,
     balance_factors,
     make_factorizer,
     svd_factors,
@@ -267,6 +269,20 @@ def test_top_factors_stay_accurate_on_ill_conditioned_matrices(
         assert calls.count == (0 if sigma[rank - 1] >= GRAM_MIN_RELATIVE_SIGMA else 1), rank
         reference = truncated(a, rank)
         assert (up @ down - reference).norm() / reference.norm() < 1e-9, rank
+
+
+@pytest.mark.parametrize("rank", [1, 10, int(EVR_MAX_FRACTION * 60), int(EVR_MAX_FRACTION * 60) + 1, 60])
+def test_top_eigenpairs_agree_on_both_sides_of_the_solver_switch(rank: int) -> None:
+    """Up to r = EVR_MAX_FRACTION·k the subset solver runs, above it the full eigh: both give
+    the r largest eigenpairs, descending, as a direct eigh does (vectors up to sign)."""
+    a = with_spectrum(60, 80, torch.logspace(0, -2, 60, dtype=torch.float64), seed=3)
+    gram = a @ a.T  # (60, 60)
+    expected_values, expected_vectors = torch.linalg.eigh(gram)
+    values, vectors = _top_eigenpairs(gram.clone(), rank)
+    assert values.shape == (rank,) and vectors.shape == (60, rank)
+    assert torch.allclose(values, expected_values[-rank:].flip(0), rtol=1e-10)
+    overlap = (vectors * expected_vectors[:, -rank:].flip(1)).sum(dim=0).abs()  # |cos| per pair
+    assert torch.allclose(overlap, torch.ones(rank, dtype=torch.float64), atol=1e-8)
 
 
 def test_top_factors_fall_back_for_a_rank_deficient_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
