@@ -60,7 +60,7 @@ class LoadOptions:
     device: str | None = field(default="auto", metadata={"metavar": "{" + ",".join(DEVICES) + "}"})  # where the model
         # runs and is factorized: auto (the GPU when there is one), cpu, cuda, cuda:N or mps
     max_memory: str | None = None  # memory budget, e.g. 4GB or 4GiB: read the decoder blocks from disk one at a time
-        # (automatic when the model would not fit in memory)
+        # (automatic when the model would not fit in memory); python itself and factorization work space come on top
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
