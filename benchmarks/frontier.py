@@ -112,7 +112,9 @@ def _settings() -> dict[str, Setting]:
             settings[f"{factorizer}/{policy}"] = Setting(factorizer, policy)
     for policy in ("welore", "loss", "minimax"):  # K-FAC with whitening's shrinkage on its input side (λ not re-chosen)
         settings[f"kfac@{SHRINKAGE}/{policy}"] = Setting("kfac", policy, params=shrunk)
+    settings["kfac/welore+seq"] = Setting("kfac", "welore", "sequential")
     settings["kfac/welore+refit"] = Setting("kfac", "welore", "sequential", compress={"refit": "both"})
+    settings["kfac/welore+refit-up"] = Setting("kfac", "welore", "sequential", compress={"refit": "up"})
     for lam in SHRINKAGE_GRID:  # the scan that chose SHRINKAGE
         settings.setdefault(f"whiten@{lam}/welore", Setting("whiten", "welore", params={"shrinkage": lam}))
     return settings

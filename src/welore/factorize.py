@@ -101,7 +101,7 @@ def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> 
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-EVR_MAX_FRACTION = 0.25  # the subset solver wins only up to r = this × k (benchmarks/factorize_speed.py)
+EVR_MAX_FRACTION = 0.2  # the subset solver wins only up to r = this × k (benchmarks/eigen_solvers.py)
 
 
 def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +110,9 @@ def _top_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
     On the CPU, for r ≤ EVR_MAX_FRACTION·k, LAPACK's MRRR solver (scipy's
     `eigh(subset_by_index=...)`, driver evr) computes only those r eigenvectors. Its cost grows
-    with r, and torch's full `eigh` (divide and conquer, all k) is faster beyond about a quarter
-    of them: at k = 4096 on 2 cores 3.3 s for r = 0.1·k and 16 s for 0.6·k, against 5.4 s for all.
+    with r, and torch's full `eigh` (divide and conquer, all k) is faster beyond about a fifth of
+    them (benchmarks/eigen_solvers.py, 2 cores): at k = 4096 3.0 s for r = 0.1·k, 3.8 s for 0.2·k
+    and 14.3 s for 0.6·k, against 4.6 s for all k; at k = 2048 the two are even at r = 0.2·k.
     """
     k = gram.shape[0]
     if gram.device.type == "cpu" and rank <= EVR_MAX_FRACTION * k:
