@@ -201,9 +201,8 @@ def run(args: argparse.Namespace) -> None:
             stats.update(block)
     grads, grad_clock = None, Clock()
     grad_clock.wall = grad_clock.cpu = 0.0
-    if any(getattr(make_factorizer(SETTINGS[n].factorizer), "needs_gradients", False)
-           and SETTINGS[n].pipeline == "shared" for n in args.settings):
-        with grad_clock:  # once, on the dense model, as compress_ gathers them
+    if any(getattr(make_factorizer(SETTINGS[n].factorizer), "needs_gradients", False) for n in args.settings):
+        with grad_clock:  # once, on the dense model, as compress_ gathers them; every curvature plan needs them
             grads = gradient_stats(model, targets, calibration, progress=False)
     spectra: dict = {}
 
@@ -430,11 +429,11 @@ def report(args: argparse.Namespace) -> None:
                   "|---|---|" + "---:|" * len(sizes)]
         for c in TEXTS:
             for n in scan:
-                cells = []
+                row = []
                 for s in sizes:
                     r = find.get((c, s, n, 0.2))
-                    cells.append("—" if r is None else f"{fmt(r['perplexity'][other(c)])} ({fmt(r['perplexity'][c])})")
-                lines.append(f"| {c} → {other(c)} | {n} | " + " | ".join(cells) + " |")
+                    row.append("—" if r is None else f"{fmt(r['perplexity'][other(c)])} ({fmt(r['perplexity'][c])})")
+                lines.append(f"| {c} → {other(c)} | {n} | " + " | ".join(row) + " |")
         lines.append("")
         lines.append("— not run (news' calibration half holds 37K tokens, so news → wiki stops at 32K; the most "
                      "expensive settings were not run at every size).")
