@@ -76,11 +76,11 @@ def child(args: argparse.Namespace) -> dict:
         return_freed_memory()
     start = time.perf_counter()
     result: dict = {}
-    out = Path(args.work) / f"{args.job}-{'streamed' if args.streamed else 'resident'}"
+    out = Path(args.work) / f"{args.job}-{args.calib_tokens[0]}-{'streamed' if args.streamed else 'resident'}"
     if args.job == "baseline":
         import welore.analyze  # noqa: F401  (everything a job imports, nothing loaded)
     elif args.job == "export":
-        export_dense(Path(args.work) / "compress-svd-resident", out, stream=args.streamed)
+        export_dense(Path(args.work) / f"compress-svd-{args.calib_tokens[0]}-resident", out, stream=args.streamed)
         result["digest"] = _digest(out)
     else:
         loaded = load_model(args.model, dtype=args.dtype, max_memory=max_memory)
