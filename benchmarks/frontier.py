@@ -229,10 +229,11 @@ def run(args: argparse.Namespace) -> None:
                         swap_module(compressed, n, factorize_layer(compressed.get_submodule(n), n, plan.ranks[n],
                                                                    factorizer, layer_stats(n)))
                 else:  # the pipeline of `welore compress --sequential`, given the plan its first pass would make
-                    compress_(compressed, setting.config(ratio), plan=plan, calibration=calibration, progress=False)
+                    compress_(compressed, setting.config(ratio), plan=plan, calibration=calibration, progress=False,
+                              gradients=grads if curvature else None)
             ppl = {t: perplexity(compressed, w, progress=False)[0] for t, w in evals.items()}
-            # the gradient pass counts for shared curvature settings (sequential ones gather their own in compress_)
-            extra = grad_clock if curvature and setting.pipeline == "shared" else None
+            # the one gradient pass on the dense model counts for every curvature setting
+            extra = grad_clock if curvature else None
             print(f"{args.calib}->{name} {ratio}: {ppl}", flush=True)
             add_record({
                 "calib": args.calib, "calib_tokens": calibration.numel(), "label": name, "ratio": ratio,

@@ -140,12 +140,42 @@ def run(args: argparse.Namespace, command: str) -> dict:
     return record
 
 
+GOAL = 60 / 28.3  # issue 9: <= 60 on news (dense 28.3) after recovery, wiki -> news at ratio 0.2
+
+
 def render(records: list[dict]) -> str:
-    """The section: one table per record, in the order they were measured."""
-    lines = ["## Recovery after compression: LM fine-tuning vs distillation, away from the training text", ""]
+    """The section: a summary of every record's cross-domain figures, then one table per record, in
+    the order they were measured."""
+    lines = ["## Recovery after compression: LM fine-tuning vs distillation, away from the training text", "",
+             *render_summary(records), ""]
     for record in records:
         lines += [*render_record(record), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_summary(records: list[dict]) -> list[str]:
+    """One row per record: the cross-domain perplexity before and after its best recovery run, against
+    issue 9's goal (<= 60 on news after recovery at 0.2, that is <= 2.12x dense; the same multiple is
+    applied to the other direction and ratios, where the issue asks only for the figures)."""
+    lines = [f"### Summary: cross-domain perplexity before and after recovery (goal: ≤ {GOAL:.2f}× dense, "
+             "issue 9's ≤ 60 on news)", "",
+             "| direction | ratio | compression | calibration tokens | training tokens | training-free | "
+             "recovered (best run) | × dense | goal |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for record in records:
+        other = next(t for t in TEXTS if t != record["calib"])
+        dense = record["dense"][other]
+        trained = {label: run["perplexity"][other] for label, run in record["runs"].items()
+                   if label != "training-free"}
+        if not trained:
+            continue
+        label, best = min(trained.items(), key=lambda item: item[1])
+        lines.append(f"| {record['calib']} → {other} | {record['ratio']} | `{record['compress']}`"
+                     f"{' (welore ' + record['commit'] + ')' if record.get('commit') else ''} | "
+                     f"{record['calib_tokens']:,} | {record['train_tokens']:,} | "
+                     f"{fmt(record['runs']['training-free']['perplexity'][other])} | {fmt(best)} ({label}) | "
+                     f"{best / dense:.2f} | {'met' if best / dense <= GOAL else 'not met'} |")
+    return lines
 
 
 def render_record(record: dict) -> list[str]:

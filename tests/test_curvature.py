@@ -241,6 +241,29 @@ def test_sequential_kfac_takes_gradients_from_the_dense_model() -> None:
         assert same == name.startswith("model.layers.0."), name
 
 
+def test_compress_uses_gradients_it_is_given() -> None:
+    """Gradients gathered beforehand (as the frontier benchmark shares one pass among settings) give
+    the factors compress_ computes when it gathers them itself; other gradients give other factors."""
+    dense = build_tiny("llama")
+    windows = calibration_windows()
+    plan = plan_at(dense, lambda m, n: min(m, n) // 3)
+    targets = find_targets(dense)
+    given = gradient_stats(dense, targets, windows, progress=False)
+    skewed = {n: copy.deepcopy(g) for n, g in given.items()}
+    for g in skewed.values():  # D·GGᵀ·D stays a covariance, with other directions weighted up
+        scale = torch.linspace(0.1, 10.0, g.ggt.shape[0], dtype=g.ggt.dtype)
+        g.ggt.mul_(scale[:, None] * scale[None, :])
+    config = CompressConfig(factorizer="kfac", sequential=True)
+    results = {}
+    for label, gradients in (("own", None), ("given", given), ("skewed", skewed)):
+        results[label] = copy.deepcopy(dense)
+        compress_(results[label], config, plan=plan, calibration=windows, progress=False, gradients=gradients)
+    for name in plan.factorized:
+        own, same, other = (results[k].get_submodule(name).dense_weight() for k in ("own", "given", "skewed"))
+        assert torch.equal(own, same), name
+        assert not torch.allclose(own, other, rtol=1e-3, atol=1e-6), name
+
+
 # --- the CLI -------------------------------------------------------------------------------------
 
 

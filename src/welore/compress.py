@@ -335,11 +335,14 @@ def compress_(
     calibration: torch.Tensor | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    gradients: dict | None = None,
 ) -> CompressReport:
     """Compress `model` in place; returns the plan, the replaced modules and parameter counts.
 
     Data-aware factorizers (`whiten`, `asvd`, `kfac`, `fisher`) need `calibration`, a LongTensor (N, T) of token
     windows from text disjoint from any evaluation text (`welore.data.load_text(..., split="calib")`).
+    `gradients`: the dense model's output-gradient statistics on that text (`gradient_stats`) for a
+    curvature-aware factorizer, when the caller already holds them; gathered here otherwise.
     """
     factorizer = config.make_factorizer()
     if config.refit is not None and not factorizer.needs_stats:
@@ -358,7 +361,6 @@ def compress_(
         raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); "
                           "pass --method or a saved --plan.")
     before = count_parameters(model)
-    gradients = None
     with torch.no_grad():
         if plan is None and factorizer.needs_stats:
             if config.ratio is None:
@@ -366,7 +368,7 @@ def compress_(
             targets = find_targets(model, config.targets)
             shapes = {n: matrix_shape(m) for n, m in targets.items()}
             check_ratio(config.ratio, shapes)
-            if getattr(factorizer, "needs_gradients", False):  # once, on the dense model, for allocation and factors
+            if getattr(factorizer, "needs_gradients", False) and gradients is None:  # once, on the dense model
                 gradients = gradient_stats(model, targets, calibration, batch_size, progress)
             needs_spectra = getattr(POLICIES[config.method], "needs_spectra", True)
             spectra = (calibrated_spectra(model, config, calibration, batch_size, progress, gradients)
