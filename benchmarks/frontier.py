@@ -308,25 +308,11 @@ def table(records: list[dict], labels: list[str], ratios: list[float], cell) -> 
 
 
 def report(args: argparse.Namespace) -> None:
+    """The section: the header, one sweep block per `--main-tokens` size (ranking, both directions'
+    tables, the comparison with the baselines, the cost), then the calibration-size comparison."""
     data = load_results()
     records, dense = [r for r in data["records"] if r.get("calib")], data["dense"]  # in-domain-era records lack calib
-    tokens = args.main_tokens
     find = {key(r): r for r in records}
-    ratios = sorted({r["ratio"] for r in records if r["calib_tokens"] == tokens})
-    main = [r for r in records if r["calib_tokens"] == tokens]
-    # a sweep cut short for time: rank on one cell (ratio) per direction, the one measured for the most
-    # settings, so the ranking always sees both directions (the tables show every record, "—" where not run)
-    count = {(c, q): sum(r["calib"] == c and r["ratio"] == q for r in main) for c in TEXTS for q in ratios}
-    cells = [max(((c, q) for q in ratios), key=count.get) for c in TEXTS]
-    complete = [name for name in dict.fromkeys(r["label"] for r in main)
-                if all((c, tokens, name, q) in find for c, q in cells)]
-    score = {n: geomean([find[c, tokens, n, q]["perplexity"][other(c)] for c, q in cells]) for n in complete}
-    ranked = sorted(complete, key=score.get)
-    baselines = [b for b in ("whiten/uniform", "whiten/welore") if b in complete]
-
-    def cross(c: str, n: str, q: float) -> float:
-        return find[c, tokens, n, q]["perplexity"][other(c)]
-
     lines = [
         "## Data-aware compression across domains: the quality frontier on SmolLM2-135M",
         "",
@@ -348,6 +334,41 @@ def report(args: argparse.Namespace) -> None:
         "`kfac` truncates L_Gᵀ·W·L_A (K-FAC: input covariance and the covariance of the LM loss's gradients at the "
         "layer's outputs, from backward passes on the calibration text), `fisher` is FWSVD's row-Fisher weighting; "
         "`loss` allocates ranks by their (estimated loss-increase) spectra globally.",
+    ]
+    for tokens in args.main_tokens:
+        lines += sweep(records, find, dense, tokens)
+    lines += sizes_and_scan(records, find, args.main_tokens)
+    if "cost" in data:
+        lines += cost_table(data["cost"])
+    lines += ["", "![cross-domain perplexity vs ratio](frontier.png)"]
+    publish("frontier", "\n".join(lines), write=not args.no_write)
+    if not args.no_write:
+        tokens = args.main_tokens[0]
+        shown = [r for r in records if r["calib"] == "wiki" and r["calib_tokens"] == tokens]
+        swept = {n for n in (r["label"] for r in shown) if sum(r["label"] == n for r in shown) > 1}
+        points = [(r["label"], r["achieved_ratio"], r["perplexity"]["news"]) for r in shown if r["label"] in swept]
+        plot_perplexity_vs_ratio(points, DOC.parent / "frontier.png", dense=dense["news"],
+                                 title=f"SmolLM2-135M calibrated on wiki ({tokens} tokens), perplexity on news")
+
+
+def sweep(records: list[dict], find: dict, dense: dict, tokens: int) -> list[str]:
+    """Ranking, tables and baseline comparison of the records calibrated on `tokens` tokens."""
+    ratios = sorted({r["ratio"] for r in records if r["calib_tokens"] == tokens})
+    main = [r for r in records if r["calib_tokens"] == tokens]
+    # a sweep cut short for time: rank on one cell (ratio) per direction, the one measured for the most
+    # settings, so the ranking always sees both directions (the tables show every record, "—" where not run)
+    count = {(c, q): sum(r["calib"] == c and r["ratio"] == q for r in main) for c in TEXTS for q in ratios}
+    cells = [max(((c, q) for q in ratios), key=count.get) for c in TEXTS]
+    complete = [name for name in dict.fromkeys(r["label"] for r in main)
+                if all((c, tokens, name, q) in find for c, q in cells)]
+    score = {n: geomean([find[c, tokens, n, q]["perplexity"][other(c)] for c, q in cells]) for n in complete}
+    ranked = sorted(complete, key=score.get)
+    baselines = [b for b in ("whiten/uniform", "whiten/welore") if b in complete]
+
+    def cross(c: str, n: str, q: float) -> float:
+        return find[c, tokens, n, q]["perplexity"][other(c)]
+
+    lines = [
         "",
         f"### Ranking by cross-domain perplexity ({tokens} calibration tokens)",
         "",
@@ -398,15 +419,17 @@ def report(args: argparse.Namespace) -> None:
             return f"{text} ({fmt(r['perplexity'][c])})"
 
         if not any(r["calib"] == c for r in main):
-            lines += ["", f"### {c} → {o}: not measured in this sweep"]
+            lines += ["", f"### {c} → {o}, {tokens} calibration tokens: not measured"]
             continue
-        lines += ["", f"### {c} → {o}: perplexity on {o} (dense {dense[o]:.2f}); in parentheses on {c} (in-domain)", "",
+        lines += ["", f"### {c} → {o}, {tokens} calibration tokens: perplexity on {o} (dense {dense[o]:.2f}); in "
+                  f"parentheses on {c} (in-domain)", "",
                   *table(main, ranked + [n for n in dict.fromkeys(r["label"] for r in main) if n not in ranked],
                          ratios, cell)]
 
     if ranked and baselines:
         best = (ranked_all or ranked)[0]  # the best over the whole sweep where one was measured in all of it
-        lines += ["", f"### Does the best setting ({best}) beat SVD-LLM (whiten/uniform) and whiten/welore?", "",
+        lines += ["", f"### Does the best setting ({best}) beat SVD-LLM (whiten/uniform) and whiten/welore? "
+                  f"({tokens} calibration tokens)", "",
                   "Cross-domain perplexity at each ratio and direction; the ratio of the baseline's perplexity to the "
                   "best setting's in parentheses (above 1: the best setting wins).", "",
                   "| direction | ratio | " + f"{best} | " + " | ".join(baselines) + " | beats both? |",
@@ -422,14 +445,32 @@ def report(args: argparse.Namespace) -> None:
                    if (c, tokens, best, q) not in find]
         if missing:
             lines += ["", f"Not measured for {best} (so not shown to beat the baselines there): {', '.join(missing)}."]
+    lines += ["", f"### Compression cost ({tokens} calibration tokens, mean over the ranked cells)", "",
+              "Wall and CPU (user+sys) seconds of the statistics pass, the spectra and the factorization (shared "
+              "settings count the one shared pass in full, curvature settings the gradient pass too), measured in "
+              "the runs above: compare them within one run, not with figures measured elsewhere.", "",
+              "| setting | wall s | CPU s |", "|---|---:|---:|"]
+    for n in ranked:
+        recs = [find[c, tokens, n, q] for c, q in cells if find[c, tokens, n, q].get("cpu_s") is not None]
+        if recs:  # imported legacy records carry no CPU time
+            lines.append(f"| {n} | {sum(r['wall_s'] for r in recs) / len(recs):.0f} | "
+                         f"{sum(r['cpu_s'] for r in recs) / len(recs):.0f} |")
+    return lines
+
+
+def sizes_and_scan(records: list[dict], find: dict, main_tokens: list[int]) -> list[str]:
+    """Cross-domain perplexity at ratio 0.2 by calibration size, and the shrinkage scan that chose λ."""
+    lines: list[str] = []
     sizes = sorted({r["calib_tokens"] for r in records})
-    scan = [n for n in dict.fromkeys(r["label"] for r in records if r["calib_tokens"] != tokens and r["ratio"] == 0.2)]
-    if scan:
+    counts = {n: len({r["calib_tokens"] for r in records if r["label"] == n and r["ratio"] == 0.2})
+              for n in dict.fromkeys(r["label"] for r in records)}
+    compared = [n for n, k in counts.items() if k > 1]  # measured at 0.2 with more than one calibration size
+    if compared:
         lines += ["", "### Calibration size (ratio 0.2): cross-domain perplexity (in-domain in parentheses)", "",
                   "| direction | setting | " + " | ".join(f"{s} tokens" for s in sizes) + " |",
                   "|---|---|" + "---:|" * len(sizes)]
         for c in TEXTS:
-            for n in scan:
+            for n in compared:
                 row = []
                 for s in sizes:
                     r = find.get((c, s, n, 0.2))
@@ -438,50 +479,36 @@ def report(args: argparse.Namespace) -> None:
         lines.append("")
         lines.append("— not run (news' calibration half holds 37K tokens, so news → wiki stops at 32K; the most "
                      "expensive settings were not run at every size).")
-    lam = [(x, find.get(("news", tokens, f"whiten@{x}/welore", 0.2))) for x in SHRINKAGE_GRID]
-    base = find.get(("news", tokens, "whiten/welore", 0.2))
-    if not (base and all(r for _, r in lam)):
-        lines += ["", f"The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, ratio 0.2) is not among the "
-                  "records "
-                  "(not re-run in this sweep): λ is as the earlier scan chose it, unverified here."]
-    if base and all(r for _, r in lam):
-        lines += ["", f"### The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, whiten@λ/welore, ratio 0.2, "
-                  f"{tokens} tokens)", "",
-                  "| λ | 0 | " + " | ".join(str(x) for x, _ in lam) + " |", "|---|" + "---:|" * (len(lam) + 1),
-                  "| perplexity on wiki | "
-                  + " | ".join(fmt(r["perplexity"]["wiki"]) for r in [base] + [r for _, r in lam]) + " |",
-                  "| perplexity on news (in-domain) | "
-                  + " | ".join(fmt(r["perplexity"]["news"]) for r in [base] + [r for _, r in lam]) + " |"]
-    lines += ["", f"### Compression cost ({tokens} calibration tokens, mean over the ranked cells)", "",
-              "Wall and CPU (user+sys) seconds of the statistics pass, the spectra and the factorization (shared "
-              "settings count the one shared pass in full), measured in the runs above, on a CPU shared with other "
-              "jobs: compare them within one run, not with figures measured elsewhere.", "",
-              "| setting | wall s | CPU s |", "|---|---:|---:|"]
-    for n in ranked:
-        recs = [find[c, tokens, n, q] for c, q in cells if find[c, tokens, n, q].get("cpu_s") is not None]
-        if recs:  # imported legacy records carry no CPU time
-            lines.append(f"| {n} | {sum(r['wall_s'] for r in recs) / len(recs):.0f} | "
-                         f"{sum(r['cpu_s'] for r in recs) / len(recs):.0f} |")
-    if "cost" in data:
-        c = data["cost"]
-        base = c["rows"]["load only"]
-        lines += ["", f"### Compression time and memory (ratio {c['ratio']}, {c['calib_tokens']} tokens of "
-                  f"{c['calib']})", "",
-                  "Each setting's `compress_` in its own process: peak resident memory of the process (`ru_maxrss`, "
-                  "the model load included; `load only` loads the model and stops), wall seconds of `compress_`, "
-                  "and CPU (user+sys) seconds of the whole process.", "",
-                  "| setting | peak RSS MB | over load only | compress_ wall s | process CPU s |",
-                  "|---|---:|---:|---:|---:|"]
-        for n, r in c["rows"].items():
-            lines.append(f"| {n} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | "
-                         f"{r['compress_wall_s']:.0f} | {r['cpu_s']:.0f} |")
-    lines += ["", "![cross-domain perplexity vs ratio](frontier.png)"]
-    publish("frontier", "\n".join(lines), write=not args.no_write)
-    if not args.no_write:
-        points = [(n, find["wiki", tokens, n, q]["achieved_ratio"], cross("wiki", n, q)) for n in ranked for q in ratios
-                  if ("wiki", tokens, n, q) in find]
-        plot_perplexity_vs_ratio(points, DOC.parent / "frontier.png", dense=dense["news"],
-                                 title=f"SmolLM2-135M calibrated on wiki ({tokens} tokens), perplexity on news")
+    for tokens in main_tokens:
+        lam = [(x, find.get(("news", tokens, f"whiten@{x}/welore", 0.2))) for x in SHRINKAGE_GRID]
+        base = find.get(("news", tokens, "whiten/welore", 0.2))
+        if base and all(r for _, r in lam):
+            return lines + [
+                "", f"### The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, whiten@λ/welore, ratio 0.2, "
+                f"{tokens} tokens)", "",
+                "| λ | 0 | " + " | ".join(str(x) for x, _ in lam) + " |", "|---|" + "---:|" * (len(lam) + 1),
+                "| perplexity on wiki | "
+                + " | ".join(fmt(r["perplexity"]["wiki"]) for r in [base] + [r for _, r in lam]) + " |",
+                "| perplexity on news (in-domain) | "
+                + " | ".join(fmt(r["perplexity"]["news"]) for r in [base] + [r for _, r in lam]) + " |"]
+    return lines + ["", f"The shrinkage scan that chose λ = {SHRINKAGE} (news → wiki, ratio 0.2) is not among the "
+                    "records (not re-run in this sweep): λ is as the earlier scan chose it, unverified here."]
+
+
+def cost_table(c: dict) -> list[str]:
+    """`frontier.py cost`'s figures: peak memory and time of each setting's compress_ in its own process."""
+    base = c["rows"]["load only"]
+    lines = ["", f"### Compression time and memory (ratio {c['ratio']}, {c['calib_tokens']} tokens of "
+             f"{c['calib']})", "",
+             "Each setting's `compress_` in its own process: peak resident memory of the process (`ru_maxrss`, "
+             "the model load included; `load only` loads the model and stops), wall seconds of `compress_`, "
+             "and CPU (user+sys) seconds of the whole process.", "",
+             "| setting | peak RSS MB | over load only | compress_ wall s | process CPU s |",
+             "|---|---:|---:|---:|---:|"]
+    for n, r in c["rows"].items():
+        lines.append(f"| {n} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - base['peak_rss_mb']:+.0f} | "
+                     f"{r['compress_wall_s']:.0f} | {r['cpu_s']:.0f} |")
+    return lines
 
 
 LEGACY = ("whiten/uniform", "whiten/welore", "whiten/minimax", "whiten/uniform+seq", "whiten/minimax+seq")
@@ -526,7 +553,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.2)
     p.add_argument("--settings", nargs="+", default=["whiten/welore", "whiten/minimax+seq", "whiten/minimax+refit"])
     p = sub.add_parser("report", help="write the section of docs/benchmarks.md from docs/frontier.json")
-    p.add_argument("--main-tokens", type=int, default=8192, help="the calibration size of the main tables")
+    p.add_argument("--main-tokens", type=int, nargs="+", default=[8192],
+                   help="the calibration sizes with a full block of tables, first the one the plot shows")
     p.add_argument("--commands", nargs="+", default=[],
                    help="the commands that made the records, quoted in the section")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
