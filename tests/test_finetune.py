@@ -387,6 +387,37 @@ def test_quantized_models_refuse_what_cannot_train(blocks) -> None:
         run(quantized(), blocks, mode="lora")
 
 
+def test_train_scales_trains_the_quantization_grid_with_the_codes_frozen(blocks, tmp_path: Path) -> None:
+    """--train-scales (PEQA): the compensation factors and every packed matrix's scales and offsets
+    train, the codes do not; the scales go back to float16 buffers and the checkpoint reloads."""
+    from welore.quantize import QuantizedLinear
+
+    model = quantized()
+    codes = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".codes")}
+    scales = {n: b.clone() for n, b in model.named_buffers() if n.endswith((".scale", ".offset"))}
+    layers = [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    result = run(model, blocks, steps=6, train_scales=True, out=tmp_path / "ft")
+    parts = ("up", "down", "scale", "offset")
+    assert set(result.trainable_names) == {f"{n}.{p}" for n in layers for p in parts}
+    trained = dict(result.model.named_buffers())
+    assert all(torch.equal(trained[n], b) for n, b in codes.items())
+    assert all(trained[n].dtype == torch.float16 for n in scales)  # buffers in the storage dtype again
+    assert sum(not torch.equal(trained[n], b) for n, b in scales.items()) == len(scales)
+    assert result.val_ppl_after < result.val_ppl_before
+    reloaded = load(tmp_path / "ft")
+    ids = token_ids()
+    assert torch.equal(logits_of(result.model, ids), logits_of(reloaded, ids))
+
+
+def test_train_scales_alone_trains_an_uncompensated_model_and_refuses_what_it_cannot(blocks) -> None:
+    result = run(quantized(rank=0), blocks, steps=2, train_scales=True)
+    assert result.trainable_names and all(n.endswith((".scale", ".offset")) for n in result.trainable_names)
+    with pytest.raises(WeloreError, match="--train-scales.*this model has none"):
+        run(compressed(), blocks, train_scales=True)
+    with pytest.raises(WeloreError, match="--train-scales.*LoRA"):
+        run(quantized(), blocks, mode="lora", train_scales=True)
+
+
 @pytest.fixture(scope="module")
 def compressed_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> Path:
     """A welore checkpoint of a tiny LLaMA with SmolLM2's vocabulary, with LRC matrices."""

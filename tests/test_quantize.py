@@ -479,6 +479,56 @@ def test_backward_through_packed_codes_keeps_no_float_weight() -> None:
     assert (48, 64) not in saved and (64, 48) not in saved
 
 
+def test_scale_and_offset_gradients_match_autograd_through_the_dequantized_weight() -> None:
+    """With trainable scales (PEQA), the packed layer's gradients for the scales, offsets, input and
+    factors equal those of autograd through Ŵ = scale·q + offset written out in float tensors."""
+    from torch import nn
+
+    from welore.quantize import set_scales_trainable_
+
+    layer, _ = quantize_layer(nn.Linear(64, 48, bias=False), "layer", bits=2, group_size=16, rank=3)
+    holder = nn.Sequential(layer)
+    assert set_scales_trainable_(holder, True) == ["0"]
+    assert layer.scales_train and layer.scale.dtype == torch.float32
+    q = unpack_codes(layer.codes, 2, 48 * 64).view(-1, 16).float()  # (groups, 16)
+    scale = layer.scale.detach().clone().requires_grad_(True)
+    offset = layer.offset.detach().clone().requires_grad_(True)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = (q * scale[:, None] + offset[:, None]).view(48, 64)
+    expected = F.linear(x_ref, w) + F.linear(F.linear(x_ref, layer.down.detach().float()), layer.up.detach().float())
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.scale.grad, scale.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.offset.grad, offset.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    assert layer.scale.grad.abs().sum() > 0 and layer.offset.grad.abs().sum() > 0
+
+
+def test_trainable_scales_keep_the_stored_format() -> None:
+    """Scales as float32 parameters save as the same float16 tensors under the same names, and
+    turning them back into buffers restores the module exactly."""
+    from welore.quantize import set_scales_trainable_
+
+    model = build_tiny("llama")
+    quantize_(model, QuantConfig(bits=3, group_size=32, compensate_rank=2), progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = token_ids()
+    logits = logits_of(model, ids)
+    changed = set_scales_trainable_(model, True)
+    assert changed and set_scales_trainable_(model, True) == []  # idempotent
+    during = model.state_dict()
+    assert during.keys() == before.keys()
+    assert all(during[k].dtype == before[k].dtype and torch.equal(during[k], before[k]) for k in before)
+    torch.testing.assert_close(logits_of(model, ids), logits, atol=0, rtol=0)
+    assert set_scales_trainable_(model, False) == changed
+    assert not any(n.endswith((".scale", ".offset")) for n, _ in model.named_parameters())
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
 # --- low rank and quantization together (W ≈ Q(up)·Q(down)) ---------------------------------------
 
 

@@ -200,25 +200,43 @@ def matrix_bytes(shape: tuple[int, int], bits: int, group_size: int, rank: int =
 
 
 class _PackedLinear(torch.autograd.Function):
-    """y = x·Ŵᵀ + b with Ŵ dequantized from a `QuantizedLinear`'s packed codes. The backward
-    dequantizes Ŵ again instead of keeping it from the forward, so a training step holds no float
-    copy of a frozen quantized matrix beyond the one being multiplied (QLoRA's memory): autograd
-    saves the packed codes (already in the module), not the (out, in) float weight."""
+    """y = x·Ŵᵀ + b with Ŵ = scale·q + offset dequantized from a `QuantizedLinear`'s packed codes q.
+    The backward dequantizes Ŵ again instead of keeping it from the forward, so a training step holds
+    no float copy of a frozen quantized matrix beyond the one being multiplied (QLoRA's memory):
+    autograd saves the packed codes (already in the module), not the (out, in) float weight.
+
+    When the scales and offsets train (`--train-scales`, PEQA's recovery: the codes stay frozen),
+    their gradients are the weight gradient G = gradᵀ·x summed over each group, weighted by the
+    codes for the scale: ∂L/∂scale_k = Σ_j G_kj·q_kj and ∂L/∂offset_k = Σ_j G_kj over group k."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, module: QuantizedLinear) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, offset: torch.Tensor,
+                module: QuantizedLinear) -> torch.Tensor:
         ctx.module, ctx.dtype, ctx.has_bias = module, x.dtype, bias is not None
+        if scale.requires_grad or offset.requires_grad:
+            ctx.save_for_backward(x)
         return F.linear(x, module.quantized_weight().to(x.dtype), bias)  # (..., in) -> (..., out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad (..., out)
-        grad_x = grad_bias = None
+        module = ctx.module
+        grad_x = grad_bias = grad_scale = grad_offset = None
         if ctx.needs_input_grad[0]:
-            w = ctx.module.quantized_weight().to(grad.dtype)  # (out, in), recomputed
+            w = module.quantized_weight().to(grad.dtype)  # (out, in), recomputed
             grad_x = (grad @ w).to(ctx.dtype)  # (..., in)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)  # (out,)
-        return grad_x, grad_bias, None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            (x,) = ctx.saved_tensors
+            g = grad.reshape(-1, module.out_features).float()  # (N, out)
+            weight_grad = (g.T @ x.reshape(-1, module.in_features).float()).view(-1, module.group_size)  # (groups, g)
+            if ctx.needs_input_grad[2]:
+                numel = module.out_features * module.in_features
+                q = unpack_codes(module.codes, module.bits, numel).view(-1, module.group_size).float()
+                grad_scale = (weight_grad * q).sum(1).to(module.scale.dtype)  # (groups,)
+            if ctx.needs_input_grad[3]:
+                grad_offset = weight_grad.sum(1).to(module.offset.dtype)  # (groups,)
+        return grad_x, grad_bias, grad_scale, grad_offset, None
 
 
 def set_factor_dtype_(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
@@ -234,6 +252,24 @@ def set_factor_dtype_(model: nn.Module, dtype: torch.dtype | None = None) -> lis
                 module.up.data = module.up.data.to(target)
                 module.down.data = module.down.data.to(target)
                 names.append(name)
+    return names
+
+
+def set_scales_trainable_(model: nn.Module, trainable: bool) -> list[str]:
+    """Make the scales and offsets of every `QuantizedLinear` float32 parameters (to train them,
+    the codes frozen), or float16 buffers again; returns the names of the modules changed. Their
+    names in the state dict, and the stored format, stay the same."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and module.scales_train != trainable:
+            for part in ("scale", "offset"):
+                value = getattr(module, part).detach()
+                delattr(module, part)
+                if trainable:
+                    module.register_parameter(part, nn.Parameter(value.float()))
+                else:
+                    module.register_buffer(part, value.to(SCALE_DTYPE))
+            names.append(name)
     return names
 
 
@@ -276,10 +312,16 @@ class QuantizedLinear(nn.Module):
         buffers they are not in `parameters()`."""
         return self.out_features * self.in_features
 
+    @property
+    def scales_train(self) -> bool:
+        """Whether the scales and offsets are parameters (`set_scales_trainable_`), not buffers."""
+        return isinstance(self.scale, nn.Parameter)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            y = _PackedLinear.apply(x, bias, self)  # keeps no float copy of Ŵ for the backward
+        needs_grad = x.requires_grad or self.scale.requires_grad or self.offset.requires_grad
+        if torch.is_grad_enabled() and (needs_grad or (bias is not None and bias.requires_grad)):
+            y = _PackedLinear.apply(x, bias, self.scale, self.offset, self)  # no float copy of Ŵ kept for backward
         else:
             y = F.linear(x, self.quantized_weight().to(x.dtype), bias)
         if self.rank:

@@ -69,6 +69,8 @@ class FinetuneConfig:
     lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
     train_nlrc: bool = False  # also train the N-LRC matrices (dense or lightly cut)
     train_norms: bool = False  # also train the normalisation layers' weights
+    train_scales: bool = False  # also train the per-group scales and offsets of packed quantized matrices
+        # (codes frozen; PEQA)
     # lora
     lora_rank: int = 8  # rank r of each adapter
     lora_alpha: float = 16.0  # adapter scale alpha (the update is alpha/r · B·A)

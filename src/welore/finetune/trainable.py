@@ -13,7 +13,10 @@ rank group of GaLore/Fira).
   factors of the packed matrices (W ≈ Q(W) + up·down): they train with the packed codes frozen,
   as QLoRA trains adapters on a frozen 4-bit model, but starting from the fitted correction
   (EoRA) instead of zero. A factor stored quantized itself (`--ratio` with `--quantize`) is
-  frozen like any packed matrix; only its compensation, if it has one, trains.
+  frozen like any packed matrix; only its compensation, if it has one, trains. With
+  `--train-scales` the packed matrices' per-group scales and offsets train too, their codes
+  frozen (PEQA, Kim et al. 2023; EfficientQAT's end-to-end stage): a few parameters per group
+  that move every weight of the group, which is what a 2- or 3-bit grid needs most.
 - `lora` (Hu et al. 2021), through the `peft` library: adapters on the target matrices of a
   dense model, or on the `up`/`down` factors and remaining dense targets of a compressed one.
 - `full`: every parameter.
@@ -33,7 +36,7 @@ from transformers.pytorch_utils import Conv1D
 from welore.errors import WeloreError
 from welore.finetune.config import FinetuneConfig
 from welore.modules import LowRankLinear, count_parameters
-from welore.quantize import QuantizedLinear, set_factor_dtype_
+from welore.quantize import QuantizedLinear, set_factor_dtype_, set_scales_trainable_
 from welore.targets import DENSE_TYPES, _matches, find_targets
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,13 @@ def _compensated(model: nn.Module, name: str) -> bool:
     return any(isinstance(m, QuantizedLinear) and m.rank for m in parts)
 
 
+def _scales_train(model: nn.Module, name: str) -> bool:
+    """Whether target matrix `name` is, or has a factor that is, packed with trainable scales."""
+    module = model.get_submodule(name)
+    parts = [module.up, module.down] if isinstance(module, LowRankLinear) else [module]
+    return any(isinstance(m, QuantizedLinear) and m.scales_train for m in parts)
+
+
 def lrc_names(model: nn.Module, min_cut: float) -> list[str]:
     """The LRC matrices at `min_cut` (and the quantized ones with compensation factors),
     checked to exist with something to train (a clear error otherwise)."""
@@ -94,12 +104,12 @@ def lrc_names(model: nn.Module, min_cut: float) -> list[str]:
     lrc = plan.lrc(min_cut)
     quantized = getattr(model, "welore_quant_plan", None) is not None
     if quantized:
-        lrc = [n for n in plan.ranks if n in lrc or _compensated(model, n)]
+        lrc = [n for n in plan.ranks if n in lrc or _compensated(model, n) or _scales_train(model, n)]
         lrc = [n for n in lrc if _matrix_weights(model, n)]
         if not lrc:
             raise WeloreError("This quantized model has no compensation factors (and no unquantized low-rank "
                               "factors), so LRC fine-tuning has nothing to train; quantize it with --compensate-rank R "
-                              "(e.g. 16).")
+                              "(e.g. 16), or add --train-scales.")
     if not lrc:
         largest = max(1 - plan.kept_fraction(n) for n in plan.ranks)
         raise WeloreError(f"No target matrix has its rank cut by at least {min_cut:.0%} (the largest cut is "
@@ -109,13 +119,14 @@ def lrc_names(model: nn.Module, min_cut: float) -> list[str]:
 
 def _matrix_weights(model: nn.Module, name: str) -> set[str]:
     """Parameter names of a target matrix's trainable weights: both factors, or the dense
-    weight; for a matrix (or factor) stored as packed codes, its compensation factors (none
-    without compensation: the codes are frozen buffers)."""
+    weight; for a matrix (or factor) stored as packed codes, its compensation factors and, with
+    `--train-scales`, its scales and offsets (the codes are frozen buffers)."""
     module = model.get_submodule(name)
     if isinstance(module, LowRankLinear):
         return _matrix_weights(model, f"{name}.up") | _matrix_weights(model, f"{name}.down")
     if isinstance(module, QuantizedLinear):
-        return {f"{name}.up", f"{name}.down"} if module.rank else set()
+        return ({f"{name}.up", f"{name}.down"} if module.rank else set()) | (
+            {f"{name}.scale", f"{name}.offset"} if module.scales_train else set())
     return {f"{name}.weight"}
 
 
@@ -208,7 +219,16 @@ def prepare_model(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     """Check the model suits the mode (and wrap it with LoRA adapters); returns the model to train.
 
     Compensation factors of quantized matrices, stored in float16, are trained in float32
-    (AdamW's steps underflow in float16); `finish_model` casts them back for saving."""
+    (AdamW's steps underflow in float16), and so are their scales and offsets with --train-scales;
+    `finish_model` casts them back for saving."""
+    if config.train_scales:
+        if config.mode == "lora":
+            raise WeloreError("--train-scales trains the scales of packed quantized matrices, which LoRA leaves "
+                              "alone; use it with --mode lrc (or full), or drop it.")
+        if not set_scales_trainable_(_base(model), True):
+            raise WeloreError("--train-scales trains the scales of packed quantized matrices and this model has "
+                              "none; quantize it first (welore compress --quantize int3), or drop --train-scales.")
+        log.info("training the scales and offsets of the packed matrices in float32, their codes frozen")
     model = MODES[config.mode].prepare(model, config)
     cast = set_factor_dtype_(model, torch.float32)
     if cast:
@@ -220,6 +240,7 @@ def finish_model(model: nn.Module) -> nn.Module:
     """After training: compensation factors back in their storage dtype, so the model in memory
     computes what its saved checkpoint does."""
     set_factor_dtype_(model)
+    set_scales_trainable_(model, False)
     return model
 
 
