@@ -262,6 +262,9 @@ def test_compress_uses_gradients_it_is_given() -> None:
         own, same, other = (results[k].get_submodule(name).dense_weight() for k in ("own", "given", "skewed"))
         assert torch.equal(own, same), name
         assert not torch.allclose(own, other, rtol=1e-3, atol=1e-6), name
+    with pytest.raises(ValueError, match="the whiten factorizer uses none"):
+        compress_(copy.deepcopy(dense), CompressConfig(factorizer="whiten"), plan=plan, calibration=windows,
+                  progress=False, gradients=given)
 
 
 # --- the CLI -------------------------------------------------------------------------------------

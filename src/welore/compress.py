@@ -357,6 +357,9 @@ def compress_(
     if config.sequential and not factorizer.needs_stats:
         raise WeloreError(f"Sequential calibration needs a data-aware factorizer, but {config.factorizer} uses no "
                           "calibration text; drop --sequential or choose whiten or asvd.")
+    if gradients is not None and not getattr(factorizer, "needs_gradients", False):
+        raise ValueError(f"gradients were given, but the {config.factorizer} factorizer uses none; pass them only "
+                         "to a curvature-aware factorizer (kfac, fisher)")
     if plan is None and config.method is None:
         raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); "
                           "pass --method or a saved --plan.")
