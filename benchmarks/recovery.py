@@ -164,6 +164,12 @@ def ratio(record: dict) -> str:
     return "—" if record["ratio"] is None else str(record["ratio"])
 
 
+def finetune_options(record: dict) -> list[str]:
+    """The `--finetune` options a record's runs added to the budget (e.g. --train-scales)."""
+    budget = record["finetune"]
+    return budget[budget.index("--val-tokens") + 2:]
+
+
 def render(records: list[dict]) -> str:
     """The section: a summary of every record's cross-domain figures, then one table per record, in
     the order they were measured."""
@@ -192,7 +198,9 @@ def render_summary(records: list[dict]) -> list[str]:
         if not trained:
             continue
         label, best = min(trained.items(), key=lambda item: item[1])
+        extra = " ".join(finetune_options(record))
         lines.append(f"| {record['calib']} → {other} | {ratio(record)} | `{record['compress']}`"
+                     f"{f', fine-tuned with `{extra}`' if extra else ''}"
                      f"{' (welore ' + record['commit'] + ')' if record.get('commit') else ''} | "
                      f"{record['calib_tokens']:,} | {record['train_tokens']:,} | "
                      f"{fmt(record['runs']['training-free']['perplexity'][other])} | {fmt(best)} ({label}) | "
