@@ -30,7 +30,7 @@ from welore.finetune import (
     mark_trainable_,
 )
 from welore.finetune.data import BlockStream
-from welore.finetune.state import checkpoints_dir
+from welore.finetune.state import _difference, checkpoints_dir, run_identity
 from welore.modules import LowRankLinear
 
 SEQ = 32
@@ -509,6 +509,15 @@ def test_cli_resume_from_another_run_is_refused(capsys, compressed_dir: Path, en
                             "--out", out, *CLI)
     assert code == 2 and "was written by a different run" in err and "use a new --out or the same options" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_run_saved_before_an_option_existed_resumes_when_the_option_keeps_its_default() -> None:
+    current = run_identity(FinetuneConfig(), {"w": "print"}, "data")
+    older = json.loads(json.dumps(current))
+    del older["config"]["train_scales"]  # run.json written by a welore without --train-scales
+    assert _difference(older, current) is None
+    assert _difference(older, run_identity(FinetuneConfig(train_scales=True), {"w": "print"}, "data")) == \
+        "--train-scales False vs True"
 
 
 def test_cli_unknown_mode_is_an_argparse_error(capsys, compressed_dir: Path, tmp_path: Path) -> None:

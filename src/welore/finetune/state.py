@@ -86,9 +86,11 @@ def _difference(saved: dict, current: dict) -> str | None:
         return f"the number of processes, {saved.get('processes')} vs {current['processes']},"
     if saved.get("engine", "ddp") != current["engine"]:
         return f"the engine, {saved.get('engine', 'ddp')} vs {current['engine']},"
+    defaults = FinetuneConfig().to_dict()  # an option newer than the saved run had its default then
     for key, value in current["config"].items():
-        if saved.get("config", {}).get(key) != value:
-            return f"--{key.replace('_', '-')} {saved.get('config', {}).get(key)!r} vs {value!r}"
+        before = saved.get("config", {}).get(key, defaults.get(key))
+        if before != value:
+            return f"--{key.replace('_', '-')} {before!r} vs {value!r}"
     if saved.get("model") != current["model"]:
         return "the model"
     if saved.get("teacher") != current["teacher"]:
