@@ -3,7 +3,8 @@ from the dense model, on one fixed training-token budget.
 
     .venv/bin/python benchmarks/recovery.py --ratio 0.2 [--calib wiki] [--calib-tokens 8192] \
         [--compress "--method welore --factorizer whiten --factorizer-param shrinkage=0.1"] \
-        [--train-tokens 65536] [--batch-size 4] [--seq-len 256] [--mode lrc] [--lr 1e-4] [--eval-tokens 4096]
+        [--train-tokens 65536] [--batch-size 4] [--seq-len 256] [--mode lrc] [--lr 1e-4] [--eval-tokens 4096] \
+        [--finetune=--train-scales]   # more `welore finetune` options; `=` because the value starts with --
 
 What a user does, each step a `welore` command in its own process:
 
@@ -13,9 +14,9 @@ What a user does, each step a `welore` command in its own process:
    "--quantize int2 --group-size 64 --compensate-rank 8"): quantization alone, whose compensation
    factors are what LRC fine-tuning then trains (issue 10);
 2. `welore finetune` the checkpoint twice on the same budget (`--losses` picks one) — `--train-tokens` of the same
-   text's calibration half, one pass, `--batch-size` × `--seq-len` tokens per step, warm-up
-   then cosine decay — once with the plain next-token loss and once with `--distill` (KL to the
-   dense source model's next-token distribution, α = 1, τ = 1);
+   text's calibration half (read again, reshuffled, where the budget exceeds it), `--batch-size` ×
+   `--seq-len` tokens per step, warm-up then cosine decay — once with the plain next-token loss
+   and once with `--distill` (KL to the dense source model's next-token distribution, α = 1, τ = 1);
 3. `welore evaluate` the compressed and both recovered checkpoints (and the dense model) on
    `--eval-tokens` of BOTH texts' evaluation halves (windows of 512, as the frontier benchmark),
    so the figure on the other text is a cross-domain one: neither compression nor training saw it.
@@ -142,8 +143,9 @@ def run(args: argparse.Namespace, command: str) -> dict:
             seconds = welore("finetune", "-q", compressed, *budget, *extra, "--out", str(out))
             result = json.loads((out / "finetune.json").read_text())["result"]
             record["runs"][label] = {"perplexity": evaluate(str(out), tmp, args.eval_tokens), "seconds": seconds,
-                                     **{k: result[k] for k in ("train_tokens", "tokens_per_s", "train_seconds",
-                                                               "trainable_params", "total_params", "losses")}}
+                                     **{k: result[k] for k in ("train_tokens", "epochs", "tokens_per_s",
+                                                               "train_seconds", "trainable_params",
+                                                               "total_params", "losses")}}
             print(label, record["runs"][label], flush=True)
             if not args.no_write:  # after every run, so a killed benchmark keeps what it finished
                 save(record)
@@ -208,6 +210,13 @@ def render_summary(records: list[dict]) -> list[str]:
     return lines
 
 
+def passes(record: dict) -> str:
+    """How often the training read its text: records before `epochs` was kept all made one pass."""
+    epochs = max((run.get("epochs", 1.0) for label, run in record["runs"].items() if label != "training-free"),
+                 default=1.0)
+    return "one pass" if epochs <= 1 else f"{epochs:.2f} passes over it"
+
+
 def render_record(record: dict) -> list[str]:
     calib, other, dense = record["calib"], next(t for t in TEXTS if t != record["calib"]), record["dense"]
     ways = {"LM loss": "the plain next-token loss",
@@ -230,7 +239,7 @@ def render_record(record: dict) -> list[str]:
         f"{record['compress']} --calib {calib} "
         f"--calib-tokens {record['calib_tokens']}`, then `welore finetune "
         f"{' '.join(record['finetune'])}` ({record['train_tokens']:,} training tokens of {calib}'s calibration half, "
-        f"one pass), {how}. Perplexity by `welore evaluate --max-tokens {record['eval_tokens']} --seq-len 512` "
+        f"{passes(record)}), {how}. Perplexity by `welore evaluate --max-tokens {record['eval_tokens']} --seq-len 512` "
         f"on each text's evaluation half: {other} was seen neither by the compression nor by the training.",
         "",
         f"| model | perplexity on {other} (cross-domain) | perplexity on {calib} | × dense on {other} | wall s | "
@@ -266,7 +275,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--mode", default="lrc")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--finetune", default="", help="further welore finetune options, e.g. '--train-nlrc'")
+    parser.add_argument("--finetune", default="",
+                        help="further welore finetune options, e.g. --finetune=--train-scales (= as it starts with --)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES),
                         help="which fine-tuning runs to make (both by default, on the same budget)")

@@ -110,6 +110,7 @@ def test_each_mode_lowers_validation_perplexity(mode: str, blocks) -> None:
     result = run(model, blocks, mode=mode, steps=8, lr=3e-3 if mode == "full" else 1e-2)
     assert len(result.losses) == 8 and result.steps == 8
     assert result.train_tokens == 8 * 4 * SEQ
+    assert result.epochs == 1.0 and "passes" not in result.summary()  # 32 blocks, each seen once
     assert result.val_ppl_after < result.val_ppl_before
     assert 0 < result.trainable_params <= result.total_params
     assert result.tokens_per_s > 0
@@ -509,6 +510,12 @@ def test_cli_resume_from_another_run_is_refused(capsys, compressed_dir: Path, en
                             "--out", out, *CLI)
     assert code == 2 and "was written by a different run" in err and "use a new --out or the same options" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_budget_beyond_the_text_repeats_it_and_says_how_often(blocks) -> None:
+    result = run(compressed(), blocks, steps=20)  # 80 blocks drawn from 32
+    assert result.epochs == 2.5
+    assert "(2,560 training tokens, 2.50 passes over the training text)" in result.summary()
 
 
 def test_a_run_saved_before_an_option_existed_resumes_when_the_option_keeps_its_default() -> None:

@@ -171,6 +171,7 @@ class FinetuneResult:
     trainable_names: list[str] = field(default_factory=list)  # their names, in model order
     steps: int = 0  # optimizer steps taken in total (earlier runs included when resumed)
     train_tokens: int = 0  # training tokens seen in total, all processes
+    epochs: float = 0.0  # passes over the training blocks those tokens made (above 1: blocks seen again)
     val_ppl_before: float | None = None  # validation perplexity before the first step
     val_ppl_after: float | None = None  # and after the last
     history: list[dict] = field(default_factory=list)  # {"step", "val_ppl"} before, every eval_every, after
@@ -196,7 +197,8 @@ class FinetuneResult:
         share = self.trainable_params / self.total_params if self.total_params else 0.0
         lines = [
             f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2%})",
-            f"steps: {self.steps} ({self.train_tokens:,} training tokens)"
+            f"steps: {self.steps} ({self.train_tokens:,} training tokens"
+            + (f", {self.epochs:.2f} passes over the training text)" if self.epochs > 1 else ")")
             + (f", resumed from step {self.resumed_from}" if self.resumed_from else ""),
         ]
         if self.val_ppl_before is not None and self.val_ppl_after is not None:

@@ -311,8 +311,9 @@ def finetune(
     result = FinetuneResult(
         model=model, config=config, trainable_params=trainable.trainable_params,
         total_params=trainable.total_params, trainable_names=trainable.names, steps=state.step,
-        train_tokens=state.items * config.seq_len, val_ppl_before=state.history[0]["val_ppl"],
-        val_ppl_after=state.history[-1]["val_ppl"], history=state.history, losses=state.losses,
+        train_tokens=state.items * config.seq_len, epochs=state.items / len(blocks.train),
+        val_ppl_before=state.history[0]["val_ppl"], val_ppl_after=state.history[-1]["val_ppl"],
+        history=state.history, losses=state.losses,
         train_seconds=seconds, tokens_per_s=run_steps * per_step * config.seq_len / seconds if seconds else None,
         peak_memory_bytes=memory.peak_bytes, total_peak_memory_bytes=memory.total_peak_bytes,
         processes=world, process_peak_memory_bytes=process_peaks, resumed_from=resumed_from,
