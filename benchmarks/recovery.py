@@ -225,8 +225,8 @@ def render_record(record: dict) -> list[str]:
     how = (f"once with {made[0]} and once with {made[1]}" if len(made) == 2
            else f"with {made[0]} only" if made else "not at all")
     lines = [
-        f"### {record['train_tokens']:,} training tokens of {calib}, ratio {ratio(record)}, "
-        f"`{record['compress']}`; judged on {other}"
+        f"### {record['train_tokens']:,} training tokens of {calib}, "
+        f"{'' if record['ratio'] is None else f'ratio {ratio(record)}, '}`{record['compress']}`; judged on {other}"
         + (f" (welore {record['commit']})" if record.get("commit") else ""),
         "",
         *([record["note"], ""] if record.get("note") else []),
