@@ -30,7 +30,7 @@ from welore.finetune import (
     mark_trainable_,
 )
 from welore.finetune.data import BlockStream
-from welore.finetune.state import _difference, checkpoints_dir, run_identity
+from welore.finetune.state import check_resumable, checkpoints_dir, run_identity, start_run
 from welore.modules import LowRankLinear
 
 SEQ = 32
@@ -518,13 +518,16 @@ def test_a_budget_beyond_the_text_repeats_it_and_says_how_often(blocks) -> None:
     assert "(2,560 training tokens, 2.50 passes over the training text)" in result.summary()
 
 
-def test_a_run_saved_before_an_option_existed_resumes_when_the_option_keeps_its_default() -> None:
+def test_a_run_saved_before_an_option_existed_resumes_when_the_option_keeps_its_default(tmp_path: Path) -> None:
     current = run_identity(FinetuneConfig(), {"w": "print"}, "data")
     older = json.loads(json.dumps(current))
     del older["config"]["train_scales"]  # run.json written by a welore without --train-scales
-    assert _difference(older, current) is None
-    assert _difference(older, run_identity(FinetuneConfig(train_scales=True), {"w": "print"}, "data")) == \
-        "--train-scales False vs True"
+    start_run(tmp_path, older)
+    (tmp_path / "step-000001").mkdir()
+    (tmp_path / "step-000001" / "state.json").write_text("{}")
+    assert check_resumable(tmp_path, current) == tmp_path / "step-000001"
+    with pytest.raises(WeloreError, match="--train-scales False vs True"):
+        check_resumable(tmp_path, run_identity(FinetuneConfig(train_scales=True), {"w": "print"}, "data"))
 
 
 def test_cli_unknown_mode_is_an_argparse_error(capsys, compressed_dir: Path, tmp_path: Path) -> None:
