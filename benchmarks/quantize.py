@@ -8,14 +8,16 @@ on the evaluation half of `--eval`; compensation is fitted on the calibration ha
 other text (`--calib`), whose input statistics are gathered ONCE on the dense model and shared
 by every configuration (what `quantize_` does inside, without the sharing). Bytes are those of
 the target matrices as stored (codes, float16 scales and zero points, float16 factors).
-Configuration names: `rtn{b}-g{G}` (RTN alone), `hqq{b}-g{G}`, `eora{b}-g{G}-r{R}` (RTN +
-rank-R compensation whitened by the calibration statistics), `wsvd{b}-g{G}-r{R}` (the same in
-weight space). `lr{P}` is low rank alone: P% of the target parameters removed by welore's
-best cheap setting (SVD-LLM whitening, minimax allocation, calibrated on the same windows), bytes
-counted in bfloat16; `lr{P}-rtn{b}-g{G}` (or `lr{P}-eora…`) is low rank and quantization
-together, `compress --ratio P/100 --quantize int{b}`: that low-rank model's factors (and the
-matrices it kept dense) quantized, W ≈ Q(up)·Q(down). `speed` saves one int4 model and
-measures, side by side with the dense folder, load time, weight bytes on disk and tokens/s.
+Configuration names: `rtn{b}-g{G}` (RTN alone), `hqq{b}-g{G}`, `gptq{b}-g{G}` (GPTQ alone, on the
+calibration statistics), `eora{b}-g{G}-r{R}` (RTN + rank-R compensation whitened by the
+calibration statistics), `geora{b}-g{G}-r{R}` (the same with GPTQ's codes), `wsvd{b}-g{G}-r{R}`
+(RTN + compensation in weight space); `-i{K}` alternates K rounds of codes and compensation.
+`lr{P}` is low rank alone: P% of the target parameters removed by welore's best cheap setting
+(SVD-LLM whitening, minimax allocation, calibrated on the same windows), bytes counted in
+bfloat16; `lr{P}-rtn{b}-g{G}` (or `lr{P}-eora…`) is low rank and quantization together, `compress
+--ratio P/100 --quantize int{b}`: that low-rank model's factors (and the matrices it kept dense)
+quantized, W ≈ Q(up)·Q(down). `speed` saves one int4 model and measures, side by side with the
+dense folder, load time, weight bytes on disk and tokens/s.
 
 Results accumulate in docs/quantize.json (one run may add configurations to an earlier one);
 the quantize section of docs/benchmarks.md is rewritten from it.
@@ -52,7 +54,9 @@ from welore.targets import find_targets, weight_matrix
 JSON = DOC.parent / "quantize.json"
 DEFAULT = ["dense", "rtn3-g64", "eora3-g64-r8", "wsvd3-g64-r8", "rtn2-g64", "eora2-g64-r8", "eora2-g64-r64",
            "rtn4-g32", "rtn4-g64", "rtn4-g128", "rtn3-g32", "rtn3-g128", "rtn2-g32", "rtn2-g128", "speed"]
-NAME = re.compile(r"(rtn|hqq|eora|wsvd)(\d)-g(\d+)(?:-r(\d+))?(?:-i(\d+))?")
+NAME = re.compile(r"(rtn|hqq|gptq|eora|geora|wsvd)(\d)-g(\d+)(?:-r(\d+))?(?:-i(\d+))?")
+QUANTIZER = {"hqq": "hqq", "gptq": "gptq", "geora": "gptq"}  # kind -> welore quantizer (others: rtn)
+CALIBRATED = {"eora", "gptq", "geora"}  # kinds that use the calibration statistics
 
 
 def parse(name: str) -> tuple[str, int, int, int, int]:
@@ -117,7 +121,7 @@ def main() -> None:
             runs[name] = joint(name, lowrank, calib, evals, dense_bytes)
         else:
             kind, bits, group, rank, rounds = parse(name)
-            if kind == "eora" and stats is None:
+            if kind in CALIBRATED and stats is None:
                 t = time.perf_counter()
                 targets = find_targets(loaded.model)
                 stats = {}
@@ -127,10 +131,10 @@ def main() -> None:
                 start = time.perf_counter()
             model = load_model("smollm2-135m").model
             config = QuantConfig(bits=bits, group_size=group, compensate_rank=rank, compensate_iters=rounds,
-                                 quantizer="hqq" if kind == "hqq" else "rtn")
+                                 quantizer=QUANTIZER.get(kind, "rtn"))
             with _one_thread_per_op():
                 plan = plan_quantization(model, config, progress=False)
-                apply_quant_plan_(model, plan, stats if kind == "eora" else None, progress=False)
+                apply_quant_plan_(model, plan, stats if kind in CALIBRATED else None, progress=False)
             ppl, _ = perplexity(model, evals, progress=False)
             runs[name] = {"ppl": ppl, "bytes": plan.nbytes, "bits_per_param": plan.bits_per_param}
             del model
@@ -151,9 +155,9 @@ def joint(name: str, lowrank: dict, calib, evals, dense_bytes: int) -> dict:
     kind, bits, group, rank, rounds = parse(quant)
     model = copy.deepcopy(base)
     config = QuantConfig(bits=bits, group_size=group, compensate_rank=rank, compensate_iters=rounds,
-                         quantizer="hqq" if kind == "hqq" else "rtn")
+                         quantizer=QUANTIZER.get(kind, "rtn"))
     with torch.no_grad():  # compensation of the factors is whitened by the factors' own inputs
-        factor_stats = _collect_stats(model, quant_targets(model), calib, 4, False) if kind == "eora" else None
+        factor_stats = _collect_stats(model, quant_targets(model), calib, 4, False) if kind in CALIBRATED else None
     with _one_thread_per_op():
         plan = plan_quantization(model, config, progress=False)
         apply_quant_plan_(model, plan, factor_stats, progress=False)
@@ -199,21 +203,22 @@ def goals(runs: dict) -> list[str]:
         return out
     for name, r in runs.items():
         match = NAME.fullmatch(name)
-        if not match or match.group(1) not in ("eora", "wsvd"):
+        if not match or match.group(1) not in ("eora", "geora", "wsvd"):
             continue
-        base = runs.get(f"rtn{match.group(2)}-g{match.group(3)}")
+        alone = f"{'gptq' if match.group(1) == 'geora' else 'rtn'}{match.group(2)}-g{match.group(3)}"
+        base = runs.get(alone)
         if base is None:
             continue
         extra = r["bytes"] / base["bytes"] - 1
         closed = (base["ppl"] - r["ppl"]) / (base["ppl"] - dense)
-        line = (f"- {name}: {extra:+.1%} bytes over rtn{match.group(2)}-g{match.group(3)}, closes {closed:.0%} of its "
+        line = (f"- {name}: {extra:+.1%} bytes over {alone}, closes {closed:.0%} of its "
                 f"perplexity gap to dense ({base['ppl']:.2f} -> {r['ppl']:.2f}, dense {dense:.2f})")
         if match.group(2) == "3":
             met = extra <= 0.10 and closed >= 0.5
             line += f"; 3-bit goal (<= 10% bytes, >= 50% of the gap): {'met' if met else 'NOT met'}"
         if match.group(2) == "2":
             met = r["ppl"] <= 3 * dense < base["ppl"]
-            line += (f"; 2-bit goal (within 3x dense, {3 * dense:.2f}, where RTN alone is not): "
+            line += (f"; 2-bit goal (within 3x dense, {3 * dense:.2f}, where quantization alone is not): "
                      f"{'met' if met else 'NOT met'}")
         out.append(line)
     for name, r in runs.items():  # alternation against EoRA's single round, same bytes
@@ -256,8 +261,10 @@ def write_doc(record: dict) -> None:
         "quantization error whitened by the calibration text's XᵀX (EoRA); `wsvdB-gG-rR`: the same correction "
         "fitted in weight space; `-iK` after either: K rounds alternating the codes and the correction "
         "(`--compensate-iters K`, LQ-LoRA/CALDERA's Q(W − L·R) + L·R, the best round kept); `hqqB-gG`: HQQ's "
-        "optimised zero points instead of RTN (calibration-free); `lrP`: low rank alone, P% of the target "
-        "parameters removed (whitened SVD, minimax allocation, calibrated like the compensation), bytes in bfloat16; "
+        "optimised zero points instead of RTN (calibration-free); `gptqB-gG`: GPTQ on the calibration text's XᵀX "
+        "instead of RTN (`--quantizer gptq`), `georaB-gG-rR`: GPTQ's codes with EoRA's correction; `lrP`: low rank "
+        "alone, P% of the target parameters removed (whitened SVD, minimax allocation, calibrated like the "
+        "compensation), bytes in bfloat16; "
         "`lrP-rtnB-gG`: that low-rank model with its factors and remaining dense matrices quantized "
         "(`compress --ratio P/100 --quantize intB`; its factors are stored balanced since 47ff2d2, before which "
         "lr10-rtn4-g64 gave 40.80 and lr10-rtn3-g64 762.08). Rows are sorted by bytes. "
@@ -303,9 +310,9 @@ def write_doc(record: dict) -> None:
     write_section("quantize", "\n".join(lines))
 
 
-FAMILIES = (("quantization alone", re.compile(r"(rtn|hqq)\d-g\d+")),
-            ("quantization + compensation", re.compile(r"(eora|wsvd)\d-g\d+-r\d+")),
-            ("quantization + compensation, alternated", re.compile(r"(eora|wsvd)\d-g\d+-r\d+-i\d+")),
+FAMILIES = (("quantization alone", re.compile(r"(rtn|hqq|gptq)\d-g\d+")),
+            ("quantization + compensation", re.compile(r"(eora|geora|wsvd)\d-g\d+-r\d+")),
+            ("quantization + compensation, alternated", re.compile(r"(eora|geora|wsvd)\d-g\d+-r\d+-i\d+")),
             ("low rank alone", re.compile(r"lr\d+")),
             ("low rank + quantization", re.compile(r"lr\d+-.+")))
 

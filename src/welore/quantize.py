@@ -15,7 +15,9 @@ the row length is a multiple of the group size (otherwise a group continues on t
 
 **Quantizers** (`QUANTIZERS`): `rtn` is asymmetric round-to-nearest on each group's min/max
 grid; `hqq` adds HQQ's half-quadratic optimisation of the zero points (Badri & Shaji 2023),
-calibration-free. Both run through the HQQ library's `Quantizer.quantize`.
+calibration-free. Both run through the HQQ library's `Quantizer.quantize`. `gptq` is data-aware:
+GPTQ's column-by-column rounding with the error spread through the calibration inputs' inverse
+Hessian, on the same min/max grid (`_gptq_quantize` says why it is written here).
 
 **Why HQQ, and why welore packs the codes itself** — measured by `benchmarks/quant_backends.py`
 on four SmolLM2 matrices with their real inputs (docs/benchmarks.md, "Quantization backends"):
@@ -173,21 +175,89 @@ def _hqq_quantize(weight: torch.Tensor, bits: int, group_size: int, optimize: bo
     )
 
 
-Quantizer = Callable[[torch.Tensor, int, int], QuantizedWeight]
+GPTQ_DAMPING = 0.01  # λ: GPTQ inverts XᵀX/N + λ·mean(diag)·I (the GPTQ paper's 1% dampening)
+GPTQ_BLOCK = 128  # columns updated together before the rest of the matrix gets their error (lazy batch updates)
+
+
+def _gptq_quantize(weight: torch.Tensor, bits: int, group_size: int, stats) -> QuantizedWeight:
+    """GPTQ (Frantar et al., ICLR 2023) on welore's grid: the columns of W are quantized one at a
+    time, left to right, and each column's rounding error is spread over the columns not yet
+    quantized through the inverse Hessian H⁻¹ of the layer's output error, H = XᵀX/N, so the
+    calibration outputs, not the weights, stay close. Each group's min/max grid is set when its
+    first column is reached, from the weights as the earlier errors have updated them, and its
+    float16 scale and offset are the ones stored (codes and stored grid agree exactly). With a
+    diagonal H no error crosses columns and the result is round-to-nearest on that grid.
+
+    Written here rather than taken from GPTQModel or llm-compressor: both run GPTQ only as their
+    own whole-model pipeline into their own packed formats (llm-compressor 0.14 also pins
+    transformers ≤ 5.17 and pulls auto-round and datasets), while welore needs it as a function of
+    one matrix and its statistics, inside the compensation rounds and the target-size allocation."""
+    if stats is None:
+        raise WeloreError("The gptq quantizer needs calibration statistics; add --calib (e.g. --calib wiki) or "
+                          "use --quantizer rtn.")
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise WeloreError(f"GPTQ keeps each group within a row, and group size {group_size} does not divide the "
+                          f"{in_features}-long rows of a {out_features}x{in_features} matrix; use a group size that "
+                          "does, e.g. 64.")
+    levels = 2**bits - 1
+    w = weight.detach().to("cpu", torch.float64).clone()  # (out, in), updated as columns are quantized
+    h = stats.xtx.to("cpu", torch.float64) / max(stats.tokens, 1)  # (in, in)
+    dead = h.diagonal() == 0  # inputs that never fire: any value there is free; quantize zeros
+    h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(GPTQ_DAMPING * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # H⁻¹ = Uᵀ·U
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
+    scale = torch.empty(out_features, in_features // group_size, dtype=SCALE_DTYPE)
+    offset = torch.empty_like(scale)
+    block = group_size * max(1, GPTQ_BLOCK // group_size)  # whole groups, so a group's grid sees updated weights
+    for start in range(0, in_features, block):
+        end = min(start + block, in_features)
+        w1, u1 = w[:, start:end], u[start:end, start:end]  # (out, B), (B, B)
+        errors = torch.empty_like(w1)  # (out, B): each column's scaled rounding error
+        for j in range(end - start):
+            column = start + j
+            if column % group_size == 0:
+                group = w1[:, j : j + group_size]  # (out, g)
+                lo, hi = group.min(dim=1).values, group.max(dim=1).values  # (out,)
+                k = column // group_size
+                scale[:, k] = ((hi - lo) / levels).to(SCALE_DTYPE)
+                offset[:, k] = lo.to(SCALE_DTYPE)
+                step = scale[:, k].to(torch.float64)
+                step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: every code is 0
+                base = offset[:, k].to(torch.float64)
+            q = ((w1[:, j] - base) / step).round_().clamp_(0, levels)  # (out,)
+            codes[:, column] = q.to(torch.uint8)
+            errors[:, j] = (w1[:, j] - (q * step + base)) / u1[j, j]
+            w1[:, j + 1 :] -= errors[:, j : j + 1] * u1[j : j + 1, j + 1 :]
+        w[:, end:] -= errors @ u[start:end, end:]
+    scale[scale == 0] = 1.0  # match the step used for constant groups, so dequantizing gives what was rounded
+    return QuantizedWeight(codes=pack_codes(codes.reshape(-1), bits), scale=scale.reshape(-1),
+                           offset=offset.reshape(-1), bits=bits, group_size=group_size,
+                           shape=(out_features, in_features))
+
+
+Quantizer = Callable[[torch.Tensor, int, int, object], QuantizedWeight]
 QUANTIZERS: dict[str, Quantizer] = {
-    "rtn": lambda w, bits, g: _hqq_quantize(w, bits, g, optimize=False),  # min/max grid, round to nearest
-    "hqq": lambda w, bits, g: _hqq_quantize(w, bits, g, optimize=True),  # + HQQ zero-point optimisation
+    "rtn": lambda w, bits, g, stats: _hqq_quantize(w, bits, g, optimize=False),  # min/max grid, round to nearest
+    "hqq": lambda w, bits, g, stats: _hqq_quantize(w, bits, g, optimize=True),  # + HQQ zero-point optimisation
+    "gptq": _gptq_quantize,  # min/max grid, errors spread by the calibration inputs' inverse Hessian
 }
+NEEDS_STATS = frozenset({"gptq"})  # quantizers that need calibration statistics (XᵀX)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, quantizer: str = "rtn") -> QuantizedWeight:
-    """Quantize an (out, in) matrix to packed `bits`-bit codes in groups of `group_size`."""
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int, quantizer: str = "rtn", stats=None,
+) -> QuantizedWeight:
+    """Quantize an (out, in) matrix to packed `bits`-bit codes in groups of `group_size`; `stats`
+    (the layer's InputStats) is what a data-aware quantizer (gptq) minimises the output error on."""
     if bits not in BITS:
         raise WeloreError(f"Cannot quantize to {bits} bits; choose one of {', '.join(map(str, BITS))}.")
     if quantizer not in QUANTIZERS:
         raise WeloreError(f"Unknown quantizer {quantizer!r}; choose one of {', '.join(QUANTIZERS)}.")
     check_group_size(tuple(weight.shape), group_size)
-    return QUANTIZERS[quantizer](weight, bits, group_size)
+    return QUANTIZERS[quantizer](weight, bits, group_size, stats)
 
 
 def matrix_bytes(shape: tuple[int, int], bits: int, group_size: int, rank: int = 0, factor_bytes: int = 2) -> int:
@@ -478,7 +548,7 @@ class QuantPlan:
 class QuantConfig:
     bits: int | None = 4  # code width (8, 4, 3, 2); None when target_size chooses it per matrix
     group_size: int = 64  # consecutive weights of a row sharing one scale and offset
-    quantizer: str = "rtn"  # rtn (round to nearest) | hqq (HQQ's optimised zero points)
+    quantizer: str = "rtn"  # rtn (round to nearest) | hqq (HQQ's optimised zero points) | gptq (needs calibration)
     compensate_rank: int = 0  # rank r of the low-rank correction of W − Q(W); 0 = none
     compensate_iters: int = 1  # rounds alternating Q ← Q(W − up·down) and up·down ← fit(W − Q); 1 = EoRA alone
     target_size: int | None = None  # bytes of all target matrices (codes, scales, offsets, factors)
@@ -537,7 +607,8 @@ class QuantOptions:
         # e.g. 60MB (10^6 bytes) or 57MiB (2^20 bytes)
     group_size: int = 64  # consecutive weights of a row sharing one scale and zero point
     quantizer: str = field(default="rtn", metadata={"choices": list(QUANTIZERS)})  # rtn: round to nearest on each
-        # group's min/max grid; hqq: HQQ's optimised zero points
+        # group's min/max grid; hqq: HQQ's optimised zero points; gptq: GPTQ's error feedback on the
+        # calibration inputs (needs --calib)
     compensate_rank: int = 0  # rank of a correction of the quantization error:
         # EoRA with --calib, weight-space SVD without
     compensate_iters: int = 1  # rounds alternating quantization of W − up·down and refitting the
@@ -758,7 +829,7 @@ def _compensate(
     for _ in range(iters - 1):
         _, q, up, down = latest
         q = quantize_weight((weight.detach().to(torch.float64).cpu() - _product(up, down)).to(torch.float32),
-                            q.bits, q.group_size, quantizer)
+                            q.bits, q.group_size, quantizer, stats)
         latest = fit(q, _error_matrix(weight, q))
         best = min(best, latest, key=lambda candidate: candidate[0])
     return best
@@ -772,7 +843,7 @@ def quantize_layer(
     with `stats`, also return its relative calibration output error before and after compensation."""
     weight = weight_matrix(dense)
     check_finite(name, weight)
-    q = quantize_weight(weight, bits, group_size, quantizer)
+    q = quantize_weight(weight, bits, group_size, quantizer, stats)
     up = down = None
     errors = None
     dtype = FACTOR_DTYPES[factor_dtype]
@@ -878,8 +949,8 @@ def plan_quantization(
         s = (stats or {}).get(name)
         tails = {}
         for bits in config.target_bits:
-            sigma = _error_spectrum(_error_matrix(weight, quantize_weight(weight, bits, config.group_size,
-                                                                          config.quantizer)), s)
+            q = quantize_weight(weight, bits, config.group_size, config.quantizer, s)
+            sigma = _error_spectrum(_error_matrix(weight, q), s)
             energy = sigma.to(torch.float64) ** 2
             tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # tail[r] = Σ_{j≥r} σ_j²
             tails[bits] = tail
@@ -903,6 +974,9 @@ def quantize_(
     targets = quant_targets(model, config.targets)
     if not targets:
         raise WeloreError("No target matrices to quantize; check --targets.")
+    if config.quantizer in NEEDS_STATS and calibration is None:
+        raise WeloreError(f"The {config.quantizer} quantizer needs calibration text; add --calib (e.g. --calib wiki) "
+                          "or use --quantizer rtn.")
     dense_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size() for m in targets.values())
     with torch.no_grad():
         stats = _collect_stats(model, targets, calibration, batch_size, progress) if calibration is not None else None
