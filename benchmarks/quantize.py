@@ -273,7 +273,8 @@ def write_doc(record: dict) -> None:
         f"Machine: {record.get('machine')}.",
         "",
         "Command: `PYTHONPATH=src python benchmarks/quantize.py --eval wiki --calib news` "
-        "(and `--eval news --calib wiki`, where listed).",
+        "(and `--eval news --calib wiki`, `--calib-tokens 32768`, where a heading says so), "
+        "`--configs` naming the rows.",
         "",
         "**4 bits with groups of 32 is not a real test**: the built-in weights were dequantized from GGUF Q4_1 "
         "(asymmetric, 4 bits, groups of 32 along each row), so RTN at 4 bits and groups of 32 lands on the very "
