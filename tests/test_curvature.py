@@ -119,6 +119,32 @@ def test_gradient_stats_equal_a_direct_computation(family: str) -> None:
     assert not model.training
 
 
+def test_an_outlier_token_is_scaled_down_to_the_bound_and_the_rest_is_untouched() -> None:
+    """One token with a gradient 10⁵ times the others' norm (10¹⁰ in ‖g‖², like the spike that
+    broke kfac at 131K tokens) enters G with ‖g‖² = OUTLIER_FACTOR × the batch median; a batch
+    without one is accumulated exactly."""
+    from welore.curvature import OUTLIER_FACTOR
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(2, 16, 6, generator=gen, dtype=torch.float64)  # (B, T, out)
+    x = torch.randn(2, 16, 5, generator=gen, dtype=torch.float64)  # (B, T, in)
+    plain = GradientStats.zeros(6, 5)
+    plain.add_(g, x)
+    assert plain.clipped == 0
+    assert torch.allclose(plain.ggt, g.flatten(0, 1).T @ g.flatten(0, 1))
+
+    spiked = g.clone()
+    spiked[1, 3] *= 1e5
+    stats = GradientStats.zeros(6, 5)
+    stats.add_(spiked, x)
+    assert stats.clipped == 1
+    bound = OUTLIER_FACTOR * spiked.pow(2).sum(-1).median()
+    expected = g.clone()
+    expected[1, 3] *= (bound / g[1, 3].pow(2).sum()).sqrt()
+    assert torch.allclose(stats.ggt, expected.flatten(0, 1).T @ expected.flatten(0, 1))
+    assert stats.ggt.trace() < 1e-2 * (spiked.flatten(0, 1).T @ spiked.flatten(0, 1)).trace()
+
+
 def test_gradient_stats_reject_one_token_windows() -> None:
     model = build_tiny("llama")
     with pytest.raises(WeloreError, match="seq_len ≥ 2"):
