@@ -193,7 +193,7 @@ def _gptq_quantize(weight: torch.Tensor, bits: int, group_size: int, stats) -> Q
     transformers ≤ 5.17 and pulls auto-round and datasets), while welore needs it as a function of
     one matrix and its statistics, inside the compensation rounds and the target-size allocation."""
     if stats is None:
-        raise WeloreError("The gptq quantizer needs calibration statistics; add --calib (e.g. --calib wiki) or "
+        raise WeloreError("The gptq quantizer needs calibration text; add --calib (e.g. --calib wiki) or "
                           "use --quantizer rtn.")
     out_features, in_features = weight.shape
     if in_features % group_size:
@@ -222,17 +222,15 @@ def _gptq_quantize(weight: torch.Tensor, bits: int, group_size: int, stats) -> Q
                 group = w1[:, j : j + group_size]  # (out, g)
                 lo, hi = group.min(dim=1).values, group.max(dim=1).values  # (out,)
                 k = column // group_size
-                scale[:, k] = ((hi - lo) / levels).to(SCALE_DTYPE)
+                stored = ((hi - lo) / levels).to(SCALE_DTYPE)
+                scale[:, k] = torch.where(stored > 0, stored, torch.ones_like(stored))  # a constant group: codes 0
                 offset[:, k] = lo.to(SCALE_DTYPE)
-                step = scale[:, k].to(torch.float64)
-                step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: every code is 0
-                base = offset[:, k].to(torch.float64)
+                step, base = scale[:, k].to(torch.float64), offset[:, k].to(torch.float64)  # the stored grid
             q = ((w1[:, j] - base) / step).round_().clamp_(0, levels)  # (out,)
             codes[:, column] = q.to(torch.uint8)
             errors[:, j] = (w1[:, j] - (q * step + base)) / u1[j, j]
             w1[:, j + 1 :] -= errors[:, j : j + 1] * u1[j : j + 1, j + 1 :]
         w[:, end:] -= errors @ u[start:end, end:]
-    scale[scale == 0] = 1.0  # match the step used for constant groups, so dequantizing gives what was rounded
     return QuantizedWeight(codes=pack_codes(codes.reshape(-1), bits), scale=scale.reshape(-1),
                            offset=offset.reshape(-1), bits=bits, group_size=group_size,
                            shape=(out_features, in_features))
@@ -623,6 +621,9 @@ class QuantOptions:
             raise WeloreError("Give --quantize (one width for every matrix) or --target-size (widths chosen per "
                               "matrix), not both.")
         calib = getattr(compress, "calib", None)
+        if self.quantizer in NEEDS_STATS and calib is None:
+            raise WeloreError(f"The {self.quantizer} quantizer needs calibration text; add --calib (e.g. --calib wiki) "
+                              "or use --quantizer rtn.")
         return QuantConfig(
             bits=FORMATS[self.quantize] if self.quantize else None, group_size=self.group_size,
             quantizer=self.quantizer, compensate_rank=self.compensate_rank, compensate_iters=self.compensate_iters,
@@ -974,9 +975,6 @@ def quantize_(
     targets = quant_targets(model, config.targets)
     if not targets:
         raise WeloreError("No target matrices to quantize; check --targets.")
-    if config.quantizer in NEEDS_STATS and calibration is None:
-        raise WeloreError(f"The {config.quantizer} quantizer needs calibration text; add --calib (e.g. --calib wiki) "
-                          "or use --quantizer rtn.")
     dense_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size() for m in targets.values())
     with torch.no_grad():
         stats = _collect_stats(model, targets, calibration, batch_size, progress) if calibration is not None else None
