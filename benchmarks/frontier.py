@@ -48,7 +48,7 @@ from _common import DOC, machine, publish
 
 from welore.calibrate import iter_block_stats
 from welore.compress import CompressConfig, compress_, factorize_layer, gradient_stats
-from welore.curvature import CurvatureStats
+from welore.curvature import OUTLIER_FACTOR, CurvatureStats
 from welore.data import describe_text, load_text, overlap_fraction, token_windows
 from welore.evaluate import perplexity
 from welore.factorize import make_factorizer
@@ -127,6 +127,23 @@ DEFAULT_SETTINGS = ["whiten/uniform", "whiten/welore", "whiten/minimax", "whiten
 
 def fmt(ppl: float) -> str:
     return f"{ppl:.1f}" if ppl < 1000 else f"{ppl:.2e}"
+
+
+def unbounded(record: dict) -> bool:
+    """A curvature record measured before `welore.curvature` bounded outlier tokens' gradients
+    (213c289): its statistics may hold one token's spike, so the report marks it."""
+    setting = SETTINGS.get(record["label"])
+    curvature = setting is not None and getattr(make_factorizer(setting.factorizer), "needs_gradients", False)
+    return curvature and "outlier_bound" not in record
+
+
+def cell_text(record: dict, text: str) -> str:
+    """Perplexity on `text`, marked † where the record predates the outlier bound."""
+    return fmt(record["perplexity"][text]) + ("†" if unbounded(record) else "")
+
+
+UNBOUNDED_NOTE = ("† a curvature setting measured before the outlier bound (213c289: each token's output gradient "
+                  "is scaled down to 10⁴ times its batch's median squared norm); not re-run since.")
 
 
 def other(text: str) -> str:
@@ -241,6 +258,7 @@ def run(args: argparse.Namespace) -> None:
                 # compression cost: the shared statistics pass + this factorizer's spectra + its own work
                 "wall_s": calib_clock.wall + spectra_clock.wall + clock.wall + (extra.wall if extra else 0.0),
                 "cpu_s": calib_clock.cpu + spectra_clock.cpu + clock.cpu + (extra.cpu if extra else 0.0),
+                **({"outlier_bound": OUTLIER_FACTOR} if curvature else {}),
             })
             del compressed
 
@@ -335,9 +353,11 @@ def report(args: argparse.Namespace) -> None:
         "layer's outputs, from backward passes on the calibration text), `fisher` is FWSVD's row-Fisher weighting; "
         "`loss` allocates ranks by their (estimated loss-increase) spectra globally.",
     ]
-    for tokens in args.main_tokens:
-        lines += sweep(records, find, dense, tokens)
-    lines += sizes_and_scan(records, find, args.main_tokens)
+    body = [line for tokens in args.main_tokens for line in sweep(records, find, dense, tokens)]
+    body += sizes_and_scan(records, find, args.main_tokens)
+    if any("†" in line for line in body):
+        lines += ["", UNBOUNDED_NOTE]
+    lines += body
     if "cost" in data:
         lines += cost_table(data["cost"])
     lines += ["", "![cross-domain perplexity vs ratio](frontier.png)"]
@@ -382,7 +402,8 @@ def sweep(records: list[dict], find: dict, dense: dict, tokens: int) -> list[str
     for i, n in enumerate(ranked, 1):
         own = geomean([find[c, tokens, n, q]["perplexity"][c] for c, q in cells])
         flags = find[cells[0][0], tokens, n, cells[0][1]]["flags"]
-        lines.append(f"| {i} | {n} | {score[n]:.1f} | {own:.1f} | `{flags}` |")
+        mark = "†" if any(unbounded(find[c, tokens, n, q]) for c, q in cells) else ""
+        lines.append(f"| {i} | {n}{mark} | {score[n]:.1f} | {own:.1f} | `{flags}` |")
     every = sorted({(r["calib"], r["ratio"]) for r in main})  # the whole sweep, both directions
     ranked_all: list[str] = []  # settings measured in every cell, best first (what "beats at every ratio" needs)
     everywhere = [n for n in dict.fromkeys(r["label"] for r in main)
@@ -397,7 +418,8 @@ def sweep(records: list[dict], find: dict, dense: dict, tokens: int) -> list[str
         ranked_all = sorted(everywhere, key=overall.get)
         for i, n in enumerate(ranked_all, 1):
             own = geomean([find[c, tokens, n, q]["perplexity"][c] for c, q in every])
-            lines.append(f"| {i} | {n} | {overall[n]:.1f} | {own:.1f} |")
+            mark = "†" if any(unbounded(find[c, tokens, n, q]) for c, q in every) else ""
+            lines.append(f"| {i} | {n}{mark} | {overall[n]:.1f} | {own:.1f} |")
     legacy = sorted({r["source"] for r in main if r.get("source")})
     if legacy:
         lines += ["", f"Records marked in `docs/frontier.json` with `source` {', '.join(legacy)} come from the run of "
@@ -412,7 +434,7 @@ def sweep(records: list[dict], find: dict, dense: dict, tokens: int) -> list[str
             r = find.get((c, tokens, n, q))
             if r is None:
                 return "—"
-            text = fmt(r["perplexity"][o])
+            text = cell_text(r, o)
             best = min((cross(c, m, q) for m in complete if (c, tokens, m, q) in find), default=None)
             text = f"**{text}**" if n in complete and cross(c, n, q) == best else text
             if n == ranked[0] and any(cross(c, b, q) <= cross(c, n, q) for b in baselines if b != n):
@@ -441,7 +463,8 @@ def sweep(records: list[dict], find: dict, dense: dict, tokens: int) -> list[str
             versus = [f"{fmt(cross(c, b, q))} ({cross(c, b, q) / mine:.2f}×)" for b in baselines]
             losers = [b for b in baselines if b != best and cross(c, b, q) <= mine]
             verdict = "yes" if not losers else "**no**: not better than " + ", ".join(losers)
-            lines.append(f"| {c} → {other(c)} | {q} | {fmt(mine)} | " + " | ".join(versus) + f" | {verdict} |")
+            lines.append(f"| {c} → {other(c)} | {q} | {cell_text(find[c, tokens, best, q], other(c))} | "
+                         + " | ".join(versus) + f" | {verdict} |")
         missing = [f"{c} → {other(c)} at {q}" for c in TEXTS for q in (0.1, 0.2, 0.3, 0.4)
                    if (c, tokens, best, q) not in find]
         if missing:
@@ -475,7 +498,7 @@ def sizes_and_scan(records: list[dict], find: dict, main_tokens: list[int]) -> l
                 row = []
                 for s in sizes:
                     r = find.get((c, s, n, 0.2))
-                    row.append("—" if r is None else f"{fmt(r['perplexity'][other(c)])} ({fmt(r['perplexity'][c])})")
+                    row.append("—" if r is None else f"{cell_text(r, other(c))} ({fmt(r['perplexity'][c])})")
                 lines.append(f"| {c} → {other(c)} | {n} | " + " | ".join(row) + " |")
         lines.append("")
         lines.append("— not run (news' calibration half holds 37K tokens, so news → wiki stops at 32K; the most "
