@@ -129,12 +129,16 @@ def fmt(ppl: float) -> str:
     return f"{ppl:.1f}" if ppl < 1000 else f"{ppl:.2e}"
 
 
+def needs_gradients(label: str) -> bool:
+    """Whether the setting's factorizer is curvature-aware (takes the gradient statistics)."""
+    setting = SETTINGS.get(label)  # None: a label of an imported legacy record
+    return setting is not None and getattr(make_factorizer(setting.factorizer), "needs_gradients", False)
+
+
 def unbounded(record: dict) -> bool:
     """A curvature record measured before `welore.curvature` bounded outlier tokens' gradients
     (213c289): its statistics may hold one token's spike, so the report marks it."""
-    setting = SETTINGS.get(record["label"])
-    curvature = setting is not None and getattr(make_factorizer(setting.factorizer), "needs_gradients", False)
-    return curvature and "outlier_bound" not in record
+    return needs_gradients(record["label"]) and "outlier_bound" not in record
 
 
 def cell_text(record: dict, text: str) -> str:
@@ -143,7 +147,7 @@ def cell_text(record: dict, text: str) -> str:
 
 
 UNBOUNDED_NOTE = ("† a curvature setting measured before the outlier bound (213c289: each token's output gradient "
-                  "is scaled down to 10⁴ times its batch's median squared norm); not re-run since.")
+                  f"is scaled down to {OUTLIER_FACTOR:.0e} times its batch's median squared norm); not re-run since.")
 
 
 def other(text: str) -> str:
@@ -218,7 +222,7 @@ def run(args: argparse.Namespace) -> None:
             stats.update(block)
     grads, grad_clock = None, Clock()
     grad_clock.wall = grad_clock.cpu = 0.0
-    if any(getattr(make_factorizer(SETTINGS[n].factorizer), "needs_gradients", False) for n in args.settings):
+    if any(needs_gradients(n) for n in args.settings):
         with grad_clock:  # once, on the dense model, as compress_ gathers them; every curvature plan needs them
             grads = gradient_stats(model, targets, calibration, progress=False)
     spectra: dict = {}
