@@ -166,6 +166,11 @@ def ratio(record: dict) -> str:
     return "—" if record["ratio"] is None else str(record["ratio"])
 
 
+def learning_rate(record: dict) -> str:
+    """The peak learning rate a record's runs trained with."""
+    return f"{float(record['finetune'][record['finetune'].index('--lr') + 1]):g}"
+
+
 def finetune_options(record: dict) -> list[str]:
     """The `--finetune` options a record's runs added to the budget (e.g. --train-scales)."""
     budget = record["finetune"]
@@ -189,9 +194,9 @@ def render_summary(records: list[dict]) -> list[str]:
     lines = [f"### Summary: cross-domain perplexity before and after recovery (goal: ≤ {GOAL:.2f}× dense, "
              f"issue 9's ≤ 60 on news; rows without a ratio quantize only: ≤ {QUANT_GOAL:.0f}× dense, "
              "issue 10's 2-bit goal)", "",
-             "| direction | ratio | compression | calibration tokens | training tokens | training-free | "
+             "| direction | ratio | compression | calibration tokens | training tokens | lr | training-free | "
              "recovered (best run) | × dense | goal |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for record in records:
         other = next(t for t in TEXTS if t != record["calib"])
         dense = record["dense"][other]
@@ -204,7 +209,7 @@ def render_summary(records: list[dict]) -> list[str]:
         lines.append(f"| {record['calib']} → {other} | {ratio(record)} | `{record['compress']}`"
                      f"{f', fine-tuned with `{extra}`' if extra else ''}"
                      f"{' (welore ' + record['commit'] + ')' if record.get('commit') else ''} | "
-                     f"{record['calib_tokens']:,} | {record['train_tokens']:,} | "
+                     f"{record['calib_tokens']:,} | {record['train_tokens']:,} | {learning_rate(record)} | "
                      f"{fmt(record['runs']['training-free']['perplexity'][other])} | {fmt(best)} ({label}) | "
                      f"{best / dense:.2f} | {'met' if best / dense <= goal(record) else 'not met'} |")
     return lines
@@ -226,7 +231,8 @@ def render_record(record: dict) -> list[str]:
            else f"with {made[0]} only" if made else "not at all")
     lines = [
         f"### {record['train_tokens']:,} training tokens of {calib}, "
-        f"{'' if record['ratio'] is None else f'ratio {ratio(record)}, '}`{record['compress']}`; judged on {other}"
+        f"{'' if record['ratio'] is None else f'ratio {ratio(record)}, '}`{record['compress']}`, "
+        f"lr {learning_rate(record)}; judged on {other}"
         + (f" (welore {record['commit']})" if record.get("commit") else ""),
         "",
         *([record["note"], ""] if record.get("note") else []),
