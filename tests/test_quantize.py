@@ -410,6 +410,8 @@ def test_config_errors() -> None:
         QuantConfig(bits=5)
     with pytest.raises(WeloreError, match="Compensation rank"):
         QuantConfig(compensate_rank=-1)
+    with pytest.raises(WeloreError, match="Largest compensation rank -1"):
+        QuantConfig(bits=None, target_size=10**6, max_compensate_rank=-1)
     with pytest.raises(WeloreError, match="quantizer"):
         QuantConfig(quantizer="awq")
     with pytest.raises(WeloreError, match="at least 1"):
@@ -459,6 +461,7 @@ def test_cli_target_size(tmp_path: Path, cli_model_dir: Path, capsys) -> None:
     (["--quantize", "int4", "--group-size", "7"], "Group size 7"),
     (["--quantize", "int4", "--compensate-iters", "3"], "add --compensate-rank"),
     (["--quantize", "int4", "--quantizer", "gptq"], "needs calibration text; add --calib"),
+    (["--target-size", "1MB", "--max-compensate-rank", "-1"], "Largest compensation rank -1 is negative"),
 ])
 def test_cli_quantize_mistakes(tmp_path: Path, cli_model_dir: Path, capsys, argv, match) -> None:
     from welore.cli import main

@@ -571,6 +571,9 @@ class QuantConfig:
             raise WeloreError(f"Unknown quantizer {self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}.")
         if self.compensate_rank < 0:
             raise WeloreError(f"Compensation rank {self.compensate_rank} is negative; use 0 (none) or e.g. 32.")
+        if self.max_compensate_rank < 0:
+            raise WeloreError(f"Largest compensation rank {self.max_compensate_rank} is negative; use 0 (bits only) "
+                              "or e.g. 256.")
         if self.compensate_iters < 1:
             raise WeloreError(f"Compensation rounds {self.compensate_iters} must be at least 1, e.g. 4.")
         if self.compensate_iters > 1 and not self.compensate_rank and self.target_size is None:
