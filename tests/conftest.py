@@ -3,7 +3,9 @@
 Nothing here downloads anything. The tiny models are built from configs (seeded, eval mode):
 LLaMA with grouped-query attention and tied embeddings, GPT-2 (`Conv1D`, transposed weights,
 biases) and Qwen2 (q/k/v biases, untied LM head). The tokenizer is SmolLM2's, read from the
-GGUF file inside the default model's package and kept in pytest's cache folder.
+GGUF file inside the default model's package and kept in pytest's cache folder; it adds no BOS
+token. `bos_tokenizer` is the same vocabulary with a tokenizer that puts BOS first, as Llama's,
+Mistral's and Gemma's do, so that no code path assumes the default model's tokenizer.
 """
 
 from __future__ import annotations
@@ -180,6 +182,22 @@ def smollm2_tokenizer(request: pytest.FixtureRequest):
     return tokenizer
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer(smollm2_tokenizer):
+    """SmolLM2's vocabulary with a tokenizer that adds BOS (<|im_start|>, id 1) by default, the way
+    Llama's and Mistral's tokenizers do: `tokenizer("x").input_ids == [1, ...]`."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(smollm2_tokenizer.backend_tokenizer)
+    bos = smollm2_tokenizer.bos_token
+    backend.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                special_tokens=[(bos, smollm2_tokenizer.bos_token_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=smollm2_tokenizer.eos_token)
+
+
 def save_model_folder(model: PreTrainedModel, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     if tokenizer is not None:
@@ -199,6 +217,13 @@ def cli_model_dir_b(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer)
     """A second local model folder (tiny Qwen2, another seed) for `compare`."""
     model = build_tiny("qwen2", seed=3, vocab=SMOLLM2_VOCAB, hidden=32)
     return save_model_folder(model, smollm2_tokenizer, tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def bos_model_dir(tmp_path_factory: pytest.TempPathFactory, bos_tokenizer) -> Path:
+    """A local model folder whose tokenizer adds BOS (tiny LLaMA, SmolLM2's vocabulary)."""
+    model = build_tiny("llama", seed=5, vocab=SMOLLM2_VOCAB, hidden=32)
+    return save_model_folder(model, bos_tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama-bos")
 
 
 ENGLISH = """\

@@ -311,3 +311,46 @@ def test_token_windows_too_short(tokenizer):
 def test_token_windows_bad_arguments(tokenizer, seq_len, max_tokens):
     with pytest.raises(WeloreError):
         token_windows(tokenizer, "some text " * 100, seq_len=seq_len, max_tokens=max_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# BOS policy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bos_policy_follows_the_tokenizer(tokenizer, bos_tokenizer):
+    assert not data.adds_bos(tokenizer) and data.adds_bos(bos_tokenizer)
+    assert data.resolve_bos(tokenizer) == "no" and data.resolve_bos(bos_tokenizer) == "yes"
+    assert data.resolve_bos(tokenizer, "yes") == "yes" and data.resolve_bos(bos_tokenizer, "no") == "no"
+    assert data.describe_bos(bos_tokenizer) == f"BOS {bos_tokenizer.bos_token} first"
+    assert data.describe_bos(tokenizer) == "no BOS"
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_it(cache, tokenizer, bos_tokenizer):
+    text = load_text("news", "eval")
+    plain = token_windows(tokenizer, text, seq_len=64, max_tokens=64 * 6)
+    with_bos = token_windows(bos_tokenizer, text, seq_len=64, max_tokens=64 * 6)
+    assert plain.shape == with_bos.shape == (6, 64)  # the window length counts the BOS
+    assert (with_bos[:, 0] == bos_tokenizer.bos_token_id).all()
+    assert bos_tokenizer.bos_token_id not in with_bos[:, 1:]
+    # Behind each BOS the text runs on as one stream: 63 text tokens per window, none skipped.
+    stream = token_windows(tokenizer, text, seq_len=63, max_tokens=63 * 6)
+    assert torch.equal(with_bos[:, 1:], stream)
+    # The same tokens as the standard encoding of the text, BOS and all, for the first window.
+    standard = bos_tokenizer(text[:2000])["input_ids"]
+    assert with_bos[0].tolist() == standard[:64]
+    # The default model's tokenizer adds none, so its windows do not change.
+    assert torch.equal(plain, token_windows(tokenizer, text, seq_len=64, max_tokens=64 * 6, bos="no"))
+    assert torch.equal(token_windows(bos_tokenizer, text, 64, 64 * 6, bos="no"), plain)
+
+
+def test_bos_policy_overrides(cache, tokenizer, bos_tokenizer):
+    text = load_text("news", "eval")
+    forced = token_windows(tokenizer, text, seq_len=32, max_tokens=32 * 3, bos="yes")
+    assert (forced[:, 0] == tokenizer.bos_token_id).all() and forced.shape == (3, 32)
+    with pytest.raises(WeloreError, match="Unknown BOS policy 'maybe'; use --bos auto, yes or no"):
+        token_windows(tokenizer, text, seq_len=32, bos="maybe")
+    with pytest.raises(WeloreError, match="no BOS token"):
+        data.resolve_bos(types.SimpleNamespace(bos_token_id=None), "yes")
+    with pytest.raises(WeloreError, match="must be at least 3"):  # BOS plus one predicted pair
+        token_windows(bos_tokenizer, text, seq_len=2)

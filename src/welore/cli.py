@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from welore.errors import WeloreError
@@ -50,9 +50,10 @@ def _check_load_options(args: argparse.Namespace) -> None:
 
 
 def _eval_windows(tokenizer, options, model_name: str, calib: str | None = None):
-    """Evaluation windows of `options.text` (the evaluation split of built-in texts). When the
-    model was calibrated on `calib`, say so if the two texts overlap."""
-    from welore.data import load_text, overlap_fraction, token_windows
+    """Evaluation windows of `options.text` (the evaluation split of built-in texts) under the BOS
+    policy `options.bos`, and that policy resolved for this tokenizer (yes or no). When the model
+    was calibrated on `calib`, say so if the two texts overlap."""
+    from welore.data import load_text, overlap_fraction, resolve_bos, token_windows
 
     if tokenizer is None:
         raise WeloreError(f"{model_name} has no tokenizer, so perplexity cannot be measured; "
@@ -64,7 +65,8 @@ def _eval_windows(tokenizer, options, model_name: str, calib: str | None = None)
             print(f"welore: warning: {shared:.0%} of the evaluation text's paragraphs also appear in the calibration "
                   f"text ({calib}) of {model_name}, so its perplexity is optimistic; evaluate on disjoint text.",
                   file=sys.stderr)
-    return token_windows(tokenizer, text, options.seq_len, options.max_tokens)
+    bos = resolve_bos(tokenizer, options.bos)
+    return token_windows(tokenizer, text, options.seq_len, options.max_tokens, bos=bos), bos
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
@@ -133,7 +135,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if plan is not None:
         config = from_args(CompressConfig, args, method=None)  # the plan sets the ranks
     loaded = _load(args.model, args)
-    calibration = calibration_windows(loaded.tokenizer, config, args.model)
+    calibration, config = calibration_windows(loaded.tokenizer, config, args.model)
     start = time.perf_counter()
     report = compress_(loaded.model, config, plan=plan, calibration=calibration, progress=not args.quiet)
     elapsed = time.perf_counter() - start
@@ -177,7 +179,9 @@ def _compress_quantized(args: argparse.Namespace) -> None:
     _check_load_options(args)
     check_output_dir(args.out, args.overwrite)
     loaded = _load(args.model, args)
-    calibration = calibration_windows(loaded.tokenizer, compress, args.model)
+    calibration, compress = calibration_windows(loaded.tokenizer, compress, args.model)
+    if calibration is not None:  # record what was used
+        config = replace(config, calib_tokens=calibration.numel(), bos=compress.bos)
     start = time.perf_counter()
     low_rank = None
     if joint:  # low rank first; the calibration text serves the factorizer if it is data-aware, and the compensation
@@ -235,10 +239,10 @@ def _evaluate_one(spec: str, args: argparse.Namespace, options):
 
     loaded = _load(spec, args)
     config = getattr(loaded.model, "welore_config", None)
-    windows = _eval_windows(loaded.tokenizer, options, spec, calib=config.calib if config else None)
+    windows, bos = _eval_windows(loaded.tokenizer, options, spec, calib=config.calib if config else None)
     result = evaluate(loaded.model, windows, path=loaded.path, batch_size=options.batch_size,
                       speed=options.speed, progress=not args.quiet)
-    return loaded, result
+    return loaded, result, bos
 
 
 def _write_json(path: str | None, payload: dict) -> None:
@@ -249,10 +253,18 @@ def _write_json(path: str | None, payload: dict) -> None:
         print(f"wrote {path}")
 
 
-def _text_note(options) -> str:
+def _text_note(options, bos: dict[str, str]) -> str:
+    """The evaluation text and windows; `bos` is each model's resolved BOS policy."""
     from welore.data import describe_text
 
-    return (f"text: {describe_text(options.text)}; windows of {options.seq_len} tokens, "
+    policies = set(bos.values())
+    if policies == {"yes"}:
+        start = "each starting with BOS"
+    elif policies == {"no"}:
+        start = "no BOS"
+    else:
+        start = "BOS first for " + ", ".join(name for name, policy in bos.items() if policy == "yes")
+    return (f"text: {describe_text(options.text)}; windows of {options.seq_len} tokens ({start}; --bos {options.bos}), "
             f"at most {options.max_tokens} tokens")
 
 
@@ -266,14 +278,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _check_load_options(args)
     if tasks.tasks:  # fail before loading the model and measuring perplexity
         check_tasks(tasks.tasks, tasks.task_dir, limit=tasks.task_limit, num_fewshot=tasks.fewshot)
-    loaded, result = _evaluate_one(args.model, args, options)
+    loaded, result, bos = _evaluate_one(args.model, args, options)
     scores = None
     if tasks.tasks:
         scores = run_tasks(loaded.model, loaded.tokenizer, tasks.tasks, task_dir=tasks.task_dir, limit=tasks.task_limit,
-                           batch_size=options.batch_size, num_fewshot=tasks.fewshot, progress=not args.quiet)
-    print(_text_note(options))
+                           batch_size=options.batch_size, num_fewshot=tasks.fewshot, progress=not args.quiet,
+                           bos=options.bos)
+    print(_text_note(options, {args.model: bos}))
     print(format_table({args.model: result}))
-    payload = {"text": options.text, "seq_len": options.seq_len, "results": {args.model: result.to_dict()}}
+    payload = {"text": options.text, "seq_len": options.seq_len, "bos": bos, "results": {args.model: result.to_dict()}}
     if scores is not None:
         limit_note = f", at most {tasks.task_limit} examples per task" if tasks.task_limit else ""
         print(f"\nlm-eval tasks: {tasks.fewshot}-shot{limit_note}")
@@ -298,15 +311,15 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     options = from_args(EvalOptions, args)
     _check_load_options(args)
-    results, labels = {}, {}
+    results, labels, bos = {}, {}, {}
     for spec in args.models:
-        loaded, results[spec] = _evaluate_one(spec, args, options)
+        loaded, results[spec], bos[spec] = _evaluate_one(spec, args, options)
         labels[spec] = _method_label(loaded.model)
         del loaded
         gc.collect()
-    print(_text_note(options))
+    print(_text_note(options, bos))
     print(format_table(results, baseline=args.models[0]))
-    _write_json(args.json, {"text": options.text, "seq_len": options.seq_len,
+    _write_json(args.json, {"text": options.text, "seq_len": options.seq_len, "bos": bos,
                             "results": {k: v.to_dict() for k, v in results.items()}})
     if args.plot:
         points = [(labels[k][0], labels[k][1], r.perplexity) for k, r in results.items() if labels[k]]
@@ -334,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     configs = {method: from_args(CompressConfig, args, method=method) for method in ("uniform", "welore")}
     out = Path(args.out)
     loaded = load_model(DEFAULT_MODEL, dtype="float32")
-    windows = _eval_windows(loaded.tokenizer, options, DEFAULT_MODEL)
+    windows, bos = _eval_windows(loaded.tokenizer, options, DEFAULT_MODEL)
     analysis = analyze(loaded.model, ratio=args.ratio, method="welore", name=DEFAULT_MODEL, progress=not args.quiet)
     print(analysis.summary(), "\n")
     results = {"dense": evaluate(loaded.model, windows, path=loaded.path, batch_size=options.batch_size,
@@ -351,7 +364,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             del model
             gc.collect()
         write_json(tmp / "results.json", {k: v.to_dict() for k, v in results.items()})
-    print(_text_note(options))
+    print(_text_note(options, {DEFAULT_MODEL: bos}))
     print(format_table(results, baseline="dense"))
     print(f"\nwrote {out}/ (analysis/ with plots and tables, uniform/ and welore/ checkpoints, results.json)")
 

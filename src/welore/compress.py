@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from welore.data import LEGACY_BOS, bos_option, check_bos_policy
 from welore.errors import WeloreError
 from welore.factorize import FACTORIZERS, Factorizer, balance_factors, describe_factorizer_params, make_factorizer
 from welore.modules import LowRankLinear, count_parameters, swap_module
@@ -67,6 +68,7 @@ class CompressConfig:
         # a text file, or hf:DATASET
     calib_tokens: int | None = 8192  # calibration tokens (with --calib)
     calib_seq_len: int | None = 512  # tokens per calibration window (with --calib)
+    bos: str | None = bos_option()  # with --calib; recorded as used: yes or no (see welore.data.resolve_bos)
     factorizer_params: dict = field(default_factory=dict, metadata={"flag": "factorizer_param",
                                                                     "more_help": describe_factorizer_params})
         # the chosen factorizer's own parameters, e.g. {"alpha": 1.0} for asvd; on the command line NAME=VALUE, once
@@ -91,8 +93,10 @@ class CompressConfig:
                               "remove, e.g. 0.2.")
         if not 0 < self.lrc_min_cut <= 1:
             raise WeloreError(f"LRC minimum cut {self.lrc_min_cut} is outside (0, 1]; use e.g. 0.5.")
-        if self.calib is None:  # provenance: no calibration, so no calibration sizes
-            self.calib_tokens = self.calib_seq_len = None
+        if self.calib is None:  # provenance: no calibration, so no calibration sizes or BOS policy
+            self.calib_tokens = self.calib_seq_len = self.bos = None
+        else:
+            check_bos_policy(self.bos)
         check_positive(self, ("calib_tokens", "calib_seq_len"))
 
     def make_factorizer(self) -> Factorizer:
@@ -116,6 +120,8 @@ class CompressConfig:
         """Read `to_dict` output back (version checked, unknown keys reported)."""
         if isinstance(data, dict) and data.get("method") == "plan":  # how earlier versions recorded a replayed plan
             data = {**data, "method": None}
+        if isinstance(data, dict) and data.get("calib") and "bos" not in data:  # earlier versions: never BOS
+            data = {**data, "bos": LEGACY_BOS}
         return config_from_dict(cls, data, what, CONFIG_VERSION)
 
 
@@ -315,17 +321,21 @@ def _apply_plan_calibrated_(
     return list(plan.factorized)
 
 
-def calibration_windows(tokenizer, config: CompressConfig, name: str = "the model") -> torch.Tensor | None:
-    """Token windows (N, calib_seq_len) of config.calib's calibration split, or None without one."""
-    from welore.data import load_text, token_windows
+def calibration_windows(tokenizer, config: CompressConfig,
+                        name: str = "the model") -> tuple[torch.Tensor | None, CompressConfig]:
+    """Token windows (N, calib_seq_len) of config.calib's calibration split (None without one),
+    and `config` with its BOS policy resolved for `tokenizer` (yes or no), as it will be recorded."""
+    from welore.data import load_text, resolve_bos, token_windows
 
     if not config.calib:
-        return None
+        return None, config
     if tokenizer is None:
         raise WeloreError(f"{name} has no tokenizer, so calibration text cannot be tokenized; "
                           "pass a model folder that includes one.")
-    return token_windows(tokenizer, load_text(config.calib, split="calib"), config.calib_seq_len, config.calib_tokens,
-                         options=("--calib-seq-len", "--calib-tokens"))
+    config = replace(config, bos=resolve_bos(tokenizer, config.bos))
+    windows = token_windows(tokenizer, load_text(config.calib, split="calib"), config.calib_seq_len,
+                            config.calib_tokens, options=("--calib-seq-len", "--calib-tokens"), bos=config.bos)
+    return windows, config
 
 
 def compress_(

@@ -21,6 +21,11 @@ documents, ``eval`` the second half, ``all`` everything, so calibration and eval
 share a document. Local files and datasets have no such split: the whole text is used.
 
 `token_windows` turns a text into non-overlapping windows of token ids, shape (N, seq_len).
+Each window starts the way the model sees text in use: with the BOS token when its tokenizer
+adds one by default (Llama, Mistral, Gemma), with text otherwise (SmolLM2, GPT-2, Qwen2); the
+`bos` policy (`BOS_POLICIES`) overrides that. Without BOS a window's first token has to play
+the attention sink the model learned to park on BOS, and a BOS model's perplexity on such
+windows was measured 2.8x worse than on the same tokens with BOS.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +53,11 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("calib", "eval", "all")
 DEFAULT_TEXT = "wiki"  # the built-in text the commands use unless told otherwise
+
+BOS_POLICIES = ("auto", "yes", "no")  # windows start with BOS: as the tokenizer does, always, never
+LEGACY_BOS = "no"  # the policy of records written before there was one: windows never started with BOS
+BOS_HELP = ("start every token window with the BOS token: auto (when the tokenizer adds one by default, as "
+            "Llama's and Mistral's do), yes or no; the window length counts it")
 
 HF_PREFIX = "hf:"
 HF_DEFAULT_SPLIT = "train"
@@ -367,45 +377,89 @@ def _chunk_size(tokenizer: PreTrainedTokenizerBase) -> int:
     return max(16, min(4000, max_len // 4))
 
 
+def bos_option() -> Any:
+    """The `bos` field of a config that makes token windows (one help text, one set of choices)."""
+    return field(default="auto", metadata={"choices": BOS_POLICIES, "help": BOS_HELP})
+
+
+def check_bos_policy(policy: str) -> None:
+    if policy not in BOS_POLICIES:
+        raise WeloreError(f"Unknown BOS policy {policy!r}; use --bos auto, yes or no.")
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether `tokenizer` puts its BOS token first when it encodes a text by default."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("x")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_bos(tokenizer: PreTrainedTokenizerBase, policy: str = "auto") -> str:
+    """The BOS policy `policy` means for `tokenizer`: "yes" (windows start with its BOS token)
+    or "no". "auto" follows the tokenizer's default (`adds_bos`); "yes" needs a BOS token."""
+    check_bos_policy(policy)
+    if policy == "auto":
+        return "yes" if adds_bos(tokenizer) else "no"
+    if policy == "yes" and tokenizer.bos_token_id is None:
+        raise WeloreError("The tokenizer has no BOS token, so windows cannot start with one; use --bos no or auto.")
+    return policy
+
+
+def describe_bos(tokenizer: PreTrainedTokenizerBase, policy: str = "auto") -> str:
+    """How windows start under `policy`, for reports: "BOS <s> first" or "no BOS"."""
+    if resolve_bos(tokenizer, policy) == "yes":
+        return f"BOS {tokenizer.bos_token} first"
+    return "no BOS"
+
+
 def token_windows(
     tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int, max_tokens: int | None = None,
-    options: tuple[str, str] = ("--seq-len", "--max-tokens"),
+    options: tuple[str, str] = ("--seq-len", "--max-tokens"), bos: str = "auto",
 ) -> torch.Tensor:
     """Non-overlapping windows of token ids, a LongTensor of shape (N, seq_len).
 
     The text is tokenized piece by piece without special tokens (no BOS/EOS, not even between
-    documents) and read as one stream; the last partial window is dropped. With `max_tokens`, at
-    most `max_tokens // seq_len` windows are kept (and tokenizing stops once they are filled).
-    Deterministic. `options` names the command-line options that set seq_len and max_tokens, for
-    the error messages.
+    documents) and read as one stream, cut into windows of `seq_len` tokens; the last partial
+    window is dropped. Under the BOS policy `bos` (`resolve_bos`: by default, when the tokenizer
+    adds BOS), every window is the BOS token followed by the next `seq_len - 1` tokens of the
+    stream. With `max_tokens`, at most `max_tokens // seq_len` windows are kept (and tokenizing
+    stops once they are filled). Deterministic. `options` names the command-line options that
+    set seq_len and max_tokens, for the error messages.
     """
     seq_option, tokens_option = options
-    if seq_len < 2:
-        raise WeloreError(f"{seq_option} must be at least 2 (got {seq_len}); pass a larger {seq_option}.")
+    first = [tokenizer.bos_token_id] if resolve_bos(tokenizer, bos) == "yes" else []
+    if seq_len < 2 + len(first):
+        raise WeloreError(f"{seq_option} must be at least {2 + len(first)} (got {seq_len}); "
+                          f"pass a larger {seq_option}.")
     if max_tokens is not None and max_tokens < seq_len:
         raise WeloreError(
             f"{tokens_option} ({max_tokens}) is smaller than one window of {seq_option} ({seq_len}); "
             f"raise {tokens_option} or use a smaller {seq_option}."
         )
-    needed = None if max_tokens is None else (max_tokens // seq_len) * seq_len
+    text_len = seq_len - len(first)  # text tokens per window
+    wanted = None if max_tokens is None else max_tokens // seq_len  # windows
     ids: list[int] = []
     chunks = _chunks(text, _chunk_size(tokenizer))
-    while needed is None or len(ids) < needed:
+    while wanted is None or len(ids) < wanted * text_len:
         batch = list(itertools.islice(chunks, 64))
         if not batch:
             break
         encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
         ids.extend(itertools.chain.from_iterable(encoded))
-    n_windows = len(ids) // seq_len
-    if needed is not None:
-        n_windows = min(n_windows, needed // seq_len)
+    n_windows = len(ids) // text_len
+    if wanted is not None:
+        n_windows = min(n_windows, wanted)
     if n_windows == 0:
         raise WeloreError(
             f"The text has only {len(ids)} tokens, fewer than one window of {seq_len}; "
             f"use a longer text or a smaller {seq_option}."
         )
-    windows = torch.tensor(ids[: n_windows * seq_len], dtype=torch.long)
-    return windows.view(n_windows, seq_len)  # (N, seq_len)
+    windows = torch.tensor(ids[: n_windows * text_len], dtype=torch.long).view(n_windows, text_len)
+    if first:
+        windows = torch.cat([torch.full((n_windows, 1), first[0], dtype=torch.long), windows], dim=1)
+    return windows  # (N, seq_len)
 
 
 def overlap_fraction(calibration: str, evaluation: str, min_chars: int = 40) -> float:

@@ -4,7 +4,9 @@ Every figure is measured the same way for every model, so a dense model and its 
 versions can be put side by side in one table (`format_table`):
 
 - **perplexity**: exp of the mean next-token negative log-likelihood over all predicted tokens
-  of fixed-length token windows (every window of T tokens predicts T-1 of them). Each token's
+  of fixed-length token windows (every window of T tokens predicts T-1 of them; a window that
+  starts with BOS, as `welore.data.token_windows` makes them for a tokenizer that adds one,
+  predicts its T-1 text tokens and never the BOS). Each token's
   NLL is computed in float32 from the model's logits and summed in float64, one window at a
   time, so the result does not depend on the batch size beyond float noise.
 - **parameters**: unique parameters, tied weights counted once.
@@ -42,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore import tables
-from welore.data import DEFAULT_TEXT
+from welore.data import DEFAULT_TEXT, bos_option, check_bos_policy
 from welore.errors import WeloreError
 from welore.modules import count_parameters
 from welore.options import check_positive
@@ -62,9 +64,11 @@ class EvalOptions:
     max_tokens: int = 32768  # evaluate on at most this many tokens
     batch_size: int = 4  # windows per forward pass
     speed: bool = True  # measure prefill/generation speed (tokens/s)
+    bos: str = bos_option()
 
     def __post_init__(self) -> None:
         check_positive(self, ("seq_len", "max_tokens", "batch_size"))
+        check_bos_policy(self.bos)
 
 
 @dataclass

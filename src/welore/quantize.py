@@ -556,6 +556,7 @@ class QuantConfig:
     targets: list[str] | None = None  # module-name patterns; None = decoder-block Linears
     calib: str | None = None  # calibration text spec (provenance); with it, compensation is EoRA's
     calib_tokens: int | None = None  # calibration tokens used
+    bos: str | None = None  # whether the calibration windows started with BOS (yes/no; welore.data.resolve_bos)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -589,9 +590,12 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict, what: str = "The quantization config") -> QuantConfig:
+        from welore.data import LEGACY_BOS
         from welore.versioned import config_from_dict
 
         data = dict(data)
+        if data.get("calib") and "bos" not in data:  # earlier versions: windows never started with BOS
+            data["bos"] = LEGACY_BOS
         if "target_bits" in data and isinstance(data["target_bits"], list):
             data["target_bits"] = tuple(data["target_bits"])
         return config_from_dict(cls, data, what, CONFIG_VERSION)
@@ -634,6 +638,7 @@ class QuantOptions:
             max_compensate_rank=self.max_compensate_rank, factor_dtype=self.factor_dtype,
             targets=getattr(compress, "targets", None), calib=calib,
             calib_tokens=getattr(compress, "calib_tokens", None) if calib else None,
+            bos=getattr(compress, "bos", None) if calib else None,
         )
 
 

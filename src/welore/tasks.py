@@ -43,6 +43,7 @@ from typing import Any
 
 from torch import nn
 
+from welore.data import resolve_bos
 from welore.errors import WeloreError
 from welore.evaluate import _eval_mode
 from welore.tables import format_table
@@ -156,7 +157,8 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _language_model(lm_eval: Any, model: nn.Module, tokenizer: Any, batch_size: int, progress: bool) -> Any:
+def _language_model(lm_eval: Any, model: nn.Module, tokenizer: Any, batch_size: int, progress: bool,
+                    bos: str = "auto") -> Any:
     """lm-eval's HFLM wrapper of the in-memory `model`; with `progress=False` its request loops
     run with the `disable_tqdm` switch lm-eval gives them."""
     class QuietHFLM(lm_eval.models.huggingface.HFLM):
@@ -170,7 +172,8 @@ def _language_model(lm_eval: Any, model: nn.Module, tokenizer: Any, batch_size: 
             return super().generate_until(requests, disable_tqdm=True)
 
     wrapper = lm_eval.models.huggingface.HFLM if progress else QuietHFLM
-    return wrapper(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    add_bos = None if bos == "auto" else resolve_bos(tokenizer, bos) == "yes"  # None: the tokenizer's default
+    return wrapper(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size, add_bos_token=add_bos)
 
 
 def _task_specs(tasks: list[str], manager: Any, task_dir: Path | None) -> list[str | dict[str, Any]]:
@@ -251,6 +254,7 @@ def run_tasks(
     batch_size: int = 4,
     num_fewshot: int = 0,
     progress: bool = True,
+    bos: str = "auto",
 ) -> dict[str, dict[str, float]]:
     """Score `model` on lm-eval `tasks`: task name -> {metric: value}, e.g. {"acc": 0.75,
     "acc_stderr": 0.13, "acc_norm": 0.5, "acc_norm_stderr": 0.15}.
@@ -258,7 +262,9 @@ def run_tasks(
     `task_dir` is a folder of YAML task files, searched besides lm-eval's built-in tasks;
     `limit` scores only the first N examples of each task; `num_fewshot` puts that many solved
     examples before each question (0: zero-shot; a task file that sets `num_fewshot: 0` keeps
-    it). `batch_size` requests go through the model at once. The model runs where it is, in eval
+    it). `bos` is the BOS policy (`welore.data.BOS_POLICIES`): lm-eval encodes with the tokenizer's
+    default under auto, and with or without BOS under yes or no. `batch_size` requests go through
+    the model at once. The model runs where it is, in eval
     mode; every submodule's train/eval flag is restored afterwards, and the caller's tokenizer is
     not modified (lm-eval may give its copy a padding token). Task groups (e.g. `mmlu`) report
     the group and each of its tasks. As lm-eval's own command does, this seeds Python's, NumPy's
@@ -284,7 +290,7 @@ def run_tasks(
                 f", at most {limit} examples per task" if limit else "")
     specs = _task_specs(tasks, manager, folder)
     with _eval_mode(model), _quiet():
-        lm = _language_model(lm_eval, model, tokenizer, batch_size, progress)
+        lm = _language_model(lm_eval, model, tokenizer, batch_size, progress, bos)
         try:
             output = lm_eval.evaluator.simple_evaluate(model=lm, tasks=specs, task_manager=manager,
                                                        num_fewshot=num_fewshot, limit=limit, log_samples=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from welore.data import DEFAULT_TEXT
+from welore.data import DEFAULT_TEXT, LEGACY_BOS, bos_option, check_bos_policy
 from welore.devices import resolve_device
 from welore.errors import WeloreError
 from welore.versioned import config_from_dict
@@ -63,6 +63,7 @@ class FinetuneConfig:
     max_train_tokens: int | None = None  # use at most this many training tokens (None = all the text)
     val_tokens: int = 4096  # validation tokens
     val_fraction: float = 0.1  # share of a single text's blocks held out for validation (files, datasets)
+    bos: str = bos_option()  # recorded as used: yes or no (welore.data.resolve_bos)
     eval_every: int = 0  # validation perplexity every N optimizer steps (0 = only before and after)
     save_every: int = 0  # resumable checkpoint every N optimizer steps (0 = none)
     # lrc
@@ -104,6 +105,7 @@ class FinetuneConfig:
         if self.optimizer not in OPTIMIZERS:
             raise WeloreError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
         resolve_device(self.device)  # a device that is not here: one sentence, before anything loads
+        check_bos_policy(self.bos)
         if self.precision not in PRECISIONS:
             raise WeloreError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -159,6 +161,8 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, data: dict, what: str = "The fine-tuning config") -> FinetuneConfig:
         """Read `to_dict` output back (version checked, unknown keys reported)."""
+        if isinstance(data, dict) and "bos" not in data:  # earlier versions: blocks never started with BOS
+            data = {**data, "bos": LEGACY_BOS}
         return config_from_dict(cls, data, what, CONFIG_VERSION)
 
 

@@ -1,6 +1,7 @@
 """Training and validation blocks, and the resumable order in which training reads them.
 
-A text becomes packed blocks of `seq_len` token ids (no padding, documents run together).
+A text becomes packed blocks of `seq_len` token ids (no padding, documents run together),
+each starting with BOS under the BOS policy (`welore.data.token_windows`).
 Built-in texts train on their calibration half and validate on their evaluation half (they
 share no document); a single text (a file, a dataset) is cut into blocks and its last
 `val_fraction` of blocks is held out. Either way, training and validation share no token.
@@ -47,8 +48,9 @@ class TokenBlocks:
 
 
 def make_blocks(tokenizer, spec: str, seq_len: int, max_train_tokens: int | None = None,
-                val_tokens: int = 4096, val_fraction: float = 0.1) -> TokenBlocks:
-    """Training and validation blocks of `seq_len` tokens from text `spec` (see module docstring)."""
+                val_tokens: int = 4096, val_fraction: float = 0.1, bos: str = "auto") -> TokenBlocks:
+    """Training and validation blocks of `seq_len` tokens from text `spec` (see module docstring),
+    starting with BOS under the policy `bos` (`welore.data.resolve_bos`)."""
     if tokenizer is None:
         raise WeloreError("This model has no tokenizer, so the text cannot be tokenized; "
                           "pass a model folder that includes one.")
@@ -57,13 +59,13 @@ def make_blocks(tokenizer, spec: str, seq_len: int, max_train_tokens: int | None
                           "raise it or lower --seq-len.")
     if spec in BUILTIN_TEXTS:
         train = token_windows(tokenizer, load_text(spec, split="calib"), seq_len, max_train_tokens,
-                              options=("--seq-len", "--max-train-tokens"))
+                              options=("--seq-len", "--max-train-tokens"), bos=bos)
         val = token_windows(tokenizer, load_text(spec, split="eval"), seq_len, val_tokens,
-                            options=("--seq-len", "--val-tokens"))
+                            options=("--seq-len", "--val-tokens"), bos=bos)
         return TokenBlocks(train, val, f"{spec}: calib split for training, eval split for validation")
     limit = None if max_train_tokens is None else max_train_tokens + val_tokens
     blocks = token_windows(tokenizer, load_text(spec, split="all"), seq_len, limit,
-                           options=("--seq-len", "--max-train-tokens"))  # (N, T)
+                           options=("--seq-len", "--max-train-tokens"), bos=bos)  # (N, T)
     n = len(blocks)
     if n < 2:
         raise WeloreError(f"{spec} gives only one block of {seq_len} tokens, and fine-tuning needs at least two "

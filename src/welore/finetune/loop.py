@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ from tqdm.auto import tqdm
 
 from welore import __version__
 from welore._io import atomic_dir, check_output_dir, write_json
+from welore.data import resolve_bos
 from welore.devices import resolve_device
 from welore.errors import WeloreError
 from welore.evaluate import PeakMemory, perplexity
@@ -211,8 +213,10 @@ def finetune(
     if distill is not None:
         distill.teacher.to(accelerator.device)
     if blocks is None:
+        if tokenizer is not None:  # recorded as used
+            config = replace(config, bos=resolve_bos(tokenizer, config.bos))
         blocks = make_blocks(tokenizer, config.data, config.seq_len, config.max_train_tokens, config.val_tokens,
-                             config.val_fraction)
+                             config.val_fraction, bos=config.bos)
     run_dir = checkpoints_dir(out) if out is not None else None
     teacher_print = model_fingerprint(distill.teacher) if distill is not None and out is not None else None
     sharded = fsdp_requested() and world > 1

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from welore._io import atomic_dir, write_json
+from welore.data import LEGACY_BOS
 from welore.errors import WeloreError
 from welore.finetune.config import FinetuneConfig
 
@@ -86,7 +87,8 @@ def _difference(saved: dict, current: dict) -> str | None:
         return f"the number of processes, {saved.get('processes')} vs {current['processes']},"
     if saved.get("engine", "ddp") != current["engine"]:
         return f"the engine, {saved.get('engine', 'ddp')} vs {current['engine']},"
-    defaults = FinetuneConfig().to_dict()  # an option newer than the saved run had its default then
+    # an option newer than the saved run had its default then (the BOS policy: none, as blocks were made then)
+    defaults = FinetuneConfig().to_dict() | {"bos": LEGACY_BOS}
     for key, value in current["config"].items():
         before = saved.get("config", {}).get(key, defaults.get(key))
         if before != value:
