@@ -115,6 +115,14 @@ def _describe_replaced(replaced: list[str]) -> str:
     return ", ".join(f"{kind} x{n}" for kind, n in counts.items()) or "nothing"
 
 
+def _describe_selection(selection: dict) -> str:
+    """What --method auto tried and chose, in one line."""
+    scores = ", ".join(f"{label} {score['perplexity']:.3f} ({score['seconds']:.0f}s)"
+                       for label, score in selection["candidates"].items())
+    return (f"recipe chosen by --method auto: {selection['chosen']}; perplexity on {selection['held_tokens']} "
+            f"held-back calibration tokens after fitting on {selection['fit_tokens']}: {scores}")
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     """Replace target matrices by low-rank factors with per-matrix ranks (or, with --quantize or
     --target-size, by packed low-bit codes plus an optional low-rank correction), and save the result."""
@@ -140,7 +148,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     report = compress_(loaded.model, config, plan=plan, calibration=calibration, progress=not args.quiet)
     elapsed = time.perf_counter() - start
     save(loaded.model, args.out, tokenizer=loaded.tokenizer, overwrite=args.overwrite, source=args.model)
-    plan = report.plan
+    plan, config = report.plan, report.config
+    if config.selection is not None:
+        print(_describe_selection(config.selection))
     print(f"replaced {len(report.replaced)} of {len(plan.ranks)} target matrices: "
           f"{_describe_replaced(report.replaced)}")
     ratio_note = f" (requested {plan.requested_ratio})" if plan.requested_ratio is not None else ""
@@ -187,9 +197,11 @@ def _compress_quantized(args: argparse.Namespace) -> None:
     if joint:  # low rank first; the calibration text serves the factorizer if it is data-aware, and the compensation
         dense_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size()
                           for m in find_targets(loaded.model, compress.targets).values())
-        data_aware = compress.make_factorizer().needs_stats
-        low_rank = compress_(loaded.model, compress, plan=rank_plan, calibration=calibration if data_aware else None,
-                             progress=not args.quiet)
+        low_rank = compress_(loaded.model, compress, plan=rank_plan,
+                             calibration=calibration if compress.data_aware else None, progress=not args.quiet)
+        compress = low_rank.config
+        if compress.selection is not None:
+            print(_describe_selection(compress.selection))
     report = quantize_(loaded.model, config, calibration=calibration, progress=not args.quiet)
     elapsed = time.perf_counter() - start
     if low_rank is not None:

@@ -31,6 +31,7 @@ from welore.modules import LowRankLinear, count_parameters, swap_module
 from welore.options import check_positive
 from welore.plan import POLICIES, RankPlan, allocate, check_ratio
 from welore.refit import REFITS, Refit
+from welore.select import AUTO
 from welore.spectrum import check_finite, compute_spectra
 from welore.stream import block_access
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
@@ -42,7 +43,7 @@ CONFIG_VERSION = 1
 
 
 def _policies() -> list[str]:
-    return sorted(POLICIES)
+    return [*sorted(POLICIES), AUTO]
 
 
 def _factorizers() -> list[str]:
@@ -57,7 +58,9 @@ def _refits() -> list[str]:
 class CompressConfig:
     ratio: float | None = None  # fraction of the target matrices' parameters to remove, in (0, 1)
     method: str | None = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy
-        # (welore.plan.POLICIES); None when a given rank plan sets the ranks
+        # (welore.plan.POLICIES), or auto: try kfac/welore+seq, whiten/welore and whiten/uniform on the model and keep
+        # the best on held-back calibration windows (needs --calib; sets --factorizer and --sequential); None when a
+        # given rank plan sets the ranks
     factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd
         # (data-free), whiten (SVD-LLM), asvd (activation-scaled), kfac (Kronecker-factored loss curvature) or fisher
         # (FWSVD's row Fisher); all but svd need --calib
@@ -78,11 +81,16 @@ class CompressConfig:
         # to the dense outputs on the compressed prefix's inputs: up (the up factor) or both (up and down); needs
         # --calib, implies --sequential
     refit_ridge: float = 1e-3  # ridge of the refit, × the mean diagonal of the Gram matrix it inverts (with --refit)
+    selection: dict | None = field(default=None, metadata={"cli": False})  # recorded by --method auto: the recipe
+        # chosen, every candidate's held-back perplexity and seconds (welore.select)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.method is not None and self.method not in POLICIES:
-            raise WeloreError(f"Unknown method {self.method!r}; choose one of {', '.join(sorted(POLICIES))}.")
+        if self.method is not None and self.method not in _policies():
+            raise WeloreError(f"Unknown method {self.method!r}; choose one of {', '.join(_policies())}.")
+        if self.method == AUTO and (self.factorizer_params or self.refit is not None):
+            raise WeloreError("--method auto chooses the factorizer itself; drop --factorizer-param and --refit, "
+                              "or choose a method and factorizer.")
         factorizer = self.make_factorizer()  # checks the name and its parameters
         self.factorizer_params = {key: getattr(factorizer, key) for key in self.factorizer_params}  # typed, as recorded
         self.make_refit()  # checks the mode and the ridge
@@ -98,6 +106,11 @@ class CompressConfig:
         else:
             check_bos_policy(self.bos)
         check_positive(self, ("calib_tokens", "calib_seq_len"))
+
+    @property
+    def data_aware(self) -> bool:
+        """Whether compressing with this config needs calibration windows."""
+        return self.method == AUTO or self.make_factorizer().needs_stats
 
     def make_factorizer(self) -> Factorizer:
         """The configured factorizer with its parameters (`welore.factorize.make_factorizer`)."""
@@ -131,6 +144,7 @@ class CompressReport:
     replaced: list[str] = field(default_factory=list)  # modules swapped for LowRankLinear
     params_before: int = 0  # whole-model unique parameters before
     params_after: int = 0  # and after
+    config: CompressConfig | None = None  # the config that ran (with --method auto: the chosen recipe's)
 
     @property
     def model_reduction(self) -> float:
@@ -145,6 +159,9 @@ def plan_ranks(model: nn.Module, config: CompressConfig, progress: bool = True) 
     if config.method is None:
         raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); "
                           "pass --method or a saved --plan.")
+    if config.method == AUTO:
+        raise WeloreError("--method auto chooses a recipe by compressing the model, so it has no rank plan of its own; "
+                          "plan with a policy, e.g. --method welore.")
     targets = find_targets(model, config.targets)
     spectra = block_spectra(model, targets, progress=progress)
     shapes = {n: matrix_shape(m) for n, m in targets.items()}
@@ -354,6 +371,13 @@ def compress_(
     `gradients`: the dense model's output-gradient statistics on that text (`gradient_stats`) for a
     curvature-aware factorizer, when the caller already holds them; gathered here otherwise.
     """
+    if config.method == AUTO and plan is None:
+        from welore.select import select_recipe
+
+        if calibration is None:
+            raise WeloreError("--method auto chooses among data-aware recipes on calibration text; "
+                              "pass --calib (e.g. --calib wiki).")
+        config, _ = select_recipe(model, config, calibration, batch_size, progress)
     factorizer = config.make_factorizer()
     if config.refit is not None and not factorizer.needs_stats:
         raise WeloreError(f"--refit fits the factors on calibration text, but the {config.factorizer} factorizer uses "
@@ -397,4 +421,5 @@ def compress_(
     if calibration is not None:  # record what was used, whoever built the windows
         config = replace(config, calib_tokens=calibration.numel(), calib_seq_len=calibration.shape[1])
     model.welore_config = config
-    return CompressReport(plan=plan, replaced=replaced, params_before=before, params_after=count_parameters(model))
+    return CompressReport(plan=plan, replaced=replaced, params_before=before, params_after=count_parameters(model),
+                          config=config)
