@@ -1,11 +1,15 @@
-"""Shared fixtures: a private welore cache, tiny random models of three families, a tokenizer.
+"""Shared fixtures: a private welore cache, tiny random models of several families, a tokenizer.
 
 Nothing here downloads anything. The tiny models are built from configs (seeded, eval mode):
 LLaMA with grouped-query attention and tied embeddings, GPT-2 (`Conv1D`, transposed weights,
-biases) and Qwen2 (q/k/v biases, untied LM head). The tokenizer is SmolLM2's, read from the
-GGUF file inside the default model's package and kept in pytest's cache folder; it adds no BOS
-token. `bos_tokenizer` is the same vocabulary with a tokenizer that puts BOS first, as Llama's,
-Mistral's and Gemma's do, so that no code path assumes the default model's tokenizer.
+biases) and Qwen2 (q/k/v biases, untied LM head). `OTHER_FAMILIES` are tiny models of six other
+decoder architectures (see `tiny_config`) for the few tests of code paths that could assume
+LLaMA's layout (block inputs, calibration, gradients, checkpoints): the `family` fixture, which
+most tests use, does not run over them; `other_family` and the `every_family` mark do. The
+tokenizer is SmolLM2's, read from the GGUF file inside the default model's package and kept in
+pytest's cache folder; it adds no BOS token. `bos_tokenizer` is the same vocabulary with a
+tokenizer that puts BOS first, as Llama's, Mistral's and Gemma's do, so that no code path assumes
+the default model's tokenizer.
 """
 
 from __future__ import annotations
@@ -18,10 +22,22 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -30,6 +46,10 @@ from transformers import (
 from welore.targets import find_targets, weight_matrix
 
 FAMILIES = ("llama", "gpt2", "qwen2")
+# Other decoder architectures, each for what differs from LLaMA (see `tiny_config`). Only the tests
+# that take `other_family`, or `family` with the `every_family` mark, run over them.
+OTHER_FAMILIES = ("mistral", "gemma3", "phi3", "olmo2", "phi", "falcon")
+every_family = pytest.mark.parametrize("family", FAMILIES + OTHER_FAMILIES)  # overrides the `family` fixture
 VOCAB = 128  # vocabulary of the tiny models that need no tokenizer
 SMOLLM2_VOCAB = 49152  # vocabulary of SmolLM2's tokenizer (CLI models)
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,36 +101,62 @@ def user_cache_for_slow_tests(request: pytest.FixtureRequest, monkeypatch: pytes
 
 def tiny_config(family: str, vocab: int = VOCAB, hidden: int = 64, layers: int = 2):
     """A config with `layers` blocks of width `hidden`: small enough for sub-second forwards."""
+    llama_like = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if family == "llama":
-        return LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            tie_word_embeddings=True,
-        )
+        return LlamaConfig(**llama_like, tie_word_embeddings=True)
     if family == "gpt2":
         return GPT2Config(n_layer=layers, n_embd=hidden, n_head=4, vocab_size=vocab, n_positions=128,
                           bos_token_id=0, eos_token_id=0)
     if family == "qwen2":
-        return Qwen2Config(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            tie_word_embeddings=False,
-        )
+        return Qwen2Config(**llama_like, tie_word_embeddings=False)
+    if family == "mistral":  # sliding-window attention: a 16-token window, shorter than the test windows
+        return MistralConfig(**llama_like, sliding_window=16, bos_token_id=1, eos_token_id=2)
+    if family == "gemma3":
+        # embeddings scaled by √hidden, GeGLU MLP, head_dim 24 ≠ hidden/heads, q/k norms, norms before and
+        # after attention and MLP, tied LM head, BOS id 2; blocks alternate sliding-window and full attention
+        # (`layer_types`), with their own RoPE each, so blocks get different masks and position embeddings
+        return Gemma3TextConfig(**llama_like, head_dim=24, sliding_window=16,
+                                layer_types=["sliding_attention", "full_attention"] * (layers // 2)
+                                + ["sliding_attention"] * (layers % 2),
+                                bos_token_id=2, eos_token_id=1, pad_token_id=None)
+    if family == "phi3":  # fused projections: one qkv_proj (q, k, v stacked) and one gate_up_proj
+        return Phi3Config(**llama_like, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    if family == "olmo2":  # RMSNorm on the whole q and k projections, norms after attention and MLP only
+        return Olmo2Config(**llama_like, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    if family == "phi":
+        # attention and MLP in parallel on one LayerNorm's output (q, k, v and fc1 read the same tensor),
+        # partial rotary (half of each head), LayerNorms and every Linear with biases, LM head with a bias
+        return PhiConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=128, partial_rotary_factor=0.5,
+                         bos_token_id=1, eos_token_id=2)
+    if family == "falcon":
+        # fused query_key_value (grouped-query), FalconLinear (a Linear subclass), separate attention and MLP
+        # LayerNorms feeding one parallel residual, tied LM head
+        return FalconConfig(vocab_size=vocab, hidden_size=hidden, ffn_hidden_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2,
+                            max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
     raise ValueError(f"unknown family {family}")
 
 
-MODEL_CLASSES = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "qwen2": Qwen2ForCausalLM}
+MODEL_CLASSES = {
+    "llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "qwen2": Qwen2ForCausalLM,
+    "mistral": MistralForCausalLM, "gemma3": Gemma3ForCausalLM, "phi3": Phi3ForCausalLM, "olmo2": Olmo2ForCausalLM,
+    "phi": PhiForCausalLM, "falcon": FalconForCausalLM,
+}
 
 
 def build_tiny(family: str, seed: int = 0, **kwargs) -> PreTrainedModel:
-    """A tiny random model of `family`, deterministic, in eval mode, float32."""
+    """A tiny random model of `family` (FAMILIES or OTHER_FAMILIES), deterministic, in eval mode, float32."""
     torch.manual_seed(seed)
     model = MODEL_CLASSES[family](tiny_config(family, **kwargs))
-    if family == "qwen2":  # Qwen2 initialises its q/k/v biases to zero; make them count
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("proj.bias"):
-                    param.normal_(0, 0.02)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if family == "qwen2" and name.endswith("proj.bias"):
+                param.normal_(0, 0.02)  # Qwen2 initialises its q/k/v biases to zero; make them count
+            elif family in OTHER_FAMILIES and param.ndim == 1 and bool((param == param[0]).all()):
+                # biases and norm scales start constant (0, 1, or Gemma's 0 in 1 + w): make them count
+                param.add_(torch.randn_like(param), alpha=0.02 if name.endswith("bias") else 0.1)
     return model.eval()
 
 
@@ -145,6 +191,12 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(params=OTHER_FAMILIES)
+def other_family(request: pytest.FixtureRequest) -> str:
+    """A family of OTHER_FAMILIES: for a few tests, not the whole suite (see `tiny_config`)."""
     return request.param
 
 

@@ -10,6 +10,9 @@ estimate of the loss increase ½·tr(ΔW·A·ΔWᵀ·G).
 On tiny models the true loss increase of a truncation is too small and noisy for kfac to beat
 svd on it reliably (measured on trained tiny LLaMA/GPT-2/Qwen2 models, kfac < svd for only
 30–75% of single-matrix cuts), so the tests hold the estimate kfac minimises exactly.
+
+The statistics and the full-rank factors are also checked on the other architectures of
+`conftest.OTHER_FAMILIES`, calibrated on windows that start with BOS (`every_family`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny, logits_of, token_ids
+from conftest import build_tiny, every_family, logits_of, token_ids
 from test_cli import assert_user_error, nothing_left, run
 from test_data_aware import CALIB, calibration_windows, input_statistics, plan_at
 from torch import nn
@@ -37,6 +40,8 @@ from welore.plan import allocate
 from welore.targets import find_targets, matrix_shape, weight_matrix
 
 CURVATURE = ("kfac", "fisher")
+
+
 
 
 def direct_gradients(model: nn.Module, windows: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
@@ -97,11 +102,12 @@ def damped(g: torch.Tensor, damping: float) -> torch.Tensor:
 # --- the statistics ----------------------------------------------------------------------------
 
 
+@every_family
 def test_gradient_stats_equal_a_direct_computation(family: str) -> None:
     """G = Σ g·gᵀ and the per-window row Fisher from the block-major backward (batches of 3
     windows, the last one short) equal those of plain backward passes, window by window."""
     model = build_tiny(family)
-    windows = calibration_windows()  # (8, 64)
+    windows = calibration_windows(family)  # (8, 64)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     stats = gradient_stats(model, find_targets(model), windows, batch_size=3, progress=False)
     expected = direct_gradients(model, windows)
@@ -176,13 +182,14 @@ def test_curvature_factorizers_need_gradients(name: str) -> None:
         FACTORIZERS[name].spectrum(w, inputs["model.layers.0.self_attn.q_proj"])
 
 
+@every_family
 @pytest.mark.parametrize("name", CURVATURE)
 def test_full_rank_curvature_factors_keep_the_logits(family: str, name: str) -> None:
     model = build_tiny(family)
     ids = token_ids()
     expected = logits_of(model, ids)
     replacements = {}
-    for target, stats in curvature_stats(model, calibration_windows()).items():
+    for target, stats in curvature_stats(model, calibration_windows(family)).items():
         module = model.get_submodule(target)
         w = weight_matrix(module)
         up, down = FACTORIZERS[name].factors(w, min(w.shape), stats)
@@ -202,7 +209,7 @@ def test_kfac_minimises_the_kfac_loss_estimate(family: str) -> None:
     loss increase ½·tr(ΔW·A·ΔWᵀ·G) is half the tail of its spectrum (the allocation's loss
     units), and no other factorizer's truncation has a smaller estimate, for every matrix."""
     dense = build_tiny(family)
-    windows = calibration_windows()
+    windows = calibration_windows(family)
     plan = plan_at(dense, lambda m, n: min(m, n) // 3)
     inputs = input_statistics(dense, windows)
     grads = direct_gradients(dense, windows)

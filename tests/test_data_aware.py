@@ -1,10 +1,12 @@
 """Data-aware compression end to end: `whiten` and `asvd`, sequential calibration, the CLI flags.
 
-The tiny models of every family (LLaMA, GPT-2 with `Conv1D`, Qwen2 with q/k/v biases) are
-compressed through `compress_` and `welore compress`, and checked against references computed
-here from first principles: XᵀX of every target's inputs X (tokens, in) from plain forward hooks
-on the model, and the truncation each factorizer promises (SVD-LLM: truncated SVD of W·S with
-XᵀX = S·Sᵀ, mapped back by S⁻¹; ASVD: truncated SVD of W·diag(mean |x|^α), unscaled after).
+The tiny models of every family (LLaMA, GPT-2 with `Conv1D`, Qwen2 with q/k/v biases; in the
+tests marked `every_family` also the other architectures of `conftest.OTHER_FAMILIES`, calibrated
+on windows that start with BOS) are compressed through `compress_` and `welore compress`, and
+checked against references computed here from first principles: XᵀX of every target's inputs X
+(tokens, in) from plain forward hooks on the model, and the truncation each factorizer promises
+(SVD-LLM: truncated SVD of W·S with XᵀX = S·Sᵀ, mapped back by S⁻¹; ASVD: truncated SVD of
+W·diag(mean |x|^α), unscaled after).
 The factorizers alone, on synthetic inputs, are tested in test_factorize.py; the block-by-block
 statistics in test_calibrate.py.
 """
@@ -16,12 +18,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOLLM2_VOCAB, build_tiny, logits_of, token_ids
+from conftest import (
+    MODEL_CLASSES,
+    OTHER_FAMILIES,
+    SMOLLM2_VOCAB,
+    build_tiny,
+    every_family,
+    logits_of,
+    tiny_config,
+    token_ids,
+)
 from test_cli import assert_user_error, nothing_left, run
 from torch import nn
 
 from welore.calibrate import iter_block_stats
-from welore.checkpoint import load
+from welore.checkpoint import load, save
 from welore.cli import main
 from welore.compress import CompressConfig, compress_
 from welore.data import load_text, token_windows
@@ -36,8 +47,14 @@ DATA_AWARE = ("whiten", "asvd")
 WINDOWS = dict(batch=8, length=64, seed=2)  # 512 calibration tokens, more than any target's input width
 
 
-def calibration_windows() -> torch.Tensor:
-    return token_ids(**WINDOWS)  # (8, 64)
+def calibration_windows(family: str | None = None) -> torch.Tensor:
+    """(8, 64) token ids. For a family of OTHER_FAMILIES every window is its BOS token and 63 tokens,
+    as `token_windows` cuts them for a tokenizer that adds BOS (the others get no BOS, as SmolLM2's)."""
+    if family not in OTHER_FAMILIES:
+        return token_ids(**WINDOWS)  # (8, 64)
+    ids = token_ids(**{**WINDOWS, "length": WINDOWS["length"] - 1})  # (8, 63)
+    bos = torch.full((ids.shape[0], 1), tiny_config(family).bos_token_id, dtype=ids.dtype)
+    return torch.cat([bos, ids], dim=1)  # (8, 64)
 
 
 def target_inputs(model: nn.Module, windows: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -115,6 +132,7 @@ def assert_close_matrices(got: torch.Tensor, expected: torch.Tensor, name: str) 
 # --- compress_ on the tiny models --------------------------------------------------------------
 
 
+@every_family
 @pytest.mark.parametrize("factorizer", DATA_AWARE)
 def test_full_rank_factors_from_calibration_keep_the_logits(family: str, factorizer: str) -> None:
     """Every target factorized at rank min(m, n) with its own calibration statistics ⇒ the dense
@@ -124,7 +142,7 @@ def test_full_rank_factors_from_calibration_keep_the_logits(family: str, factori
     expected = logits_of(model, ids)
     targets = find_targets(model)
     replacements = {}
-    for _, block_stats in iter_block_stats(model, targets, calibration_windows(), progress=False):
+    for _, block_stats in iter_block_stats(model, targets, calibration_windows(family), progress=False):
         for name, stats in block_stats.items():
             w = weight_matrix(targets[name])
             up, down = FACTORIZERS[factorizer].factors(w, min(w.shape), stats)
@@ -138,13 +156,14 @@ def test_full_rank_factors_from_calibration_keep_the_logits(family: str, factori
     assert torch.allclose(logits_of(model, ids), expected, atol=1e-4)
 
 
+@every_family
 @pytest.mark.parametrize("factorizer", DATA_AWARE)
 def test_largest_ranks_through_compress_are_the_exact_truncation(family: str, factorizer: str) -> None:
     """A plan at the largest ranks that still save parameters, applied by compress_ with
     calibration text, gives each matrix exactly the truncation of its factorizer on the model's
     inputs, and the logits of a model holding those truncations as dense weights."""
     model = build_tiny(family)
-    windows = calibration_windows()
+    windows = calibration_windows(family)
     plan = plan_at(model, largest_ranks)
     stats = input_statistics(model, windows)
     reference = copy.deepcopy(model)
@@ -165,11 +184,12 @@ def test_largest_ranks_through_compress_are_the_exact_truncation(family: str, fa
     assert torch.allclose(logits_of(model, ids), logits_of(reference, ids), atol=1e-4)
 
 
+@every_family
 def test_data_aware_factorizers_beat_svd_on_calibration_output_error(family: str) -> None:
     """At one cut (a third of every matrix's rank), ‖(W − W_r)·Xᵀ‖² on the calibration inputs:
     whiten is the smallest possible for every matrix, and both whiten and asvd beat plain SVD."""
     dense = build_tiny(family)
-    windows = calibration_windows()
+    windows = calibration_windows(family)
     plan = plan_at(dense, a_third)
     stats = input_statistics(dense, windows)
     errors = {}
@@ -190,12 +210,13 @@ def test_data_aware_factorizers_beat_svd_on_calibration_output_error(family: str
     assert total["asvd"] < total["svd"], total
 
 
+@every_family
 @pytest.mark.parametrize("factorizer", DATA_AWARE)
 def test_sequential_calibrates_later_blocks_on_compressed_outputs(family: str, factorizer: str) -> None:
     """sequential=True: block 0 is factorized on the dense model's statistics, as without it;
     block 1 on the outputs of the compressed block 0, and exactly so."""
     dense = build_tiny(family)
-    windows = calibration_windows()
+    windows = calibration_windows(family)
     plan = plan_at(dense, a_third)
     models = {}
     for sequential in (False, True):
@@ -226,6 +247,30 @@ def test_sequential_calibrates_later_blocks_on_compressed_outputs(family: str, f
             expected = reference_truncation(factorizer, weight_matrix(dense.get_submodule(name)), *stats[name],
                                             plan.ranks[name])
             assert_close_matrices(result.get_submodule(name).dense_weight(), expected, name)
+
+
+def test_whiten_compression_of_other_architectures_saves_and_loads(tmp_path: Path, other_family: str) -> None:
+    """The whole data-aware compression (welore allocation on whitened spectra, whiten factors) on
+    BOS-first windows, saved and loaded: the checkpoint gives the compressed model's logits."""
+    model = build_tiny(other_family)
+    windows = calibration_windows(other_family)
+    dense_logits = logits_of(model, windows)
+    report = compress_(model, CompressConfig(ratio=0.3, method="welore", factorizer="whiten", calib="x"),
+                       calibration=windows, progress=False)
+    assert report.replaced and report.replaced == report.plan.factorized
+    low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert low_rank == set(report.replaced)
+    logits = logits_of(model, windows)
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, dense_logits, atol=1e-4)
+
+    loaded = load(save(model, tmp_path / "ckpt"))
+    assert type(loaded) is MODEL_CLASSES[other_family]
+    assert loaded.welore_plan == model.welore_plan and loaded.welore_config == model.welore_config
+    assert {n for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)} == low_rank
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert (loaded.get_input_embeddings().weight is loaded.get_output_embeddings().weight) == tied
+    for ids in (windows, token_ids()):
+        assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
 
 
 def test_compress_checks_calibration_against_the_factorizer() -> None:

@@ -235,13 +235,19 @@ def _capture_all(
     return hidden, [by_type[kind] for kind in types]
 
 
+_TUPLE_BLOCKS: set[type] = set()  # block classes seen returning a tuple (Falcon, Bloom, MPT, GPT-Neo)
+
+
 def _run_block(block: nn.Module, hidden: torch.Tensor, inputs: _BlockInputs) -> torch.Tensor:
     """The block's output hidden states; blocks return a tensor or a tuple, by family and version."""
     if inputs.by_keyword:
         out = block(hidden_states=hidden, **inputs.kwargs)
     else:
         out = block(hidden, *inputs.args, **inputs.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    if isinstance(out, (tuple, list)):
+        _TUPLE_BLOCKS.add(type(block))
+        return out[0]
+    return out
 
 
 class _ForwardHooks:
@@ -495,12 +501,17 @@ def _replayed_blocks(blocks: nn.ModuleList, final: list[torch.Tensor]) -> Iterat
     """While active, the model's forward skips its blocks: block 0 returns the next tensor of
     `final` (the last block's outputs computed before), the others pass their input on."""
     batches = iter(final)
+    # the model reads `outputs[0]` from blocks that return tuples: give it what its blocks return
+    as_tuple = any(type(block) in _TUPLE_BLOCKS for block in blocks)
 
-    def first(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return next(batches)
+    def returned(hidden: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
+        return (hidden,) if as_tuple else hidden
 
-    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
+    def first(*args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
+        return returned(next(batches))
+
+    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
+        return returned(args[0] if args else kwargs["hidden_states"])
 
     for k, block in enumerate(blocks):
         block.forward = first if k == 0 else passthrough
