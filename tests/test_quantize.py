@@ -21,12 +21,14 @@ from welore.quantize import (
     BITS,
     QuantConfig,
     QuantizedLinear,
+    QuantPlan,
     matrix_bytes,
     pack_codes,
     parse_size,
     quantize_,
     quantize_layer,
     quantize_weight,
+    uniform_plans,
     unpack_codes,
 )
 from welore.targets import find_targets, weight_matrix
@@ -376,9 +378,43 @@ def test_target_size_is_met_within_one_percent(fraction: float, calibrated: bool
     report = quantize_(model, QuantConfig(bits=None, group_size=32, target_size=target, max_compensate_rank=16),
                        calibration=windows, progress=False)
     assert report.nbytes <= target
-    assert report.nbytes >= 0.99 * target
     assert report.plan.nbytes == sum(model.get_submodule(n).nbytes for n in shapes)
-    assert len(set(report.plan.bits.values())) >= 1
+    selection = report.plan.meta.get("selection")
+    assert (selection is not None) == calibrated  # with calibration, checked against the uniform widths
+    if selection is None or selection["chosen"] == "allocated":
+        assert report.nbytes >= 0.99 * target
+    else:  # a uniform width scored better on the held-back windows with the bytes it could use
+        assert len(set(report.plan.bits.values())) == 1
+
+
+def test_target_size_is_never_worse_than_a_uniform_width_on_held_back_windows() -> None:
+    model = build_tiny("llama", hidden=64, layers=2)
+    shapes = {n: tuple(weight_matrix(m).shape) for n, m in find_targets(model).items()}
+    target = int(0.14 * sum(m * n * 4 for m, n in shapes.values()))  # 4.48 bits: int3 (4 with groups of 32) fits
+    windows = token_ids(batch=8, length=32)
+    report = quantize_(model, QuantConfig(bits=None, group_size=32, target_size=target), calibration=windows,
+                       progress=False)
+    selection = report.plan.meta["selection"]
+    assert selection["held_tokens"] == 32  # the last eighth of the windows
+    scores = selection["perplexity"]
+    assert "allocated" in scores and {"int3", "int2"} <= {label.split("+")[0] for label in scores}
+    assert selection["chosen"] == min(scores, key=scores.get)
+    assert all(bits <= 8 * target / report.plan.params for bits in selection["bits_per_param"].values())
+
+
+def test_uniform_plans_fill_the_budget_with_one_width_each() -> None:
+    shapes = {"a": (64, 128), "b": (128, 64), "c": (64, 64)}
+    base = QuantPlan(shapes=shapes, bits=dict.fromkeys(shapes, 4), group_size=dict.fromkeys(shapes, 32),
+                     ranks=dict.fromkeys(shapes, 0), requested_bytes=12_000)
+    plans = uniform_plans(base, (8, 4, 3, 2), max_rank=64)
+    # codes, scales and offsets alone: int8 20,480 + 2,560 and int4 10,240 + 2,560 bytes do not fit
+    assert {label.split("+")[0] for label in plans} == {"int3", "int2"}
+    for label, plan in plans.items():
+        bits = int(label[3])
+        assert set(plan.bits.values()) == {bits} and plan.nbytes <= 12_000
+        assert max(plan.ranks.values()) - min(plan.ranks.values()) <= 1
+        smallest = min(m + n for m, n in shapes.values()) * 2
+        assert 12_000 - plan.nbytes < smallest or max(plan.ranks.values()) == 64  # nothing left that buys a rank
 
 
 def test_target_size_spends_more_bytes_for_less_error() -> None:
@@ -452,6 +488,21 @@ def test_cli_target_size(tmp_path: Path, cli_model_dir: Path, capsys) -> None:
     assert "requested" in printed
     plan = load(out).welore_quant_plan
     assert 0.99 * size <= plan.nbytes <= size
+
+
+def test_cli_calibrated_target_size_reports_and_saves_the_size_plan_chosen(tmp_path: Path, cli_model_dir: Path,
+                                                                           capsys) -> None:
+    from welore.cli import main
+
+    out = tmp_path / "sized"
+    size = int(load_dense_target_bytes(cli_model_dir) * 0.14)
+    assert main(["compress", "-q", str(cli_model_dir), "--target-size", str(size), "--group-size", "32",
+                 "--calib", str(_text_file(tmp_path)), "--calib-tokens", "512", "--calib-seq-len", "64",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    selection = load(out).welore_quant_plan.meta["selection"]
+    assert f"size plan: {selection['chosen']}, the lowest perplexity on 64 held-back" in printed
+    assert "allocated" in selection["perplexity"] and len(selection["perplexity"]) >= 2
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -222,6 +222,12 @@ def _compress_quantized(args: argparse.Namespace) -> None:
                                      if config.compensate_iters > 1 else "")
     print(f"quantized {len(report.replaced)} target matrices ({config.quantizer}, groups of {config.group_size}): "
           f"{widths}; {rank_note}" + ("" if set(ranks) == {0} else f" ({space})"))
+    selection = plan.meta.get("selection")
+    if selection is not None:
+        scores = ", ".join(f"{label} {ppl:.3f} ({selection['bits_per_param'][label]:.3f} bits)"
+                           for label, ppl in selection["perplexity"].items())
+        print(f"size plan: {selection['chosen']}, the lowest perplexity on {selection['held_tokens']} held-back "
+              f"calibration tokens of: {scores}")
     request = f" (requested {target / 1e6:.3f} MB, {plan.nbytes / target - 1:+.2%})" if target else ""
     print(f"target matrices: {report.dense_bytes / 1e6:.2f} MB -> {plan.nbytes / 1e6:.3f} MB{request}, "
           f"{plan.bits_per_param:.3f} bits per parameter; took {elapsed:.1f}s")

@@ -52,15 +52,23 @@ so that codes + scales + offsets + factors of all target matrices fit the budget
 each choice is known from the singular values of E (or E·S), and one Lagrange multiplier λ
 picks, for every matrix, the choice minimising relative error + λ·bytes; λ is bisected to the
 budget and the bytes left over are spent on compensation ranks where they lower the error most.
+That error proxy (summed relative output error) does not see what a choice costs the loss, so
+with calibration text the allocation is then checked against every uniform width whose codes
+fit the budget, each with the largest uniform compensation rank that keeps it within the
+budget (`uniform_plans`): the calibration windows' last eighth is held back from the
+statistics, every plan quantizes a copy of the model, and the plan with the lowest perplexity
+on the held-back windows is kept (`QuantPlan.meta["selection"]` records the scores). So a size
+target is never worse, on text the statistics did not see, than a uniform width of no more bytes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -969,6 +977,60 @@ def plan_quantization(
     return QuantPlan(bits=bits, ranks=ranks, requested_bytes=config.target_size, **common)
 
 
+def uniform_plans(plan: QuantPlan, target_bits: tuple[int, ...], max_rank: int) -> dict[str, QuantPlan]:
+    """{"int3+r6": plan, ...}: for every width in `target_bits` whose codes fit `plan.requested_bytes`,
+    every matrix at that width with the largest compensation rank r (at most `max_rank`, capped by
+    each matrix's smaller side) that keeps the whole within the budget; the bytes left over give
+    rank r+1 to as many matrices as they pay for, in model order, so the budget is spent."""
+    budget = plan.requested_bytes
+    assert budget is not None, "uniform plans are the alternatives of a size target"
+    factor_bytes = torch.tensor([], dtype=FACTOR_DTYPES[plan.factor_dtype]).element_size()
+
+    def at(bits: int, rank: int) -> QuantPlan:
+        ranks = {n: min(rank, min(shape)) for n, shape in plan.shapes.items()}
+        return replace(plan, bits=dict.fromkeys(plan.shapes, bits), ranks=ranks, meta={})
+
+    plans = {}
+    for bits in sorted(target_bits, reverse=True):
+        if at(bits, 0).nbytes > budget:
+            continue
+        low, high = 0, min(max_rank, max(min(shape) for shape in plan.shapes.values()))
+        while low < high:  # the largest rank within the budget (bytes grow with the rank)
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if at(bits, mid).nbytes <= budget else (low, mid - 1)
+        uniform = at(bits, low)
+        left = budget - uniform.nbytes
+        for name, (m, n) in uniform.shapes.items():
+            cost = (m + n) * factor_bytes  # one more rank of factors
+            if uniform.ranks[name] < min(max_rank, m, n) and cost <= left:
+                uniform.ranks[name], left = uniform.ranks[name] + 1, left - cost
+        plans[f"int{bits}+r{low}"] = uniform
+    return plans
+
+
+def _best_plan(model: nn.Module, plans: dict[str, QuantPlan], stats: dict, held: torch.Tensor, batch_size: int,
+               progress: bool) -> QuantPlan:
+    """The plan whose quantized copy of `model` has the lowest perplexity on `held`; every
+    plan's score is recorded in the chosen plan's meta["selection"]."""
+    from welore.evaluate import perplexity
+
+    scores = {}
+    for label, plan in tqdm(plans.items(), desc="size plans", disable=not progress):
+        trial = copy.deepcopy(model)
+        apply_quant_plan_(trial, plan, stats, progress=False)
+        try:
+            scores[label], _ = perplexity(trial, held, batch_size=batch_size, progress=False)
+        except WeloreError:  # non-finite logits: this plan broke the model
+            scores[label] = float("inf")
+        log.info("%s (%.3f bits per parameter): held-back perplexity %.3f", label, plan.bits_per_param, scores[label])
+        del trial
+    chosen = min(scores, key=scores.get)
+    best = plans[chosen]
+    best.meta["selection"] = {"chosen": chosen, "perplexity": scores, "held_tokens": held.numel(),
+                              "bits_per_param": {label: plan.bits_per_param for label, plan in plans.items()}}
+    return best
+
+
 def quantize_(
     model: nn.Module, config: QuantConfig, calibration: torch.Tensor | None = None, batch_size: int = 4,
     progress: bool = True,
@@ -978,16 +1040,33 @@ def quantize_(
     With `calibration` (a LongTensor (N, T) of token windows, disjoint from evaluation text),
     compensation and the target-size allocation work on the layers' output error on those
     tokens (EoRA); without it, on the weights. The statistics of all targets are held at once
-    (one (in, in) float64 matrix per distinct input).
+    (one (in, in) float64 matrix per distinct input). With a target size and calibration, the last
+    eighth of the windows is held back to choose between the allocation and the uniform widths
+    that fit (module docstring); the statistics come from the other windows.
     """
+    from welore.select import hold_back
+
     targets = quant_targets(model, config.targets)
     if not targets:
         raise WeloreError("No target matrices to quantize; check --targets.")
     dense_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size() for m in targets.values())
+    from welore.stream import is_streamed
+
+    held = None
+    if calibration is not None and config.target_size is not None:
+        if is_streamed(model):
+            log.warning("The model reads its decoder blocks from disk, so --target-size's allocation is not checked "
+                        "against uniform widths (that quantizes copies of the model).")
+        else:
+            calibration, held = hold_back(calibration, "--target-size")
     with torch.no_grad():
         stats = _collect_stats(model, targets, calibration, batch_size, progress) if calibration is not None else None
         with _one_thread_per_op():  # per-matrix linear algebra: measured far faster on one thread on a shared CPU
             plan = plan_quantization(model, config, stats, progress)
+        if held is not None:
+            plans = {"allocated": plan, **uniform_plans(plan, config.target_bits, config.max_compensate_rank)}
+            plan = _best_plan(model, plans, stats, held, batch_size, progress)
+        with _one_thread_per_op():
             if calibration is not None:
                 plan.meta["calib"] = config.calib
             replaced, errors = apply_quant_plan_(model, plan, stats, progress)

@@ -62,16 +62,22 @@ CANDIDATES = (
 )
 
 
-def split_windows(calibration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(selection windows, held-back windows) of `calibration` (N, T): the last N/8 windows are
-    held back, and the first quarter of the rest fit the candidates."""
+def hold_back(calibration: torch.Tensor, option: str = "--method auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(the other windows, the held-back windows) of `calibration` (N, T): the last N/8 windows,
+    at least one, are held back to score choices on; `option` names what needs them."""
     n = calibration.shape[0]
     held = max(1, round(n * HELD_FRACTION))
     if n - held < 1:
-        raise WeloreError(f"--method auto holds calibration windows back to score the recipes, and {n} window is "
-                          "too few; raise --calib-tokens to at least 2 windows of --calib-seq-len.")
-    fit = max(1, round((n - held) * SELECT_FRACTION))
-    return calibration[:fit], calibration[n - held:]
+        raise WeloreError(f"{option} holds calibration windows back to score its choices, and {n} window is too few; "
+                          "raise --calib-tokens to at least 2 windows of --calib-seq-len.")
+    return calibration[: n - held], calibration[n - held:]
+
+
+def split_windows(calibration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selection windows, held-back windows) of `calibration` (N, T): the last N/8 windows are
+    held back (`hold_back`), and the first quarter of the rest fit the candidates."""
+    rest, held = hold_back(calibration)
+    return rest[: max(1, round(len(rest) * SELECT_FRACTION))], held
 
 
 def select_recipe(
