@@ -38,13 +38,13 @@ def main() -> None:
         stats.update(block)
     factorizers = {name: make_factorizer(name) for name in args.factorizers}
     grads = None
-    if any(getattr(f, "needs_gradients", False) for f in factorizers.values()):
+    if any(f.needs_gradients for f in factorizers.values()):
         grads = gradient_stats(loaded.model, targets, calibration, progress=False)
     rows = []
     for kind, factorizer in factorizers.items():
         for name, module in targets.items():
             weight = weight_matrix(module)
-            curvature = getattr(factorizer, "needs_gradients", False)
+            curvature = factorizer.needs_gradients
             layer_stats = CurvatureStats(inputs=stats[name], grads=grads[name]) if curvature else stats[name]
             up, down = factorizer.factors(weight, min(weight.shape) // 2, layer_stats)
             ratio = up.norm(dim=0) / down.norm(dim=1)  # (r,)

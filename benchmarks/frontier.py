@@ -132,7 +132,7 @@ def fmt(ppl: float) -> str:
 def needs_gradients(label: str) -> bool:
     """Whether the setting's factorizer is curvature-aware (takes the gradient statistics)."""
     setting = SETTINGS.get(label)  # None: a label of an imported legacy record
-    return setting is not None and getattr(make_factorizer(setting.factorizer), "needs_gradients", False)
+    return setting is not None and make_factorizer(setting.factorizer).needs_gradients
 
 
 def unbounded(record: dict) -> bool:
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> None:
         for name in args.settings:
             setting = SETTINGS[name]
             factorizer = make_factorizer(setting.factorizer, setting.params)
-            curvature = getattr(factorizer, "needs_gradients", False)
+            curvature = factorizer.needs_gradients
 
             def layer_stats(n: str, curvature: bool = curvature) -> object:
                 return CurvatureStats(inputs=stats[n], grads=grads[n]) if curvature else stats[n]

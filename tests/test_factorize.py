@@ -60,6 +60,7 @@ def test_registry_holds_data_aware_factorizers() -> None:
     assert FACTORIZERS["svd"].needs_stats is False
     assert isinstance(FACTORIZERS["whiten"], Whiten) and FACTORIZERS["whiten"].needs_stats
     assert isinstance(FACTORIZERS["asvd"], ASVD) and FACTORIZERS["asvd"].needs_stats
+    assert not any(FACTORIZERS[name].needs_gradients for name in ("svd", "whiten", "asvd"))  # every factorizer says
     assert FACTORIZERS["asvd"].alpha == 0.5
 
 

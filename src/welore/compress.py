@@ -211,7 +211,7 @@ def factorize_layer(
     factorizer = FACTORIZERS[factorizer] if isinstance(factorizer, str) else factorizer
     up, down = factorizer.factors(weight, rank, stats)
     if refit is not None:
-        if getattr(factorizer, "needs_gradients", False):  # the refit passes input statistics alone
+        if factorizer.needs_gradients:  # the refit passes input statistics alone
             stats, factorizer = stats.inputs, _BoundGradients(factorizer, stats.grads)
         up, down = refit(weight, up, down, stats, factorizer, name)
     up, down = balance_factors(up, down)  # fine-tuning (LRC) updates both factors in proportion
@@ -265,7 +265,7 @@ def calibrated_spectra(
 
     factorizer = config.make_factorizer()
     targets = find_targets(model, config.targets)
-    if getattr(factorizer, "needs_gradients", False) and gradients is None:
+    if factorizer.needs_gradients and gradients is None:
         gradients = gradient_stats(model, targets, calibration, batch_size, progress)
     spectra = {}
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
@@ -324,7 +324,7 @@ def _apply_plan_calibrated_(
     check_plan_fits(model, plan)
     targets = {name: model.get_submodule(name) for name in plan.factorized}
     refit = config.make_refit()
-    if getattr(config.make_factorizer(), "needs_gradients", False) and gradients is None:
+    if config.make_factorizer().needs_gradients and gradients is None:
         gradients = gradient_stats(model, targets, calibration, batch_size, progress)
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress,
                                            sequential=config.sequential, paired=refit is not None):
@@ -391,7 +391,7 @@ def compress_(
     if config.sequential and not factorizer.needs_stats:
         raise WeloreError(f"Sequential calibration needs a data-aware factorizer, but {config.factorizer} uses no "
                           "calibration text; drop --sequential or choose whiten or asvd.")
-    if gradients is not None and not getattr(factorizer, "needs_gradients", False):
+    if gradients is not None and not factorizer.needs_gradients:
         raise ValueError(f"gradients were given, but the {config.factorizer} factorizer uses none; pass them only "
                          "to a curvature-aware factorizer (kfac, fisher)")
     if plan is None and config.method is None:
@@ -405,7 +405,7 @@ def compress_(
             targets = find_targets(model, config.targets)
             shapes = {n: matrix_shape(m) for n, m in targets.items()}
             check_ratio(config.ratio, shapes)
-            if getattr(factorizer, "needs_gradients", False) and gradients is None:  # once, on the dense model
+            if factorizer.needs_gradients and gradients is None:  # once, on the dense model
                 gradients = gradient_stats(model, targets, calibration, batch_size, progress)
             needs_spectra = getattr(POLICIES[config.method], "needs_spectra", True)
             spectra = (calibrated_spectra(model, config, calibration, batch_size, progress, gradients)

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 class Factorizer(Protocol):
     needs_stats: ClassVar[bool]  # True when spectrum/factors need calibration statistics
+    needs_gradients: ClassVar[bool]  # True when those statistics also hold the loss's output gradients
+        # (welore.curvature.CurvatureStats)
 
     def spectrum(self, weight: torch.Tensor, stats: Any | None) -> torch.Tensor: ...
 
@@ -193,6 +195,7 @@ class PlainSVD:
     """Data-free truncated SVD of the weight itself."""
 
     needs_stats: ClassVar[bool] = False
+    needs_gradients: ClassVar[bool] = False
 
     def spectrum(self, weight: torch.Tensor, stats: Any | None = None) -> torch.Tensor:
         return singular_values(weight)
@@ -300,6 +303,7 @@ class Whiten:
 
     shrinkage: float = 0.0  # λ ≥ 0: whiten with XᵀX + λ·diag(XᵀX)
     needs_stats: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.shrinkage < float("inf"):
@@ -395,6 +399,7 @@ class ASVD:
     alpha: float = 0.5  # exponent of the channel scales; 0 gives plain SVD
     floor: float = 1e-6  # mean |x_j| below floor × max_j mean |x_j| is raised to it (dead channels)
     needs_stats: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha < float("inf"):
