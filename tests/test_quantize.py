@@ -13,6 +13,7 @@ from conftest import build_tiny, logits_of, token_ids
 from safetensors import safe_open
 
 from welore import checkpoint
+from welore._io import parse_bytes
 from welore.calibrate import InputStats
 from welore.checkpoint import WEIGHTS, export_dense, load, save
 from welore.errors import WeloreError
@@ -24,7 +25,6 @@ from welore.quantize import (
     QuantPlan,
     matrix_bytes,
     pack_codes,
-    parse_size,
     quantize_,
     quantize_layer,
     quantize_weight,
@@ -358,13 +358,13 @@ def test_checkpoint_module_knows_the_plan_file() -> None:
 
 @pytest.mark.parametrize("text, expected",
                          [("60MB", 60_000_000), ("1.5 MiB", 1_572_864), ("2000", 2000), ("3kb", 3000)])
-def test_parse_size(text: str, expected: int) -> None:
-    assert parse_size(text) == expected
+def test_parse_bytes(text: str, expected: int) -> None:
+    assert parse_bytes(text) == expected
 
 
 def test_parse_size_rejects_garbage() -> None:
-    with pytest.raises(WeloreError, match="60MB"):
-        parse_size("sixty")
+    with pytest.raises(WeloreError, match="Cannot read size 'sixty'.*e.g. 60MB"):
+        parse_bytes("sixty", "size", "60MB")
 
 
 @pytest.mark.parametrize("fraction", [0.2, 0.3, 0.45])

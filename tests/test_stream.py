@@ -13,6 +13,7 @@ from conftest import build_tiny, give_decaying_spectra_, logits_of, token_ids
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from welore._io import parse_bytes
 from welore.analyze import analyze
 from welore.checkpoint import export_dense, load, save
 from welore.compress import CompressConfig, compress_
@@ -26,7 +27,6 @@ from welore.stream import (
     StreamedBlocks,
     TensorFiles,
     block_access,
-    parse_memory,
 )
 
 SHARD = "20KB"  # tiny shards: every tiny model is split over several files
@@ -64,15 +64,15 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-def test_parse_memory() -> None:
-    assert parse_memory("4GB") == 4 * 10**9
-    assert parse_memory("4GiB") == 4 * 2**30
-    assert parse_memory("512MB") == 512 * 10**6
-    assert parse_memory("1.5 mib") == int(1.5 * 2**20)
-    assert parse_memory(1000) == 1000
+def test_parse_bytes() -> None:
+    assert parse_bytes("4GB") == 4 * 10**9
+    assert parse_bytes("4GiB") == 4 * 2**30
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("1.5 mib") == int(1.5 * 2**20)
+    assert parse_bytes(1000) == 1000
     for bad in ("4 apples", "-1GB", "GB", "0GB"):
-        with pytest.raises(WeloreError, match="memory size"):
-            parse_memory(bad)
+        with pytest.raises(WeloreError, match="Cannot read the memory size"):
+            parse_bytes(bad, "the memory size")
 
 
 def test_shard_writer_layout(tmp_path: Path) -> None:

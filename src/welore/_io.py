@@ -12,6 +12,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -103,3 +104,21 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str,
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: str | int | float, what: str = "size", example: str = "4GB") -> int:
+    """Bytes of a size a user wrote (--max-memory, --target-size): an int, or a string such as
+    "4GB" (10^9), "4GiB" (2^30), "512 MB", "1000" (bytes); `what` and `example` word the error."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        number, unit = (float(match.group(1)), match.group(2).upper()) if match else (0.0, None)
+    if unit not in _UNITS or number * _UNITS[unit] < 1:
+        raise WeloreError(f"Cannot read {what} {value!r}; write a positive number of bytes with a unit, e.g. {example} "
+                          "(MB = 10^6 bytes, MiB = 2^20).")
+    return int(round(number * _UNITS[unit]))

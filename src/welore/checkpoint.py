@@ -41,7 +41,7 @@ from welore import __version__
 from welore._io import atomic_dir, check_output_dir, write_json
 from welore.compress import CompressConfig, apply_plan_
 from welore.errors import WeloreError
-from welore.modules import LowRankLinear
+from welore.modules import LowRankLinear, swap_module
 from welore.plan import RankPlan
 from welore.quantize import QuantConfig, QuantizedLinear, QuantPlan, apply_quant_plan_
 from welore.stream import (
@@ -267,8 +267,7 @@ def densify_(
             dense.weight = nn.Parameter(weight)
         if bias is not None:
             dense.bias = nn.Parameter(bias.detach().clone())
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        swap_module(model, name, dense)
         replaced.append(name)
     return replaced
 

@@ -241,12 +241,12 @@ def _compress_quantized(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a welore checkpoint as a plain dense transformers folder (factors multiplied back)."""
+    from welore._io import parse_bytes
     from welore.checkpoint import export_dense
     from welore.models import LoadOptions
-    from welore.stream import parse_memory
 
     options = from_args(LoadOptions, args)
-    budget = parse_memory(options.max_memory) if options.max_memory is not None else None
+    budget = parse_bytes(options.max_memory, "the memory size") if options.max_memory is not None else None
     export_dense(args.checkpoint, args.dense, overwrite=args.overwrite, budget=budget)
     print(f"wrote {args.dense}/ (loads with transformers' AutoModelForCausalLM.from_pretrained)")
 

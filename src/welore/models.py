@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from welore._io import atomic_dir, cache_dir
+from welore._io import atomic_dir, cache_dir, parse_bytes
 from welore.checkpoint import empty_model, is_checkpoint, load
 from welore.devices import DEVICES, check_device, resolve_device
 from welore.errors import WeloreError
-from welore.stream import parse_memory, should_stream, stream_
+from welore.stream import should_stream, stream_
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class LoadOptions:
             check_device(self.device)
         if self.max_memory is not None:
             try:
-                parse_memory(self.max_memory)
+                parse_bytes(self.max_memory, "the memory size")
             except WeloreError:
                 raise WeloreError(f"--max-memory {self.max_memory!r} is not a memory size; "
                                   "write e.g. 4GB, 4GiB or 512MB.") from None
@@ -189,7 +189,7 @@ def load_model(
     """
     weights_dtype = parse_dtype(dtype)
     device = str(resolve_device(device)) if device is not None else None
-    budget = parse_memory(max_memory) if max_memory is not None else None
+    budget = parse_bytes(max_memory, "the memory size") if max_memory is not None else None
     path = Path(spec).expanduser()
     if spec in BUILTIN_MODELS:
         path = builtin_model_dir(spec)

@@ -76,10 +76,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from welore._io import write_json
+from welore._io import parse_bytes, write_json
 from welore.errors import WeloreError
 from welore.factorize import FACTORIZERS, balance_factors, svd_factors, whitening
-from welore.modules import LowRankLinear
+from welore.modules import LowRankLinear, swap_module
 from welore.spectrum import _one_thread_per_op, check_finite
 from welore.targets import DENSE_TYPES, _matches, find_targets, matrix_shape, weight_matrix
 
@@ -642,7 +642,7 @@ class QuantOptions:
         return QuantConfig(
             bits=FORMATS[self.quantize] if self.quantize else None, group_size=self.group_size,
             quantizer=self.quantizer, compensate_rank=self.compensate_rank, compensate_iters=self.compensate_iters,
-            target_size=parse_size(self.target_size) if self.target_size else None,
+            target_size=parse_bytes(self.target_size, "size", "60MB") if self.target_size else None,
             max_compensate_rank=self.max_compensate_rank, factor_dtype=self.factor_dtype,
             targets=getattr(compress, "targets", None), calib=calib,
             calib_tokens=getattr(compress, "calib_tokens", None) if calib else None,
@@ -661,24 +661,6 @@ class QuantReport:
     @property
     def nbytes(self) -> int:
         return self.plan.nbytes
-
-
-# --- sizes users write ---------------------------------------------------------------------
-
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'60MB' -> 60·10⁶, '57.2MiB' -> 57.2·2²⁰ bytes, '1000000' -> 10⁶ (MB = 10⁶, MiB = 2²⁰)."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*", text, flags=re.I)
-    if not match:
-        raise WeloreError(f"Cannot read size {text!r}; write it as e.g. 60MB (10^6 bytes) or 57MiB (2^20 bytes).")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]
-    if value < 1:
-        raise WeloreError(f"Size {text!r} is less than one byte; ask for e.g. 60MB.")
-    return int(round(value))
 
 
 # --- error of each choice, and the allocation -------------------------------------------------
@@ -808,11 +790,6 @@ def allocate_sizes(
 # --- the entry point -----------------------------------------------------------------------
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """up·down (out, in) in float64 on the CPU, where the quantization errors live."""
     return up.to("cpu", torch.float64) @ down.to("cpu", torch.float64)
@@ -903,7 +880,7 @@ def apply_quant_plan_(
                                          plan.compensate_iters)
             if err is not None:
                 errors[name] = err
-        _swap(model, name, module)
+        swap_module(model, name, module)
     log.info("quantized %d target matrices: %.2f MB (%.3f bits per parameter)",
              len(plan.shapes), plan.nbytes / 1e6, plan.bits_per_param)
     return list(plan.shapes), errors

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -43,24 +42,6 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 10**9  # shards of an in-memory save (save_pretrained's old default)
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_memory(value: str | int | float) -> int:
-    """Bytes of a memory size: an int, or a string such as "4GB" (10^9), "4GiB" (2^30), "512MB"."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise WeloreError(f"A memory budget must be positive, not {value}; give e.g. 4GB.")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise WeloreError(f"Cannot read the memory size {value!r}; write a positive number with a unit, e.g. 4GB, "
-                          "4GiB or 512MB.")
-    return int(float(match.group(1)) * _UNITS[unit])
-
 
 def format_bytes(n: int | float) -> str:
     if n >= 1e9:
