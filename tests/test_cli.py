@@ -77,6 +77,14 @@ def no_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- the console script ------------------------------------------------------------------------
 
 
+def test_version(capsys) -> None:
+    from welore import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"welore {__version__}"
+
+
 def test_console_script_help() -> None:
     script = Path(sys.executable).parent / "welore"
     if not script.is_file():

@@ -429,7 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     add_options(common, RunOptions)
+    from welore import __version__
+
     parser = argparse.ArgumentParser(prog="welore", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"welore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn) -> argparse.ArgumentParser:
