@@ -9,7 +9,7 @@ candidate recipe of `welore.select.CANDIDATES` on all the calibration windows, t
 `--method auto` (which fits every candidate on a quarter of the windows, scores them on the
 eighth held back, and compresses with the winner on all of them). Every result is judged on both
 built-in texts' evaluation halves (the calibration text's own in parentheses). Writes the
-`select` section of docs/benchmarks.md.
+`select-CALIB` section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> None:
         scores = ", ".join(f"{label} {score['perplexity']:.2f}" for label, score in selection["candidates"].items())
         lines += ["", f"The selection's scores (perplexity on {selection['held_tokens']} held-back {args.calib} "
                       f"calibration tokens, each candidate fitted on {selection['fit_tokens']}): {scores}."]
-    publish("select", "\n".join(lines), write=not args.no_write)
+    publish(f"select-{args.calib}", "\n".join(lines), write=not args.no_write)
 
 
 if __name__ == "__main__":
