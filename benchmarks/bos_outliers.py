@@ -2,7 +2,8 @@
 without BOS first in every window, with and without the outlier bound.
 
     .venv/bin/python benchmarks/bos_outliers.py [--model smollm2-135m] [--calib wiki]
-        [--calib-tokens 8192] [--eval news] [--eval-tokens 4096] [--ratio 0.2] [--no-write]
+        [--calib-tokens 8192] [--eval news] [--eval-tokens 4096] [--ratio 0.2]
+        [--policies no yes] [--bounds default none] [--no-write]
 
 For each BOS policy (`--bos no`, `--bos yes`) the default model is compressed at `--ratio` with
 the curvature recipe (kfac factors, WeLore ranks, sequential calibration) on the same
@@ -57,19 +58,22 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--policies", nargs="+", default=["no", "yes"], choices=["no", "yes"])
+    parser.add_argument("--bounds", nargs="+", default=["default", "none"], choices=["default", "none"],
+                        help="default: welore.curvature.OUTLIER_FACTOR; none: no bound")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
 
     loaded = load_model(args.model, dtype="float32")
     bound = curvature.OUTLIER_FACTOR
     rows = []
-    for policy in ("no", "yes"):
+    for policy in args.policies:
         calibration = token_windows(loaded.tokenizer, load_text(args.calib, split="calib"), args.seq_len,
                                     args.calib_tokens, bos=policy)
         evaluation = token_windows(loaded.tokenizer, load_text(args.eval, split="eval"), args.seq_len,
                                    args.eval_tokens, bos=policy)
         dense, _ = perplexity(loaded.model, evaluation, progress=False)
-        for factor in (bound, math.inf):
+        for factor in (bound if b == "default" else math.inf for b in args.bounds):
             counts: Counter = Counter()
             curvature.OUTLIER_FACTOR = factor
             original = curvature._clip_outliers
@@ -94,7 +98,7 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python benchmarks/bos_outliers.py --model {args.model} --calib {args.calib} "
         f"--calib-tokens {args.calib_tokens} --eval {args.eval} --eval-tokens {args.eval_tokens} "
-        f"--ratio {args.ratio}`  ",
+        f"--ratio {args.ratio} --policies {' '.join(args.policies)} --bounds {' '.join(args.bounds)}`  ",
         f"kfac/welore+seq at ratio {args.ratio}, calibrated on {args.calib_tokens} tokens of {args.calib}, judged on "
         f"{args.eval_tokens} tokens of {args.eval} (windows of {args.seq_len} under the same BOS policy). Tokens "
         f"above the bound: (token, target matrix) pairs whose output gradient's squared norm exceeds "
