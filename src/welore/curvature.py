@@ -47,6 +47,9 @@ the largest token (an attention sink at position 0) reaches ~1.6·10⁵ times th
 bound of 10⁶ that spares those still left the capped spike with half of block 0's G (news 1.1·10⁴
 at 131K tokens, window 170's share replaced); 10⁴ gives 78.3 there (72.6 with window 170
 dropped altogether) and, clipping the sinks too, improves 8,192 tokens from 105.9 to 98.9.
+The outliers are not an artefact of windows without BOS: with SmolLM2's BOS token forced first,
+206 of 251 sit at position 0 (the BOS token itself) and the bound still helps (100.98 against
+106.54 on news; `benchmarks/bos_outliers.py`).
 """
 
 from __future__ import annotations
