@@ -8,7 +8,8 @@ The model is compressed from fresh copies, one after another in this process: wi
 candidate recipe of `welore.select.CANDIDATES` on all the calibration windows, then with
 `--method auto` (which fits every candidate on a quarter of the windows, scores them on the
 eighth held back, and compresses with the winner on all of them). Every result is judged on both
-built-in texts' evaluation halves (the calibration text's own in parentheses). Writes the
+built-in texts' evaluation halves. Cost is given in wall and CPU seconds; their ratio to the
+curvature recipe is taken in CPU seconds, which other jobs on the machine disturb far less. Writes the
 `select-CALIB` section of docs/benchmarks.md.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import time
 
 from _common import machine, publish
@@ -27,6 +29,13 @@ from welore.models import load_model
 from welore.select import CANDIDATES
 
 TEXTS = ("wiki", "news")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far: a cost that other jobs on the machine
+    disturb far less than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -51,19 +60,19 @@ def main() -> None:
     rows, selection = [], None
     for label, config in runs:
         model = copy.deepcopy(loaded.model)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         report = compress_(model, config, calibration=calibration, progress=False)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         ppl = {t: perplexity(model, w, progress=False)[0] for t, w in evals.items()}
         if report.config.selection is not None:
             selection = report.config.selection
             label = f"auto → {selection['chosen']}"
-        rows.append((label, ppl, seconds))
-        print(f"{label}: {ppl}, {seconds:.0f} s", flush=True)
+        rows.append((label, ppl, seconds, cpu))
+        print(f"{label}: {ppl}, {seconds:.0f} s, {cpu:.0f} CPU s", flush=True)
         del model
 
     other = next(t for t in TEXTS if t != args.calib)
-    curvature = rows[0][2]  # the first candidate, the curvature recipe
+    curvature = rows[0][3]  # CPU seconds of the first candidate, the curvature recipe
     lines = [
         f"## Recipe selection (`--method auto`) on {args.model}, {args.calib} → {other}",
         "",
@@ -74,10 +83,10 @@ def main() -> None:
         f"{dense[other]:.2f}, {args.calib} {dense[args.calib]:.2f}. One process, one run after another. "
         f"Machine: {machine()}.",
         "",
-        f"| recipe | {other} (cross-domain) | {args.calib} (in-domain) | compression seconds | × {rows[0][0]} |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {label} | {ppl[other]:.2f} | {ppl[args.calib]:.2f} | {s:.0f} | {s / curvature:.2f} |"
-          for label, ppl, s in rows),
+        f"| recipe | {other} (cross-domain) | {args.calib} (in-domain) | wall s | CPU s | CPU × {rows[0][0]} |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {label} | {ppl[other]:.2f} | {ppl[args.calib]:.2f} | {s:.0f} | {c:.0f} | {c / curvature:.2f} |"
+          for label, ppl, s, c in rows),
     ]
     if selection is not None:
         scores = ", ".join(f"{label} {score['perplexity']:.2f}" for label, score in selection["candidates"].items())

@@ -10,9 +10,9 @@ itself with that config on all the calibration windows.
 
 Cost: the candidates are fitted on a quarter (`SELECT_FRACTION`) of the windows not held back,
 so the selection costs about a quarter of the candidates' full-size costs together: on
-SmolLM2-135M at ratio 0.2 with 8,192 calibration tokens the whole run took 1.54x the curvature
-recipe alone, which it chose (`benchmarks/select_cost.py`, docs/benchmarks.md). Memory: one copy
-of the model besides the model.
+SmolLM2-135M at ratio 0.2 with 8,192 calibration tokens of either built-in text the whole run took
+1.50-1.52x the CPU time of the curvature recipe alone, which it chose (`benchmarks/select_cost.py`,
+docs/benchmarks.md). Memory: one copy of the model besides the model.
 """
 
 from __future__ import annotations
