@@ -400,6 +400,15 @@ def test_target_size_is_never_worse_than_a_uniform_width_on_held_back_windows() 
     assert "allocated" in scores and {"int3", "int2"} <= {label.split("+")[0] for label in scores}
     assert selection["chosen"] == min(scores, key=scores.get)
     assert all(bits <= 8 * target / report.plan.params for bits in selection["bits_per_param"].values())
+    # The model holds the chosen plan's trial modules: the same as quantizing a fresh model with it.
+    from welore.quantize import _collect_stats, apply_quant_plan_, quant_targets
+    from welore.select import hold_back
+
+    fresh = build_tiny("llama", hidden=64, layers=2)
+    stats = _collect_stats(fresh, quant_targets(fresh), hold_back(windows)[0], 4, False)
+    apply_quant_plan_(fresh, report.plan, stats, progress=False)
+    probe = token_ids(batch=2, length=16, seed=9)
+    assert torch.equal(logits_of(model, probe), logits_of(fresh, probe))
 
 
 def test_uniform_plans_fill_the_budget_with_one_width_each() -> None:

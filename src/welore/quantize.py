@@ -986,26 +986,32 @@ def uniform_plans(plan: QuantPlan, target_bits: tuple[int, ...], max_rank: int) 
 
 
 def _best_plan(model: nn.Module, plans: dict[str, QuantPlan], stats: dict, held: torch.Tensor, batch_size: int,
-               progress: bool) -> QuantPlan:
-    """The plan whose quantized copy of `model` has the lowest perplexity on `held`; every
-    plan's score is recorded in the chosen plan's meta["selection"]."""
+               progress: bool) -> tuple[QuantPlan, dict[str, nn.Module], dict[str, tuple[float, float]]]:
+    """The plan whose quantized copy of `model` has the lowest perplexity on `held` (every plan's
+    score recorded in its meta["selection"]), with that copy's quantized modules and their output
+    errors, so the model takes them without quantizing again."""
     from welore.evaluate import perplexity
 
-    scores = {}
+    scores: dict[str, float] = {}
+    best: tuple[str, dict[str, nn.Module], dict] | None = None
     for label, plan in tqdm(plans.items(), desc="size plans", disable=not progress):
         trial = copy.deepcopy(model)
-        apply_quant_plan_(trial, plan, stats, progress=False)
+        with _one_thread_per_op():
+            _, errors = apply_quant_plan_(trial, plan, stats, progress=False)
         try:
             scores[label], _ = perplexity(trial, held, batch_size=batch_size, progress=False)
         except WeloreError:  # non-finite logits: this plan broke the model
             scores[label] = float("inf")
         log.info("%s (%.3f bits per parameter): held-back perplexity %.3f", label, plan.bits_per_param, scores[label])
+        if best is None or scores[label] < scores[best[0]]:
+            best = (label, {name: trial.get_submodule(name) for name in plan.shapes}, errors)
         del trial
-    chosen = min(scores, key=scores.get)
-    best = plans[chosen]
-    best.meta["selection"] = {"chosen": chosen, "perplexity": scores, "held_tokens": held.numel(),
-                              "bits_per_param": {label: plan.bits_per_param for label, plan in plans.items()}}
-    return best
+    assert best is not None, "there is always the allocation to choose"
+    chosen, modules, errors = best
+    plan = plans[chosen]
+    plan.meta["selection"] = {"chosen": chosen, "perplexity": scores, "held_tokens": held.numel(),
+                              "bits_per_param": {label: p.bits_per_param for label, p in plans.items()}}
+    return plan, modules, errors
 
 
 def quantize_(
@@ -1040,13 +1046,17 @@ def quantize_(
         stats = _collect_stats(model, targets, calibration, batch_size, progress) if calibration is not None else None
         with _one_thread_per_op():  # per-matrix linear algebra: measured far faster on one thread on a shared CPU
             plan = plan_quantization(model, config, stats, progress)
-        if held is not None:
+        if held is not None:  # the best of the allocation and the uniform widths, already quantized
             plans = {"allocated": plan, **uniform_plans(plan, config.target_bits, config.max_compensate_rank)}
-            plan = _best_plan(model, plans, stats, held, batch_size, progress)
-        with _one_thread_per_op():
-            if calibration is not None:
-                plan.meta["calib"] = config.calib
-            replaced, errors = apply_quant_plan_(model, plan, stats, progress)
+            plan, modules, errors = _best_plan(model, plans, stats, held, batch_size, progress)
+            for name, module in modules.items():
+                swap_module(model, name, module)
+            replaced = list(plan.shapes)
+        else:
+            with _one_thread_per_op():
+                replaced, errors = apply_quant_plan_(model, plan, stats, progress)
+        if calibration is not None:
+            plan.meta["calib"] = config.calib
     if not hasattr(model, "welore_plan"):  # save() needs a rank plan: every target stays full rank
         from welore.plan import RankPlan
 
