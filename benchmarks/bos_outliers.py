@@ -25,8 +25,7 @@ from collections import Counter
 import torch
 from _common import machine, publish
 
-from welore import curvature
-from welore.compress import CompressConfig, compress_
+from welore import CompressConfig, compress_, curvature
 from welore.data import describe_bos, load_text, token_windows
 from welore.evaluate import perplexity
 from welore.models import load_model

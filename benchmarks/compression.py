@@ -23,8 +23,8 @@ from pathlib import Path
 
 from _common import DOC, machine, publish
 
+from welore import CompressConfig, compress_
 from welore.checkpoint import save
-from welore.compress import CompressConfig, compress_
 from welore.data import describe_text, load_text, token_windows
 from welore.evaluate import evaluate, measure_speed
 from welore.models import load_model

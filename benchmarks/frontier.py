@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 
 from _common import DOC, machine, publish
 
+from welore import CompressConfig, compress_
 from welore.calibrate import iter_block_stats
-from welore.compress import CompressConfig, compress_, factorize_layer, gradient_stats
+from welore.compress import factorize_layer, gradient_stats
 from welore.curvature import OUTLIER_FACTOR, CurvatureStats
 from welore.data import describe_text, load_text, overlap_fraction, token_windows
 from welore.evaluate import perplexity
@@ -271,7 +272,7 @@ def run(args: argparse.Namespace) -> None:
 
 CHILD = """
 import sys, time
-from welore.compress import CompressConfig, compress_
+from welore import CompressConfig, compress_
 from welore.data import load_text, token_windows
 from welore.models import load_model
 loaded = load_model(sys.argv[1])

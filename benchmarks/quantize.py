@@ -1,4 +1,4 @@
-"""Quantization of the default model, alone and with low-rank compensation (welore.quantize).
+"""Quantization of the default model, alone and with low-rank compensation (welore.quant).
 
     PYTHONPATH=src python benchmarks/quantize.py [--eval wiki] [--calib news] [--eval-tokens 4096]
         [--calib-tokens 8192] [--configs rtn3-g64 eora3-g64-r8 ...]
@@ -41,13 +41,8 @@ from welore.calibrate import iter_block_stats
 from welore.data import load_text, token_windows
 from welore.evaluate import measure_speed, perplexity, weights_size_on_disk
 from welore.models import builtin_model_dir, load_model
-from welore.quantize import (
-    QuantConfig,
-    _collect_stats,
-    apply_quant_plan_,
-    plan_quantization,
-    quant_targets,
-)
+from welore.quant import QuantConfig, apply_quant_plan_, plan_quantization, quant_targets
+from welore.quant.api import _collect_stats
 from welore.spectrum import _one_thread_per_op
 from welore.targets import find_targets, weight_matrix
 
@@ -74,7 +69,7 @@ LOW_RANK = re.compile(r"lr(\d+)(?:-(.+))?")  # lr{P} alone, or lr{P}-{quantizati
 def low_rank(cache: dict, percent: int, calib) -> tuple:
     """The default model compressed at ratio percent/100 (whiten/minimax), and its bfloat16 target bytes; cached."""
     if percent not in cache:
-        from welore.compress import CompressConfig, compress_
+        from welore import CompressConfig, compress_
 
         model = load_model("smollm2-135m").model
         config = CompressConfig(ratio=percent / 100, method="minimax", factorizer="whiten", calib="calib")
@@ -173,12 +168,8 @@ def speed(args) -> dict:
     with _one_thread_per_op():
         plan = plan_quantization(model.model, QuantConfig(bits=4, group_size=64), progress=False)
         apply_quant_plan_(model.model, plan, progress=False)
-    from welore.plan import RankPlan
-
-    model.model.welore_plan = RankPlan(ranks=dict.fromkeys(plan.shapes), shapes=dict(plan.shapes), method="quantize")
-    model.model.welore_quant_plan = plan
     folder = Path(tempfile.mkdtemp()) / "int4"
-    save(model.model, folder, tokenizer=model.tokenizer)
+    save(model.model, folder, tokenizer=model.tokenizer)  # the plans read off the quantized modules
     dense_dir = builtin_model_dir("smollm2-135m")
     out = {}
     for label, fn, path in (("dense", lambda: load_model(str(dense_dir)).model, dense_dir),

@@ -22,7 +22,7 @@ import time
 
 from _common import machine, publish
 
-from welore.compress import CompressConfig, compress_
+from welore import CompressConfig, compress_
 from welore.data import describe_bos, load_text, token_windows
 from welore.evaluate import perplexity
 from welore.models import load_model

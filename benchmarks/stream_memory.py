@@ -63,8 +63,8 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    from welore import CompressConfig, compress_
     from welore.checkpoint import export_dense, save
-    from welore.compress import CompressConfig, compress_
     from welore.data import load_text, token_windows
     from welore.evaluate import perplexity
     from welore.models import load_model

@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from welore.checkpoint import load
+from welore.checkpoint import load, read_record
 from welore.cli import main
 from welore.compress import CompressConfig
 from welore.errors import WeloreError
 from welore.finetune import FinetuneConfig
-from welore.quantize import QuantConfig
+from welore.quant import QuantConfig
 
 SEQ, TOKENS = 32, 256
 
@@ -92,8 +92,8 @@ def test_compress_records_the_bos_policy_it_calibrated_with(capsys, tmp_path: Pa
                            "--out", out)
         assert code == 0, err
         meta = json.loads((out / "welore.json").read_text())
-        assert meta["compress_config"]["bos"] == policy
-        assert load(out).welore_config.bos == policy
+        assert meta["recipe"]["stages"][0]["lowrank"]["bos"] == policy
+        assert read_record(out).compress_config.bos == policy
 
 
 def test_calibration_with_and_without_bos_gives_other_factors(capsys, tmp_path: Path, bos_model_dir: Path,
@@ -118,7 +118,7 @@ def test_quantization_records_the_bos_policy(capsys, tmp_path: Path, bos_model_d
                        "--compensate-rank", "2", "--calib", english_text_file, "--calib-tokens", TOKENS,
                        "--calib-seq-len", SEQ, "--out", out)
     assert code == 0, err
-    quant = json.loads((out / "welore.json").read_text())["quant_config"]
+    quant = json.loads((out / "welore.json").read_text())["recipe"]["stages"][0]["quantize"]
     assert quant["bos"] == "yes" and quant["calib_tokens"] == TOKENS
 
 

@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from welore import stream
-from welore.checkpoint import FORMAT_VERSION, WEIGHTS, export_dense, is_checkpoint, load, save
-from welore.compress import CompressConfig, compress_
+from welore import CompressConfig, compress_, stream
+from welore.checkpoint import FORMAT_VERSION, WEIGHTS, export_dense, is_checkpoint, load, load_checkpoint, save
 from welore.errors import WeloreError
 from welore.factorize import FACTORIZERS
 from welore.modules import LowRankLinear, count_parameters
@@ -45,31 +44,30 @@ def _data_bytes(path: Path) -> int:
 @pytest.fixture
 def saved(tmp_path: Path, family: str):
     """(compressed model, its checkpoint folder) for each family."""
-    model, _ = _compressed(family)
-    return model, save(model, tmp_path / "ckpt")
+    model, report = _compressed(family)
+    return model, save(model, tmp_path / "ckpt", record=report.record), report
 
 
 # --- round trip ------------------------------------------------------------------------------
 
 
 def test_save_load_gives_identical_logits(saved, family: str) -> None:
-    model, path = saved
+    model, path, report = saved
     loaded = load(path)
     ids = token_ids()
     assert torch.equal(logits_of(loaded, ids), logits_of(model, ids))
     assert not loaded.training
     assert type(loaded) is MODEL_CLASSES[family]
-    assert loaded.welore_plan == model.welore_plan
-    assert loaded.welore_config == model.welore_config
+    assert load_checkpoint(path).record == report.record
     assert count_parameters(loaded) == count_parameters(model)
     low_rank = {n for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
-    assert low_rank == set(model.welore_plan.factorized)
+    assert low_rank == set(report.plan.factorized)
     assert all(p.device.type == "cpu" for p in loaded.parameters())
     assert all(b.device.type == "cpu" for b in loaded.buffers())
 
 
 def test_tied_embeddings_stay_tied(saved, family: str) -> None:
-    model, path = saved
+    model, path, report = saved
     loaded = load(path)
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert tied == (family in ("llama", "gpt2"))
@@ -90,16 +88,16 @@ def test_save_load_keeps_bfloat16(tmp_path: Path) -> None:
 
 
 def test_saved_model_saves_again(tmp_path: Path) -> None:
-    model, _ = _compressed("gpt2")
-    once = load(save(model, tmp_path / "once"))
-    twice = load(save(once, tmp_path / "twice"))
+    model, report = _compressed("gpt2")
+    once = load_checkpoint(save(model, tmp_path / "once", record=report.record))
+    twice = load_checkpoint(save(once.model, tmp_path / "twice", record=once.record))
     ids = token_ids()
-    assert torch.equal(logits_of(twice, ids), logits_of(model, ids))
-    assert twice.welore_plan == model.welore_plan
+    assert torch.equal(logits_of(twice.model, ids), logits_of(model, ids))
+    assert twice.record == report.record
 
 
 def test_load_computes_no_svd(saved, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, path = saved
+    model, path, report = saved
 
     def forbidden(*args, **kwargs):
         raise AssertionError("load must not factorize or compute spectra")
@@ -118,7 +116,7 @@ def test_load_computes_no_svd(saved, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_checkpoint_folder_contents(saved) -> None:
-    model, path = saved
+    model, path, report = saved
     names = _listing(path)
     assert {"config.json", "welore.json", "rank_plan.json", WEIGHTS} <= names
     assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle")) for n in names)
@@ -127,11 +125,11 @@ def test_checkpoint_folder_contents(saved) -> None:
     meta = json.loads((path / "welore.json").read_text())
     assert meta["format"] == "welore-checkpoint"
     assert meta["format_version"] == FORMAT_VERSION
-    assert meta["achieved_ratio"] == pytest.approx(model.welore_plan.achieved_ratio)
-    assert RankPlan.load(path / "rank_plan.json") == model.welore_plan
+    assert meta["achieved_ratio"] == pytest.approx(report.plan.achieved_ratio)
+    assert RankPlan.load(path / "rank_plan.json") == report.plan
     assert is_checkpoint(path)
     stored = load_file(path / WEIGHTS)
-    for name in model.welore_plan.factorized:
+    for name in report.plan.factorized:
         assert f"{name}.up.weight" in stored and f"{name}.down.weight" in stored
         assert f"{name}.weight" not in stored
 
@@ -155,7 +153,7 @@ def test_weights_shrink_with_the_parameters(tmp_path: Path, family: str) -> None
 
 
 def test_export_dense_loads_with_transformers(saved, tmp_path: Path, family: str) -> None:
-    model, path = saved
+    model, path, report = saved
     out = export_dense(path, tmp_path / "dense")
     assert not is_checkpoint(out)
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in _listing(out))
@@ -166,14 +164,14 @@ def test_export_dense_loads_with_transformers(saved, tmp_path: Path, family: str
     for name, module in dense.named_modules():  # same layer types as the architecture (Conv1D for GPT-2)
         assert type(module) is type(fresh[name]), name
     if family == "gpt2":
-        assert isinstance(dense.get_submodule(model.welore_plan.factorized[0]), Conv1D)
+        assert isinstance(dense.get_submodule(report.plan.factorized[0]), Conv1D)
     ids = token_ids()
     assert torch.allclose(logits_of(dense, ids), logits_of(model, ids), atol=1e-4)
     assert count_parameters(dense) == count_parameters(build_tiny(family))
 
 
 def test_export_into_existing_folder(saved, tmp_path: Path) -> None:
-    _, path = saved
+    _, path, _ = saved
     out = tmp_path / "dense"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -270,22 +268,22 @@ def test_load_missing_path_or_file(tmp_path: Path) -> None:
 
 
 def test_load_without_weights(saved) -> None:
-    _, path = saved
+    _, path, _ = saved
     (path / WEIGHTS).unlink()
     with pytest.raises(WeloreError, match=WEIGHTS):
         load(path)
 
 
 def test_load_damaged_weights(saved) -> None:
-    _, path = saved
+    _, path, _ = saved
     (path / WEIGHTS).write_bytes(b"not a safetensors file at all")
     with pytest.raises(WeloreError):
         load(path)
 
 
 def test_load_weights_that_do_not_match_the_plan(saved) -> None:
-    model, path = saved
-    name = model.welore_plan.factorized[0]
+    model, path, report = saved
+    name = report.plan.factorized[0]
 
     def lower_rank(data: dict) -> None:
         entry = data["matrices"][name]
@@ -297,8 +295,8 @@ def test_load_weights_that_do_not_match_the_plan(saved) -> None:
 
 
 def test_load_plan_that_factorizes_a_dense_matrix(tmp_path: Path) -> None:
-    model, _ = _compressed("llama", ratio=0.05, method="welore")
-    dense = [n for n, r in model.welore_plan.ranks.items() if r is None]
+    model, report = _compressed("llama", ratio=0.05, method="welore")
+    dense = [n for n, r in report.plan.ranks.items() if r is None]
     assert dense, "the test needs a plan with a dense matrix"
     path = save(model, tmp_path / "ckpt")
     _edit_json(path / "rank_plan.json", lambda d: d["matrices"][dense[0]].update(rank=1))
@@ -307,7 +305,7 @@ def test_load_plan_that_factorizes_a_dense_matrix(tmp_path: Path) -> None:
 
 
 def test_load_newer_format(saved) -> None:
-    _, path = saved
+    _, path, _ = saved
     _edit_json(path / "welore.json", lambda d: d.update(format_version=FORMAT_VERSION + 1))
     with pytest.raises(WeloreError, match="upgrade welore"):
         load(path)
@@ -315,21 +313,21 @@ def test_load_newer_format(saved) -> None:
 
 @pytest.mark.parametrize("content", ["{broken", json.dumps({"format": "something-else", "format_version": 1})])
 def test_load_bad_welore_json(saved, content: str) -> None:
-    _, path = saved
+    _, path, _ = saved
     (path / "welore.json").write_text(content)
     with pytest.raises(WeloreError):
         load(path)
 
 
 def test_load_without_config(saved) -> None:
-    _, path = saved
+    _, path, _ = saved
     (path / "config.json").unlink()
     with pytest.raises(WeloreError):
         load(path)
 
 
 def test_load_without_plan(saved) -> None:
-    _, path = saved
+    _, path, _ = saved
     (path / "rank_plan.json").unlink()
     with pytest.raises(WeloreError):
         load(path)
@@ -338,18 +336,24 @@ def test_load_without_plan(saved) -> None:
 # --- versioned files: one clear sentence for a missing, mistyped or newer version ----------------
 
 
+def _low_rank(meta: dict) -> dict:
+    """The lowrank stage of welore.json's recipe."""
+    return meta["recipe"]["stages"][0]["lowrank"]
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda d: d.pop("format_version"), "has no 'format_version'"),
     (lambda d: d.update(format_version="1"), "not an integer"),
     (lambda d: d.update(format_version=None), "not an integer"),
-    (lambda d: d["compress_config"].update(version=99), "newer than this welore reads"),
-    (lambda d: d["compress_config"].pop("version"), "has no 'version'"),
-    (lambda d: d["compress_config"].update(ratio="a lot"), "wrong type"),
+    (lambda d: d["recipe"].update(version=99), "newer than this welore reads"),
+    (lambda d: _low_rank(d).update(version=99), "newer than this welore reads"),
+    (lambda d: d["recipe"].pop("version"), "has no 'version'"),
+    (lambda d: _low_rank(d).update(ratio="a lot"), "wrong type"),
 ])
 def test_checkpoint_versions_are_checked(tmp_path: Path, edit, match) -> None:
     model = build_tiny("llama")
-    compress_(model, CompressConfig(ratio=0.2), progress=False)
-    path = save(model, tmp_path / "ckpt")
+    report = compress_(model, CompressConfig(ratio=0.2), progress=False)
+    path = save(model, tmp_path / "ckpt", record=report.record)
     _edit_json(path / "welore.json", edit)
     with pytest.raises(WeloreError, match=match):
         load(path)
@@ -357,9 +361,9 @@ def test_checkpoint_versions_are_checked(tmp_path: Path, edit, match) -> None:
 
 def test_unknown_keys_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = build_tiny("llama")
-    compress_(model, CompressConfig(ratio=0.2), progress=False)
-    path = save(model, tmp_path / "ckpt")
-    _edit_json(path / "welore.json", lambda d: (d.update(extra=1), d["compress_config"].update(future_knob=3)))
+    report = compress_(model, CompressConfig(ratio=0.2), progress=False)
+    path = save(model, tmp_path / "ckpt", record=report.record)
+    _edit_json(path / "welore.json", lambda d: (d.update(extra=1), _low_rank(d).update(future_knob=3)))
     _edit_json(path / "rank_plan.json", lambda d: d.update(notes="hand edit"))
     with caplog.at_level("WARNING", logger="welore.versioned"):
         load(path)
@@ -374,10 +378,14 @@ def test_a_checkpoint_of_a_replayed_plan_written_before_method_none_loads(tmp_pa
     replayed = build_tiny("llama")
     compress_(replayed, CompressConfig(method=None), plan=report.plan, progress=False)
     path = save(replayed, tmp_path / "ckpt")
-    assert json.loads((path / "welore.json").read_text())["compress_config"]["method"] is None
-    _edit_json(path / "welore.json", lambda d: d["compress_config"].update(method="plan"))
-    loaded = load(path)
-    assert loaded.welore_config.method is None and loaded.welore_plan.ranks == report.plan.ranks
+
+    def as_version_1(meta: dict) -> None:  # what earlier code wrote: a compress_config, method "plan"
+        del meta["recipe"]
+        meta.update(format_version=1, compress_config=CompressConfig(method=None).to_dict() | {"method": "plan"})
+
+    _edit_json(path / "welore.json", as_version_1)
+    record = load_checkpoint(path).record
+    assert record.compress_config.method is None and record.plan.ranks == report.plan.ranks
 
 
 def test_a_checkpoint_written_by_welore_0_1_0_still_loads() -> None:
@@ -385,7 +393,7 @@ def test_a_checkpoint_written_by_welore_0_1_0_still_loads() -> None:
     compressed by replaying a welore plan, recorded then as method "plan"); its logits were
     saved beside it by that code."""
     data = Path(__file__).parent / "data"
-    model = load(data / "checkpoint-0.1.0")
+    checkpoint = load_checkpoint(data / "checkpoint-0.1.0")
     expected = torch.load(data / "checkpoint-0.1.0-logits.pt", weights_only=True)
-    torch.testing.assert_close(logits_of(model, token_ids()), expected)
-    assert model.welore_config.method is None and model.welore_plan.method == "welore"
+    torch.testing.assert_close(logits_of(checkpoint.model, token_ids()), expected)
+    assert checkpoint.record.compress_config.method is None and checkpoint.record.plan.method == "welore"

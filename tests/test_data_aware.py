@@ -31,10 +31,10 @@ from conftest import (
 from test_cli import assert_user_error, nothing_left, run
 from torch import nn
 
+from welore import CompressConfig, compress_
 from welore.calibrate import iter_block_stats
-from welore.checkpoint import load, save
+from welore.checkpoint import load, load_checkpoint, read_record, save
 from welore.cli import main
-from welore.compress import CompressConfig, compress_
 from welore.data import load_text, token_windows
 from welore.errors import WeloreError
 from welore.factorize import FACTORIZERS
@@ -263,9 +263,10 @@ def test_whiten_compression_of_other_architectures_saves_and_loads(tmp_path: Pat
     logits = logits_of(model, windows)
     assert torch.isfinite(logits).all() and not torch.allclose(logits, dense_logits, atol=1e-4)
 
-    loaded = load(save(model, tmp_path / "ckpt"))
+    checkpoint = load_checkpoint(save(model, tmp_path / "ckpt", record=report.record))
+    loaded = checkpoint.model
     assert type(loaded) is MODEL_CLASSES[other_family]
-    assert loaded.welore_plan == model.welore_plan and loaded.welore_config == model.welore_config
+    assert checkpoint.record == report.record
     assert {n for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)} == low_rank
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     assert (loaded.get_input_embeddings().weight is loaded.get_output_embeddings().weight) == tied
@@ -313,8 +314,9 @@ def test_cli_calibrated_compress_is_the_api_run(calibrated_checkpoints, cli_mode
                                                 factorizer: str, sequential: bool) -> None:
     """The flags reach compress_: the checkpoint records them and holds what the API makes from
     the same calibration windows."""
-    saved = load(calibrated_checkpoints[factorizer, sequential])
-    config = saved.welore_config
+    folder = calibrated_checkpoints[factorizer, sequential]
+    saved, record = load(folder), read_record(folder)
+    config = record.compress_config
     assert (config.factorizer, config.sequential) == (factorizer, sequential)
     assert (config.calib, config.calib_tokens) == (str(english_text_file), 256)
 
@@ -323,7 +325,7 @@ def test_cli_calibrated_compress_is_the_api_run(calibrated_checkpoints, cli_mode
     assert windows.shape == (8, 32)
     api_config = CompressConfig(ratio=0.3, method="minimax", factorizer=factorizer, sequential=sequential)
     report = compress_(loaded.model, api_config, calibration=windows, progress=False)
-    assert report.plan.ranks == saved.welore_plan.ranks
+    assert report.plan.ranks == record.plan.ranks
     assert report.plan.factorized
     ids = token_ids(vocab=SMOLLM2_VOCAB)
     assert torch.allclose(logits_of(saved, ids), logits_of(loaded.model, ids), atol=1e-5)
@@ -331,9 +333,10 @@ def test_cli_calibrated_compress_is_the_api_run(calibrated_checkpoints, cli_mode
 
 def test_cli_sequential_changes_only_the_later_blocks(calibrated_checkpoints) -> None:
     plain, sequential = load(calibrated_checkpoints["whiten", False]), load(calibrated_checkpoints["whiten", True])
-    assert plain.welore_plan.ranks == sequential.welore_plan.ranks  # the plan comes from the dense model
+    plan = read_record(calibrated_checkpoints["whiten", False]).plan
+    assert plan.ranks == read_record(calibrated_checkpoints["whiten", True]).plan.ranks  # from the dense model
     changed = set()
-    for name in plain.welore_plan.factorized:
+    for name in plan.factorized:
         a, b = plain.get_submodule(name).dense_weight(), sequential.get_submodule(name).dense_weight()
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
             changed.add(layer_index(name))
@@ -359,9 +362,10 @@ def test_cli_factorizer_params_reach_the_factors(capsys, tmp_path: Path, cli_mod
     code, out, err = run(capsys, "compress", cli_model_dir, *common, "--out", tmp_path / "svd")
     assert code == 0, err
     asvd0, svd = load(tmp_path / "asvd0"), load(tmp_path / "svd")
-    assert asvd0.welore_config.factorizer_params == {"alpha": 0.0}
-    assert asvd0.welore_plan.ranks == svd.welore_plan.ranks
-    for name in svd.welore_plan.factorized:
+    assert read_record(tmp_path / "asvd0").compress_config.factorizer_params == {"alpha": 0.0}
+    plan = read_record(tmp_path / "svd").plan
+    assert read_record(tmp_path / "asvd0").plan.ranks == plan.ranks
+    for name in plan.factorized:
         assert torch.allclose(asvd0.get_submodule(name).dense_weight(), svd.get_submodule(name).dense_weight(),
                               atol=1e-5)
 

@@ -21,9 +21,9 @@ import torch
 from conftest import SMOLLM2_VOCAB, build_tiny, give_decaying_spectra_, save_model_folder
 from safetensors.torch import load_file
 
+from welore import CompressConfig, compress_
 from welore.checkpoint import load, save
 from welore.cli import main
-from welore.compress import CompressConfig, compress_
 from welore.finetune.state import checkpoints_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def test_distillation_under_two_processes_matches_one_process(capsys, folders, e
     assert ddp.stdout.count("distilled from") == 1
     one_process(capsys, *common, "--batch-size", "4", "--out", tmp_path / "one")
     two, one = record(tmp_path / "ddp"), record(tmp_path / "one")
-    assert two["config"]["teacher"] == str(folders["llama"]) and two["processes"] == 2
+    assert two["config"]["distill"]["teacher"] == str(folders["llama"]) and two["processes"] == 2
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert_same_weights(tmp_path / "ddp", tmp_path / "one", atol=1e-5)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import build_tiny, save_model_folder, token_ids
 
+from welore import CompressConfig, compress_
 from welore.calibrate import InputStats
 from welore.cli import main
-from welore.compress import CompressConfig, compress_
 from welore.devices import check_device, float64_device, resolve_device
 from welore.errors import WeloreError
 from welore.factorize import svd_factors, top_factors
@@ -119,7 +119,7 @@ def test_compress_on_cuda_matches_the_cpu() -> None:
 
 @cuda
 def test_quantization_with_alternating_compensation_on_cuda_matches_the_cpu() -> None:
-    from welore.quantize import QuantConfig, quantize_
+    from welore.quant import QuantConfig, quantize_
 
     config = QuantConfig(bits=3, group_size=32, compensate_rank=4, compensate_iters=3)
     cpu, gpu = _logits_on_cpu_and_cuda(lambda model, windows: quantize_(model, config, calibration=windows,

@@ -16,11 +16,11 @@ import torch
 from conftest import SMOLLM2_VOCAB, build_tiny, give_decaying_spectra_, save_model_folder
 from test_finetune import CLI, Interrupt, arithmetic_blocks, assert_user_error, config, interrupt_at
 
-from welore.checkpoint import load, save
+from welore import CompressConfig, compress_
+from welore.checkpoint import load, read_record, save
 from welore.cli import main
-from welore.compress import CompressConfig, compress_
 from welore.errors import WeloreError
-from welore.finetune import FinetuneConfig, TokenBlocks, finetune
+from welore.finetune import DistillOptions, FinetuneConfig, TokenBlocks, finetune
 from welore.finetune.distill import distill_kl, resolve_teacher
 from welore.finetune.state import checkpoints_dir
 
@@ -42,6 +42,11 @@ def dense_and_compressed(seed: int = 0, **kwargs):
 def run(model, blocks, teacher=None, **kwargs):
     options = {k: kwargs.pop(k) for k in ("out", "resume", "overwrite", "on_gradients") if k in kwargs}
     return finetune(model, None, config(**kwargs), blocks=blocks, progress=False, teacher=teacher, **options)
+
+
+def distilling(**kwargs) -> DistillOptions:
+    """Distillation on (`--distill`), with these settings."""
+    return DistillOptions(enabled=True, **kwargs)
 
 
 # --- the loss --------------------------------------------------------------------------------------
@@ -84,7 +89,7 @@ def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient(mode: str, b
         gradients.append(max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None))
 
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    result = run(student, blocks, teacher=teacher, mode=mode, steps=3, distill=True, on_gradients=record)
+    result = run(student, blocks, teacher=teacher, mode=mode, steps=3, distill=distilling(), on_gradients=record)
     assert result.losses == [0.0, 0.0, 0.0]
     assert gradients == [0.0, 0.0, 0.0]
     assert result.val_ppl_after == result.val_ppl_before
@@ -95,7 +100,7 @@ def test_teacher_equal_to_student_gives_zero_loss_and_zero_gradient(mode: str, b
 def test_alpha_zero_is_plain_lm_finetuning_exactly(blocks) -> None:
     dense, student = dense_and_compressed()
     plain = run(copy.deepcopy(student), blocks, steps=4)
-    mixed = run(copy.deepcopy(student), blocks, teacher=dense, steps=4, distill=True, distill_alpha=0.0)
+    mixed = run(copy.deepcopy(student), blocks, teacher=dense, steps=4, distill=distilling(alpha=0.0))
     assert mixed.losses == plain.losses
     expected = dict(plain.model.named_parameters())
     assert all(torch.equal(p, expected[n]) for n, p in mixed.model.named_parameters())
@@ -110,28 +115,28 @@ def test_distillation_moves_the_student_towards_the_teacher(blocks) -> None:
             return distill_kl(model(input_ids=batch).logits, dense(input_ids=batch).logits).item()
 
     before = kl_to_teacher(student)
-    result = run(student, blocks, teacher=copy.deepcopy(dense), steps=8, lr=1e-3, distill=True, distill_temperature=2.0)
+    result = run(student, blocks, teacher=copy.deepcopy(dense), steps=8, lr=1e-3, distill=distilling(temperature=2.0))
     assert kl_to_teacher(result.model) < before
-    assert result.config.distill and result.config.distill_temperature == 2.0
+    assert result.config.distill.enabled and result.config.distill.temperature == 2.0
 
 
 def test_alpha_mixes_kl_and_lm_loss(blocks) -> None:
     """The first step's loss (before any update) is α·KL + (1 − α)·LM for the data's first batch."""
     dense, student = dense_and_compressed()
-    kl = run(copy.deepcopy(student), blocks, teacher=dense, steps=1, distill=True).losses[0]
+    kl = run(copy.deepcopy(student), blocks, teacher=dense, steps=1, distill=distilling()).losses[0]
     lm = run(copy.deepcopy(student), blocks, steps=1).losses[0]
-    mixed = run(copy.deepcopy(student), blocks, teacher=dense, steps=1, distill=True, distill_alpha=0.3).losses[0]
+    mixed = run(copy.deepcopy(student), blocks, teacher=dense, steps=1, distill=distilling(alpha=0.3)).losses[0]
     assert mixed == pytest.approx(0.3 * kl + 0.7 * lm, rel=1e-5)
 
 
 def test_bf16_teacher(blocks) -> None:
     dense, student = dense_and_compressed()
-    result = run(student, blocks, teacher=dense, steps=2, distill=True, teacher_dtype="bfloat16")
+    result = run(student, blocks, teacher=dense, steps=2, distill=distilling(teacher_dtype="bfloat16"))
     assert dense.model.embed_tokens.weight.dtype == torch.bfloat16 and all(map(lambda x: x > 0, result.losses))
 
 
 def test_resumed_distillation_matches_an_uninterrupted_run(blocks, tmp_path: Path) -> None:
-    options = dict(steps=6, save_every=3, lr=3e-3, distill=True, distill_alpha=0.5, distill_temperature=2.0)
+    options = dict(steps=6, save_every=3, lr=3e-3, distill=distilling(alpha=0.5, temperature=2.0))
     dense, student = dense_and_compressed()
     straight = run(copy.deepcopy(student), blocks, teacher=copy.deepcopy(dense), out=tmp_path / "straight", **options)
     with pytest.raises(Interrupt):
@@ -139,7 +144,7 @@ def test_resumed_distillation_matches_an_uninterrupted_run(blocks, tmp_path: Pat
             on_gradients=interrupt_at(5), **options)
     assert not (tmp_path / "resumed").exists()
     run_json = json.loads((checkpoints_dir(tmp_path / "resumed") / "run.json").read_text())
-    assert run_json["teacher"] and run_json["config"]["distill_alpha"] == 0.5
+    assert run_json["teacher"] and run_json["config"]["distill_alpha"] == 0.5  # by option, as every welore wrote it
     assert not any("teacher" in p.name for p in (checkpoints_dir(tmp_path / "resumed") / "step-000003").iterdir())
     with pytest.raises(WeloreError, match=r"different run \(the distillation teacher differs"):
         run(copy.deepcopy(student), blocks, teacher=build_tiny("llama", seed=5), out=tmp_path / "resumed",
@@ -150,8 +155,8 @@ def test_resumed_distillation_matches_an_uninterrupted_run(blocks, tmp_path: Pat
     expected = dict(straight.model.named_parameters())
     for name, param in resumed.model.named_parameters():
         torch.testing.assert_close(param, expected[name], atol=1e-6, rtol=0)
-    record = json.loads((tmp_path / "resumed" / "finetune.json").read_text())["result"]["config"]
-    assert record["distill"] and record["distill_alpha"] == 0.5 and record["distill_temperature"] == 2.0
+    record = json.loads((tmp_path / "resumed" / "finetune.json").read_text())["result"]["config"]["distill"]
+    assert record["enabled"] and record["alpha"] == 0.5 and record["temperature"] == 2.0
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -160,14 +165,14 @@ def test_resumed_distillation_matches_an_uninterrupted_run(blocks, tmp_path: Pat
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
 def test_alpha_outside_the_unit_interval_is_refused(alpha: float) -> None:
     with pytest.raises(WeloreError, match=r"--distill-alpha must be in \[0, 1\]"):
-        FinetuneConfig(distill=True, distill_alpha=alpha)
+        FinetuneConfig(distill=distilling(alpha=alpha))
 
 
 def test_other_bad_settings_are_refused(blocks) -> None:
     with pytest.raises(WeloreError, match="--distill-temperature must be a positive number"):
-        FinetuneConfig(distill=True, distill_temperature=0)
+        FinetuneConfig(distill=distilling(temperature=0))
     with pytest.raises(WeloreError, match="add --distill or drop --teacher"):
-        FinetuneConfig(teacher="smollm2-135m")
+        FinetuneConfig(distill=DistillOptions(teacher="smollm2-135m"))
     dense, student = dense_and_compressed()
     with pytest.raises(WeloreError, match="distillation is off"):
         run(student, blocks, teacher=dense)
@@ -176,20 +181,22 @@ def test_other_bad_settings_are_refused(blocks) -> None:
 def test_a_teacher_with_another_vocabulary_is_refused(blocks) -> None:
     _, student = dense_and_compressed()
     with pytest.raises(WeloreError, match="predicts 96 tokens and the model 128.*same tokenizer"):
-        run(student, blocks, teacher=build_tiny("llama", vocab=96), distill=True)
+        run(student, blocks, teacher=build_tiny("llama", vocab=96), distill=distilling())
 
 
 def test_a_dense_model_without_a_source_needs_a_teacher(blocks) -> None:
     with pytest.raises(WeloreError, match="records no source model.*--teacher MODEL"):
-        run(build_tiny("llama"), blocks, mode="full", distill=True)
+        run(build_tiny("llama"), blocks, mode="full", distill=distilling())
 
 
 def test_the_teacher_is_the_source_followed_back_through_checkpoints(tmp_path: Path) -> None:
     _, student = dense_and_compressed()
     first = save(student, tmp_path / "compressed", source="dense-model")
     again = save(load(first), tmp_path / "finetuned", source=str(first))
-    assert resolve_teacher(load(again), None) == "dense-model"
-    assert resolve_teacher(load(again), "other") == "other"
+    source = read_record(again).source
+    assert source == str(first)
+    assert resolve_teacher(source, None) == "dense-model"
+    assert resolve_teacher(source, "other") == "other"
 
 
 # --- CLI -------------------------------------------------------------------------------------------
@@ -219,13 +226,13 @@ def test_cli_distills_from_the_recorded_source(capsys, dense_and_compressed_dirs
                          "--data", english_text_file, "--steps", "2", "--out", tmp_path / "ft", *CLI)
     assert code == 0, err
     assert f"distilled from {dense_dir}" in out
-    record = json.loads((tmp_path / "ft" / "finetune.json").read_text())["result"]["config"]
-    assert record["distill"] and record["teacher"] == str(dense_dir) and record["distill_alpha"] == 0.8
+    record = json.loads((tmp_path / "ft" / "finetune.json").read_text())["result"]["config"]["distill"]
+    assert record["enabled"] and record["teacher"] == str(dense_dir) and record["alpha"] == 0.8
     assert record["teacher_dtype"] == "float32"
     code, out, err = cli(capsys, compressed_dir, "--distill", "--teacher", dense_dir, "--teacher-dtype", "bfloat16",
                          "--data", english_text_file, "--steps", "1", "--out", tmp_path / "ft2", *CLI)
     assert code == 0, err
-    record = json.loads((tmp_path / "ft2" / "finetune.json").read_text())["result"]["config"]
+    record = json.loads((tmp_path / "ft2" / "finetune.json").read_text())["result"]["config"]["distill"]
     assert record["teacher_dtype"] == "bfloat16"
 
 

@@ -16,13 +16,17 @@ import pytest
 import torch
 from conftest import SMOLLM2_VOCAB, VOCAB, build_tiny, give_decaying_spectra_, logits_of, token_ids
 
-from welore.checkpoint import load, save
+from welore import CompressConfig, compress_
+from welore.checkpoint import load, model_plans, read_record, save
 from welore.cli import main
-from welore.compress import CompressConfig, compress_
 from welore.data import token_windows
 from welore.errors import WeloreError
 from welore.finetune import (
+    DistillOptions,
     FinetuneConfig,
+    GaLoreOptions,
+    LoraOptions,
+    LrcOptions,
     TokenBlocks,
     finetune,
     load_finetuned,
@@ -71,7 +75,7 @@ def run(model, blocks, **kwargs):
 
 def test_lrc_trains_only_the_factors_of_lrc_matrices() -> None:
     model = compressed()
-    plan = model.welore_plan
+    plan = model_plans(model)[0]
     lrc, nlrc = plan.lrc(0.5), [n for n in plan.ranks if n not in plan.lrc(0.5)]
     assert lrc and nlrc
     trainable = mark_trainable_(model, config())
@@ -81,7 +85,7 @@ def test_lrc_trains_only_the_factors_of_lrc_matrices() -> None:
     assert not model.get_input_embeddings().weight.requires_grad
     assert "trainable parameters" in trainable.summary()
 
-    wider = mark_trainable_(model, config(train_nlrc=True, train_norms=True))
+    wider = mark_trainable_(model, config(lrc=LrcOptions(train_nlrc=True, train_norms=True)))
     names = set(wider.names)
     assert set(trainable.names) < names
     for name in nlrc:
@@ -97,7 +101,7 @@ def test_lrc_refuses_an_uncompressed_model(blocks) -> None:
 
 def test_lrc_refuses_a_threshold_with_no_lrc(blocks) -> None:
     with pytest.raises(WeloreError, match="lower --lrc-min-cut"):
-        run(compressed(), blocks, lrc_min_cut=1.0)
+        run(compressed(), blocks, lrc=LrcOptions(min_cut=1.0))
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -120,20 +124,20 @@ def test_each_mode_lowers_validation_perplexity(mode: str, blocks) -> None:
         assert changed == set(result.trainable_names)
     if mode == "lora":  # merged back into the compressed model's factors, same structure
         assert not hasattr(result.model, "peft_config") and set(after) == set(before)
-        targets = result.model.welore_plan.ranks  # factors of compressed ones, weights of dense ones
+        targets = model_plans(result.model)[0].ranks  # factors of compressed ones, weights of dense ones
         assert changed and all(n.endswith("weight") and any(n.startswith(f"{t}.") for t in targets) for n in changed)
 
 
 @pytest.mark.parametrize("optimizer", ["galore", "fira"])
 def test_low_rank_gradient_optimizers_train(optimizer: str, blocks) -> None:
     result = run(build_tiny("llama"), blocks, mode="full", optimizer=optimizer, steps=6, lr=1e-2,
-                 galore_rank=8, galore_gap=2, galore_scale=1.0)
+                 galore=GaLoreOptions(rank=8, gap=2, scale=1.0))
     assert result.val_ppl_after < result.val_ppl_before
 
 
 def test_galore_needs_trainable_matrices(blocks) -> None:
     with pytest.raises(WeloreError, match="--optimizer adamw"):  # adapters on the LM head only: no target matrix
-        run(build_tiny("qwen2"), blocks, mode="lora", optimizer="galore", lora_targets=["lm_head"])
+        run(build_tiny("qwen2"), blocks, mode="lora", optimizer="galore", lora=LoraOptions(targets=["lm_head"]))
 
 
 def test_on_gradients_sees_accumulated_gradients_once_per_step(blocks) -> None:
@@ -177,12 +181,13 @@ def test_saved_checkpoint_reloads_with_identical_logits(mode: str, family: str, 
     assert record["result"]["config"]["mode"] == mode and record["result"]["steps"] == 2
     assert not checkpoints_dir(tmp_path / "ft").exists()
     if mode != "lrc":
-        assert reloaded.welore_plan.method == "dense" and not reloaded.welore_plan.factorized
-        assert not hasattr(result.model, "welore_plan")  # saving did not mark the in-memory model
+        plan = read_record(tmp_path / "ft").plan
+        assert plan.method == "dense" and not plan.factorized
+        assert not any(name.startswith("welore_") for name in vars(result.model))  # nothing attached to the model
 
 
 def test_lora_adapter_can_be_kept_instead_of_merged(blocks, tmp_path: Path) -> None:
-    result = run(compressed(), blocks, mode="lora", steps=2, keep_adapter=True, out=tmp_path / "ft")
+    result = run(compressed(), blocks, mode="lora", steps=2, lora=LoraOptions(keep_adapter=True), out=tmp_path / "ft")
     assert (tmp_path / "ft" / "adapter" / "adapter_config.json").is_file()
     reloaded = load_finetuned(tmp_path / "ft")
     ids = token_ids()
@@ -206,7 +211,7 @@ def interrupt_at(step: int):
 @pytest.mark.parametrize("mode,optimizer", [("lrc", "adamw"), ("lora", "adamw"), ("full", "adamw"), ("full", "galore"),
                                             ("full", "fira")])
 def test_resumed_run_matches_an_uninterrupted_one(mode: str, optimizer: str, blocks, tmp_path: Path) -> None:
-    options = dict(mode=mode, optimizer=optimizer, steps=6, save_every=3, galore_rank=4, galore_gap=2,
+    options = dict(mode=mode, optimizer=optimizer, steps=6, save_every=3, galore=GaLoreOptions(rank=4, gap=2),
                    lr=3e-3, grad_accum=2, batch_size=2)
     make = compressed if mode != "full" else lambda: build_tiny("gpt2")  # GPT-2 has dropout: RNG state matters
     straight = run(make(), blocks, out=tmp_path / "straight", **options)
@@ -295,7 +300,7 @@ def test_too_few_training_tokens_name_the_finetune_option(smollm2_tokenizer) -> 
 
 def quantized(family: str = "llama", rank: int = 4, **kwargs):
     """A tiny model quantized to 3 bits (groups of 32) with rank-`rank` weight-space compensation."""
-    from welore.quantize import QuantConfig, quantize_
+    from welore.quant import QuantConfig, quantize_
 
     model = build_tiny(family, **kwargs)
     quantize_(model, QuantConfig(bits=3, group_size=32, compensate_rank=rank), progress=False)
@@ -309,7 +314,7 @@ def _packed(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_lrc_on_a_quantized_model_trains_only_the_compensation(family: str, blocks) -> None:
     from welore.modules import count_parameters
-    from welore.quantize import QuantizedLinear
+    from welore.quant import QuantizedLinear
 
     model = quantized(family)
     packed = _packed(model)
@@ -338,7 +343,7 @@ def test_quantized_lrc_checkpoint_keeps_packed_codes_and_reloads(blocks, tmp_pat
     reloaded = load(tmp_path / "ft")
     ids = token_ids()
     assert torch.equal(logits_of(result.model, ids), logits_of(reloaded, ids))
-    assert reloaded.welore_quant_plan.ranks == result.model.welore_quant_plan.ranks
+    assert read_record(tmp_path / "ft").quant_plan.ranks == model_plans(result.model)[1].ranks
     with safe_open(str(tmp_path / "ft" / WEIGHTS), "pt") as f:
         name = "model.layers.0.mlp.down_proj"
         assert f.get_tensor(f"{name}.codes").dtype == torch.uint8
@@ -365,12 +370,12 @@ def test_quantized_lrc_resumes_like_an_uninterrupted_run(blocks, tmp_path: Path)
 
 
 def test_lrc_on_quantized_low_rank_factors_trains_their_compensation(blocks) -> None:
-    from welore.quantize import QuantConfig, quantize_
+    from welore.quant import QuantConfig, quantize_
 
     model = compressed()
     quantize_(model, QuantConfig(bits=4, group_size=16, compensate_rank=2), progress=False)
     names = set(mark_trainable_(model, config()).names)
-    lrc = model.welore_plan.lrc(0.5)
+    lrc = model_plans(model)[0].lrc(0.5)
     assert names >= {f"{n}.{f}.{c}" for n in lrc for f in ("up", "down") for c in ("up", "down")}
     assert all(n.rsplit(".", 1)[-1] in ("up", "down") for n in names)
     result = run(model, blocks, steps=4)
@@ -391,7 +396,7 @@ def test_quantized_models_refuse_what_cannot_train(blocks) -> None:
 def test_train_scales_trains_the_quantization_grid_with_the_codes_frozen(blocks, tmp_path: Path) -> None:
     """--train-scales (PEQA): the compensation factors and every packed matrix's scales and offsets
     train, the codes do not; the scales go back to float16 buffers and the checkpoint reloads."""
-    from welore.quantize import QuantizedLinear
+    from welore.quant import QuantizedLinear
 
     model = quantized()
     codes = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".codes")}
@@ -424,8 +429,9 @@ def compressed_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) 
     """A welore checkpoint of a tiny LLaMA with SmolLM2's vocabulary, with LRC matrices."""
     model = build_tiny("llama", vocab=SMOLLM2_VOCAB, hidden=32)
     give_decaying_spectra_(model)
-    compress_(model, CompressConfig(ratio=0.3, method="welore"), progress=False)
-    return save(model, tmp_path_factory.mktemp("ckpts") / "welore", tokenizer=smollm2_tokenizer)
+    report = compress_(model, CompressConfig(ratio=0.3, method="welore"), progress=False)
+    return save(model, tmp_path_factory.mktemp("ckpts") / "welore", tokenizer=smollm2_tokenizer,
+                record=report.record)
 
 
 CLI = ["--seq-len", "32", "--batch-size", "2", "--val-tokens", "128", "--max-train-tokens", "512"]
@@ -444,8 +450,8 @@ def test_cli_finetunes_and_saves_a_checkpoint(capsys, compressed_dir: Path, engl
     assert code == 0, err
     assert "trainable parameters:" in out and " of " in out
     assert "validation perplexity:" in out and "step 2: validation perplexity" in out
-    model = load(tmp_path / "ft")
-    assert model.welore_plan.ranks == load(compressed_dir).welore_plan.ranks
+    assert read_record(tmp_path / "ft").plan.ranks == read_record(compressed_dir).plan.ranks
+    assert read_record(tmp_path / "ft").recipe == read_record(compressed_dir).recipe  # the recipe carries over
     assert (tmp_path / "ft" / "tokenizer.json").is_file()
 
 
@@ -458,7 +464,7 @@ def test_cli_lrc_finetunes_a_quantized_checkpoint(capsys, cli_model_dir: Path, e
                          "--out", tmp_path / "ft", *CLI)
     assert code == 0, err
     quantized, tuned = load(tmp_path / "q3"), load(tmp_path / "ft")
-    assert tuned.welore_quant_plan.ranks == quantized.welore_quant_plan.ranks
+    assert read_record(tmp_path / "ft").quant_plan.ranks == read_record(tmp_path / "q3").quant_plan.ranks
     buffers = dict(tuned.named_buffers())
     assert all(torch.equal(b, buffers[n]) for n, b in _packed(quantized).items())
     code, out, err = cli(capsys, tmp_path / "q3", "--mode", "lora", "--data", english_text_file,
@@ -528,6 +534,36 @@ def test_a_run_saved_before_an_option_existed_resumes_when_the_option_keeps_its_
     assert check_resumable(tmp_path, current) == tmp_path / "step-000001"
     with pytest.raises(WeloreError, match="--train-scales False vs True"):
         check_resumable(tmp_path, run_identity(FinetuneConfig(train_scales=True), {"w": "print"}, "data"))
+
+
+# run.json's config as the welore before FinetuneConfig's groups wrote it: flat, by option name
+FLAT_RUN_CONFIG = {
+    "mode": "lora", "optimizer": "adamw", "steps": 100, "lr": 0.0005, "warmup_steps": 0, "weight_decay": 0.0,
+    "betas": [0.9, 0.999], "batch_size": 4, "grad_accum": 1, "max_grad_norm": 1.0, "precision": "no", "seed": 0,
+    "data": "wiki", "seq_len": 256, "max_train_tokens": None, "val_tokens": 4096, "val_fraction": 0.1, "bos": "auto",
+    "lrc_min_cut": 0.5, "train_nlrc": True, "train_norms": False, "train_scales": False, "lora_rank": 16,
+    "lora_alpha": 16.0, "lora_dropout": 0.0, "lora_targets": ["*.q_proj"], "keep_adapter": False, "galore_rank": 128,
+    "galore_gap": 10, "galore_scale": 0.25, "distill": True, "teacher": "dense", "distill_alpha": 0.5,
+    "distill_temperature": 1.0, "teacher_dtype": "float32",
+}
+
+
+def test_a_run_saved_before_the_config_was_grouped_resumes(tmp_path: Path) -> None:
+    config = FinetuneConfig(mode="lora", lrc=LrcOptions(train_nlrc=True),
+                            lora=LoraOptions(rank=16, targets=["*.q_proj"]), galore=GaLoreOptions(gap=10),
+                            distill=DistillOptions(enabled=True, teacher="dense", alpha=0.5))
+    current = run_identity(config, {"w": "print"}, "data")
+    assert current["config"] == FLAT_RUN_CONFIG  # the same record as before the groups
+    older = {"format": "welore-finetune-run", "version": 3, "config": FLAT_RUN_CONFIG, "model": {"w": "print"},
+             "data": "data", "processes": 1, "engine": "ddp", "teacher": None}
+    start_run(tmp_path, older)
+    (tmp_path / "step-000001").mkdir()
+    (tmp_path / "step-000001" / "state.json").write_text("{}")
+    assert check_resumable(tmp_path, current) == tmp_path / "step-000001"
+    other = run_identity(FinetuneConfig(mode="lora", lrc=LrcOptions(train_nlrc=True), lora=LoraOptions(rank=8)),
+                         {"w": "print"}, "data")
+    with pytest.raises(WeloreError, match=r"different run \(--lora-rank 16 vs 8 differs"):
+        check_resumable(tmp_path, other)
 
 
 def test_cli_unknown_mode_is_an_argparse_error(capsys, compressed_dir: Path, tmp_path: Path) -> None:

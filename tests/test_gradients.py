@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import build_tiny, token_ids
 
-from welore.compress import CompressConfig, compress_
+from welore import CompressConfig, compress_
 from welore.errors import WeloreError
 from welore.gradients import GradientSpectra, spearman
 from welore.plan import allocate

@@ -8,10 +8,9 @@ import pytest
 import torch
 from conftest import build_tiny, logits_of, token_ids
 
-from welore import models
+from welore import CompressConfig, compress_, models
 from welore._io import cache_dir
 from welore.checkpoint import save
-from welore.compress import CompressConfig, compress_
 from welore.errors import WeloreError
 from welore.models import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_dir, load_model
 from welore.modules import LowRankLinear
@@ -46,11 +45,11 @@ def test_load_model_dtype(dense_dir: Path, dtype: str, expected: torch.dtype) ->
 
 def test_load_model_checkpoint(tmp_path: Path) -> None:
     model = build_tiny("qwen2")
-    compress_(model, CompressConfig(ratio=0.3, method="energy"), progress=False)
-    path = save(model, tmp_path / "ckpt")
+    report = compress_(model, CompressConfig(ratio=0.3, method="energy"), progress=False)
+    path = save(model, tmp_path / "ckpt", record=report.record)
     loaded = load_model(str(path))
     assert any(isinstance(m, LowRankLinear) for m in loaded.model.modules())
-    assert loaded.model.welore_plan == model.welore_plan
+    assert loaded.record == report.record
     ids = token_ids()
     assert torch.equal(logits_of(loaded.model, ids), logits_of(model, ids))
     as_bf16 = load_model(str(path), dtype="bfloat16")

@@ -1,4 +1,4 @@
-"""Tests for welore.quantize: bit packing, RTN error bounds, packed sizes, compensation
+"""Tests for welore.quant: bit packing, RTN error bounds, packed sizes, compensation
 (weight space and EoRA), target-size allocation, and save -> load without re-quantizing."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from conftest import build_tiny, logits_of, token_ids
 from safetensors import safe_open
 
-from welore import checkpoint
+from welore import checkpoint, compress_
 from welore._io import parse_bytes
 from welore.calibrate import InputStats
-from welore.checkpoint import WEIGHTS, export_dense, load, save
+from welore.checkpoint import WEIGHTS, export_dense, load, load_checkpoint, read_record, save
 from welore.errors import WeloreError
 from welore.factorize import whitening
-from welore.quantize import (
+from welore.quant import (
     BITS,
     QuantConfig,
     QuantizedLinear,
@@ -290,32 +290,36 @@ def test_gptq_quantization_of_a_model_beats_rtn_on_the_calibration_outputs(rank:
     assert totals["gptq"] < totals["rtn"], totals
 
 
-def _saved(tmp_path: Path, family: str = "llama", **config) -> tuple[torch.nn.Module, Path]:
+def _saved(tmp_path: Path, family: str = "llama", **config):
+    """(quantized model, its checkpoint folder, compress_'s report)."""
     model = build_tiny(family)
-    quantize_(model, QuantConfig(**{"bits": 3, "group_size": 32, "compensate_rank": 4, **config}), progress=False)
-    return model, save(model, tmp_path / "q")
+    report = compress_(model, QuantConfig(**{"bits": 3, "group_size": 32, "compensate_rank": 4, **config}),
+                       progress=False)
+    return model, save(model, tmp_path / "q", record=report.record), report
 
 
 @pytest.mark.parametrize("iters", [1, 3])
 def test_save_load_identical_logits_without_requantizing(tmp_path: Path, family: str, monkeypatch, iters) -> None:
-    model, path = _saved(tmp_path, family, compensate_iters=iters)
+    model, path, report = _saved(tmp_path, family, compensate_iters=iters)
     ids = token_ids()
     expected = logits_of(model, ids)
-    import welore.quantize as quantize
+    from welore.quant import api, compensate
 
     def no_quantizing(*args, **kwargs):
         raise AssertionError("load must not quantize again")
 
-    monkeypatch.setattr(quantize, "quantize_weight", no_quantizing)
-    reloaded = load(path)
-    assert torch.equal(logits_of(reloaded, ids), expected)
-    assert reloaded.welore_quant_plan.to_dict() == model.welore_quant_plan.to_dict()
-    assert reloaded.welore_quant_plan.compensate_iters == reloaded.welore_quant_config.compensate_iters == iters
+    for module in (api, compensate):  # where quantize_weight is looked up
+        monkeypatch.setattr(module, "quantize_weight", no_quantizing)
+    reloaded = load_checkpoint(path)
+    assert torch.equal(logits_of(reloaded.model, ids), expected)
+    record = reloaded.record
+    assert record.quant_plan.to_dict() == report.quant.plan.to_dict()
+    assert record.quant_plan.compensate_iters == record.quant_config.compensate_iters == iters
 
 
 def test_packed_bytes_on_disk(tmp_path: Path) -> None:
-    model, path = _saved(tmp_path, bits=2, compensate_rank=0)
-    plan = model.welore_quant_plan
+    _, path, report = _saved(tmp_path, bits=2, compensate_rank=0)
+    plan = report.quant.plan
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         stored = {k: f.get_slice(k) for k in f.keys()}
         target_bytes = 0
@@ -332,17 +336,17 @@ def test_packed_bytes_on_disk(tmp_path: Path) -> None:
 
 
 def test_stored_format_survives_a_dtype_cast(tmp_path: Path) -> None:
-    model, _ = _saved(tmp_path)
+    model, _, report = _saved(tmp_path)
     model.to(torch.float32)  # upcasts float16 scales in memory only
     state = model.state_dict()
-    name = next(iter(model.welore_quant_plan.shapes))
+    name = next(iter(report.quant.plan.shapes))
     assert state[f"{name}.scale"].dtype == torch.float16 and state[f"{name}.up"].dtype == torch.float16
 
 
 def test_export_dense_of_a_quantized_model(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model, path = _saved(tmp_path)
+    model, path, _ = _saved(tmp_path)
     ids = token_ids()
     export_dense(path, tmp_path / "dense")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
@@ -401,7 +405,8 @@ def test_target_size_is_never_worse_than_a_uniform_width_on_held_back_windows() 
     assert selection["chosen"] == min(scores, key=scores.get)
     assert all(bits <= 8 * target / report.plan.params for bits in selection["bits_per_param"].values())
     # The model holds the chosen plan's trial modules: the same as quantizing a fresh model with it.
-    from welore.quantize import _collect_stats, apply_quant_plan_, quant_targets
+    from welore.quant import apply_quant_plan_, quant_targets
+    from welore.quant.api import _collect_stats
     from welore.select import hold_back
 
     fresh = build_tiny("llama", hidden=64, layers=2)
@@ -478,9 +483,9 @@ def test_cli_quantize_with_compensation_and_evaluate(tmp_path: Path, cli_model_d
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "at 3 bits" in printed and "EoRA" in printed and "compensated" in printed
-    model = load(out)
-    assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in model.welore_quant_plan.shapes)
-    assert model.welore_quant_config.calib == str(_text_file(tmp_path))
+    model, record = load(out), read_record(out)
+    assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in record.quant_plan.shapes)
+    assert record.quant_config.calib == str(_text_file(tmp_path))
     assert main(["evaluate", "-q", str(out), "--text", str(_text_file(tmp_path)), "--max-tokens", "128",
                  "--seq-len", "64", "--no-speed"]) == 0
 
@@ -495,7 +500,7 @@ def test_cli_target_size(tmp_path: Path, cli_model_dir: Path, capsys) -> None:
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "requested" in printed
-    plan = load(out).welore_quant_plan
+    plan = read_record(out).quant_plan
     assert 0.99 * size <= plan.nbytes <= size
 
 
@@ -509,7 +514,7 @@ def test_cli_calibrated_target_size_reports_and_saves_the_size_plan_chosen(tmp_p
                  "--calib", str(_text_file(tmp_path)), "--calib-tokens", "512", "--calib-seq-len", "64",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    selection = load(out).welore_quant_plan.meta["selection"]
+    selection = read_record(out).quant_plan.meta["selection"]
     assert f"size plan: {selection['chosen']}, the lowest perplexity on 64 held-back" in printed
     assert "allocated" in selection["perplexity"] and len(selection["perplexity"]) >= 2
 
@@ -520,7 +525,7 @@ def test_cli_calibrated_target_size_reports_and_saves_the_size_plan_chosen(tmp_p
     (["--target-size", "lots"], "Cannot read size"),
     (["--quantize", "int4", "--group-size", "7"], "Group size 7"),
     (["--quantize", "int4", "--compensate-iters", "3"], "add --compensate-rank"),
-    (["--quantize", "int4", "--quantizer", "gptq"], "needs calibration text; add --calib"),
+    (["--quantize", "int4", "--quantizer", "gptq"], "gptq quantizer needs calibration text; pass --calib"),
     (["--target-size", "1MB", "--max-compensate-rank", "-1"], "Largest compensation rank -1 is negative"),
 ])
 def test_cli_quantize_mistakes(tmp_path: Path, cli_model_dir: Path, capsys, argv, match) -> None:
@@ -555,7 +560,7 @@ def test_target_size_above_the_largest() -> None:
 def test_streamed_load_of_a_quantized_checkpoint(tmp_path: Path) -> None:
     from welore.evaluate import perplexity
 
-    model, path = _saved(tmp_path)
+    model, path, _ = _saved(tmp_path)
     windows = token_ids(batch=3, length=12)
     streamed = load(path, stream=True)
     assert (perplexity(streamed, windows, batch_size=2, progress=False)
@@ -563,7 +568,7 @@ def test_streamed_load_of_a_quantized_checkpoint(tmp_path: Path) -> None:
 
 
 def test_newer_quant_plan_is_refused(tmp_path: Path) -> None:
-    _, path = _saved(tmp_path)
+    _, path, _ = _saved(tmp_path)
     data = json.loads((path / "quant_plan.json").read_text())
     data["version"] = 99
     (path / "quant_plan.json").write_text(json.dumps(data))
@@ -613,7 +618,7 @@ def test_scale_and_offset_gradients_match_autograd_through_the_dequantized_weigh
     factors equal those of autograd through Ŵ = scale·q + offset written out in float tensors."""
     from torch import nn
 
-    from welore.quantize import set_scales_trainable_
+    from welore.quant import set_scales_trainable_
 
     layer, _ = quantize_layer(nn.Linear(64, 48, bias=False), "layer", bits=2, group_size=16, rank=3)
     holder = nn.Sequential(layer)
@@ -640,7 +645,7 @@ def test_scale_and_offset_gradients_match_autograd_through_the_dequantized_weigh
 def test_trainable_scales_keep_the_stored_format() -> None:
     """Scales as float32 parameters save as the same float16 tensors under the same names, and
     turning them back into buffers restores the module exactly."""
-    from welore.quantize import set_scales_trainable_
+    from welore.quant import set_scales_trainable_
 
     model = build_tiny("llama")
     quantize_(model, QuantConfig(bits=3, group_size=32, compensate_rank=2), progress=False)
@@ -664,22 +669,22 @@ def test_trainable_scales_keep_the_stored_format() -> None:
 def _joint(bits: int = 4, rank: int = 0, calibrated: bool = False):
     from conftest import give_decaying_spectra_
 
-    from welore.compress import CompressConfig, compress_
+    from welore import CompressConfig, Recipe
 
     model = build_tiny("llama")
     give_decaying_spectra_(model)
-    low_rank = compress_(model, CompressConfig(ratio=0.3, method="welore"), progress=False)
     calibration = token_ids(batch=4, length=16, seed=3) if calibrated else None
-    report = quantize_(model, QuantConfig(bits=bits, group_size=16, compensate_rank=rank), calibration=calibration,
-                       progress=False)
-    return model, low_rank, report
+    report = compress_(model, Recipe([CompressConfig(ratio=0.3, method="welore"),
+                                      QuantConfig(bits=bits, group_size=16, compensate_rank=rank)]),
+                       calibration=calibration, progress=False)
+    return model, report.low_rank, report
 
 
 def test_joint_quantizes_the_factors_and_the_dense_rest() -> None:
     from welore.modules import LowRankLinear
 
     model, low_rank, report = _joint()
-    plan = report.plan
+    plan = report.quant.plan
     for name, rank in low_rank.plan.ranks.items():
         module = model.get_submodule(name)
         if rank is None:
@@ -688,7 +693,7 @@ def test_joint_quantizes_the_factors_and_the_dense_rest() -> None:
             assert isinstance(module, LowRankLinear) and isinstance(module.up, QuantizedLinear)
             assert plan.shapes[f"{name}.up"] == (module.out_features, rank)
             assert plan.shapes[f"{name}.down"] == (rank, module.in_features)
-    assert model.welore_plan is low_rank.plan  # the rank plan is kept beside the quantization plan
+    assert report.record.plan is low_rank.plan and report.record.quant_plan is plan  # both plans are recorded
     quant_alone = quantize_(build_tiny("llama"), QuantConfig(bits=4, group_size=16), progress=False).plan
     params = sum(m * n for m, n in plan.shapes.values())
     assert params == pytest.approx((1 - low_rank.plan.achieved_ratio) * quant_alone.params, rel=1e-9)
@@ -697,12 +702,13 @@ def test_joint_quantizes_the_factors_and_the_dense_rest() -> None:
 
 def test_joint_save_load_export_and_quantize_twice(tmp_path: Path) -> None:
     model, _, report = _joint(rank=2, calibrated=True)
-    assert report.output_error and all(after <= before + 1e-9 for before, after in report.output_error.values())
-    path = save(model, tmp_path / "joint")
+    errors = report.quant.output_error
+    assert errors and all(after <= before + 1e-9 for before, after in errors.values())
+    path = save(model, tmp_path / "joint", record=report.record)
     ids = token_ids()
-    reloaded = load(path)
-    assert torch.equal(logits_of(model, ids), logits_of(reloaded, ids))
-    assert reloaded.welore_plan.ranks == model.welore_plan.ranks
+    reloaded = load_checkpoint(path)
+    assert torch.equal(logits_of(model, ids), logits_of(reloaded.model, ids))
+    assert reloaded.record == report.record
     from welore.evaluate import perplexity
 
     windows = token_ids(batch=3, length=12)
@@ -724,13 +730,13 @@ def test_cli_low_rank_and_quantization_together(tmp_path: Path, cli_model_dir: P
                  "--group-size", "16", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "low rank (uniform, svd)" in printed and "at 4 bits" in printed
-    model = load(out)
-    assert model.welore_plan.method == "uniform"
+    assert "factorizer svd" in printed and "then quantized:" in printed and "at 4 bits" in printed
+    record = read_record(out)
+    assert record.plan.method == "uniform"
     dense = load_dense_target_bytes(cli_model_dir)
     # 70% of the weights at 6 bits (4-bit codes, groups of 16) instead of 32
-    assert model.welore_quant_plan.nbytes < 0.7 * dense * 6 / 32
-    assert f"{dense / 1e6:.2f} MB -> {model.welore_quant_plan.nbytes / 1e6:.3f} MB" in printed
+    assert record.quant_plan.nbytes < 0.7 * dense * 6 / 32
+    assert f"{dense / 1e6:.2f} MB -> {record.quant_plan.nbytes / 1e6:.3f} MB" in printed
     assert main(["evaluate", "-q", str(out), "--text", str(_text_file(tmp_path)), "--max-tokens", "128",
                  "--seq-len", "64", "--no-speed"]) == 0
 

@@ -19,9 +19,10 @@ from test_cli import assert_user_error, nothing_left, run
 from test_data_aware import a_third, calibration_windows, plan_at, reference_truncation, target_inputs
 from torch import nn
 
+from welore import CompressConfig, compress_
 from welore.calibrate import iter_block_stats
-from welore.checkpoint import load
-from welore.compress import CompressConfig, compress_, factorize_layer
+from welore.checkpoint import load, read_record
+from welore.compress import factorize_layer
 from welore.errors import WeloreError
 from welore.modules import LowRankLinear, swap_module
 from welore.refit import REFITS, Refit
@@ -148,12 +149,13 @@ def test_cli_refit_is_recorded_and_changes_the_later_blocks(capsys, tmp_path: Pa
                          "--out", tmp_path / "refit")
     assert code == 0, err
     assert "refit both" in out
-    config = json.loads((tmp_path / "refit" / "welore.json").read_text())["compress_config"]
+    config = json.loads((tmp_path / "refit" / "welore.json").read_text())["recipe"]["stages"][0]["lowrank"]
     assert (config["refit"], config["refit_ridge"], config["sequential"]) == ("both", 0.01, True)
     sequential, refitted = load(tmp_path / "seq"), load(tmp_path / "refit")
-    assert refitted.welore_config.refit == "both"
+    record = read_record(tmp_path / "refit")
+    assert record.compress_config.refit == "both"
     changed = set()
-    for name in refitted.welore_plan.factorized:
+    for name in record.plan.factorized:
         a, b = sequential.get_submodule(name).dense_weight(), refitted.get_submodule(name).dense_weight()
         if not torch.allclose(a, b, rtol=1e-4, atol=1e-6):
             changed.add(layer_index(name))

@@ -11,8 +11,8 @@ import torch
 from conftest import build_tiny, logits_of, token_ids
 from test_cli import assert_user_error, nothing_left, run
 
-from welore.checkpoint import load
-from welore.compress import CompressConfig, compress_
+from welore import CompressConfig, compress_
+from welore.checkpoint import read_record
 from welore.errors import WeloreError
 from welore.select import CANDIDATES, split_windows
 
@@ -47,10 +47,11 @@ def test_auto_keeps_the_best_candidate_and_compresses_with_it_on_every_window() 
     assert (report.config.factorizer, report.config.method, report.config.sequential) == \
         (chosen.factorizer, chosen.method, chosen.sequential)
     # The model is the chosen recipe run from scratch on all the calibration windows.
-    compress_(reference, chosen.config(CompressConfig(ratio=0.3, calib="text")), calibration=windows, progress=False)
+    again = compress_(reference, chosen.config(CompressConfig(ratio=0.3, calib="text")), calibration=windows,
+                      progress=False)
     probe = token_ids(batch=2, length=16, seed=9)
     assert torch.allclose(logits_of(model, probe), logits_of(reference, probe), atol=1e-5)
-    assert report.plan.ranks == reference.welore_plan.ranks
+    assert report.plan.ranks == again.plan.ranks
 
 
 def test_auto_needs_calibration_and_leaves_the_factorizer_to_itself() -> None:
@@ -68,10 +69,10 @@ def test_cli_auto_reports_and_records_the_selection(capsys, tmp_path: Path, bos_
                             "--out", out)
     assert code == 0, err
     assert "recipe chosen by --method auto:" in stdout and "held-back" in stdout
-    recorded = json.loads((out / "welore.json").read_text())["compress_config"]
+    recorded = json.loads((out / "welore.json").read_text())["recipe"]["stages"][0]["lowrank"]
     assert recorded["method"] != "auto" and recorded["selection"]["chosen"] in stdout
     assert recorded["bos"] == "yes"
-    assert load(out).welore_config == CompressConfig.from_dict(recorded)
+    assert read_record(out).compress_config == CompressConfig.from_dict(recorded)
 
 
 def test_cli_auto_without_calibration_is_one_sentence(capsys, tmp_path: Path, cli_model_dir: Path) -> None:

@@ -5,7 +5,8 @@ keeping 90%/99% of the energy, the heavy-tail exponent α, the mean of WeLore's 
 normalised spectrum; and, when a ratio is given, the rank plan of an allocation policy and
 which matrices are LRCs (rank cut by ≥ `lrc_min_cut`) or N-LRCs. Spectra are computed one
 decoder block at a time, so a model loaded with its blocks on disk (`welore.stream`) is
-analysed without ever being whole in memory.
+analysed without ever being whole in memory. `Analysis.write` draws its figures (`plot_spectra`,
+`plot_kept_heatmap`) with matplotlib's object API, as `welore.report` does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from welore._io import atomic_dir, write_csv, write_json, write_text
+from welore._io import atomic_dir, atomic_file, write_csv, write_json, write_text
 from welore.plan import RankPlan, allocate
 from welore.spectrum import spectral_metrics
 from welore.tables import format_table
@@ -97,8 +98,6 @@ class Analysis:
 
     def write_files(self, folder: Path) -> None:
         """The files of `write`, into an existing folder (the caller makes it atomic)."""
-        from welore.report import plot_kept_heatmap, plot_spectra
-
         self.write_csv(folder / "spectra.csv")
         write_json(folder / "spectra.json", self.to_dict(), indent=None)
         write_text(folder / "summary.txt", self.summary() + "\n")
@@ -138,3 +137,62 @@ def analyze(
             row.update(kept_rank=None, kept_fraction=None, lrc=None)
         rows.append(row)
     return Analysis(model=name, rows=rows, spectra=spectra, plan=plan, lrc_min_cut=lrc_min_cut)
+
+
+# --- figures (matplotlib imported where one is drawn, so that importing welore stays light) ----------
+
+
+def plot_spectra(analysis: Analysis, path: Path) -> None:
+    """One panel per matrix type: normalised singular values σ/σ_max against rank fraction,
+    one line per layer, coloured from first (dark) to last (light) layer."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    groups = analysis.by_type()
+    cols = min(4, len(groups))
+    rows = (len(groups) + cols - 1) // cols
+    fig = Figure(figsize=(4 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (kind, members) in zip(axes.flat, groups.items(), strict=False):
+        colors = colormaps["viridis"](np.linspace(0, 0.9, len(members)))
+        for color, row in zip(colors, members, strict=True):
+            s = analysis.spectra[row["name"]].numpy()
+            ax.semilogy(np.arange(len(s)) / len(s), s / s[0], color=color, lw=0.8)
+        ax.set_title(f"{kind} ({members[0]['out_features']}x{members[0]['in_features']})", fontsize=9)
+        ax.set_xlabel("rank / full rank", fontsize=8)
+        ax.set_ylabel("σ / σ_max", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(f"Singular-value spectra of {analysis.model} (dark = first layer)", fontsize=10)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
+    """Kept rank / full rank for every (layer, matrix type) under the analysis's rank plan."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    assert analysis.plan is not None, "a heatmap of kept ranks needs a rank plan"
+    types = list(analysis.by_type())
+    layers = sorted({r["layer"] for r in analysis.rows if r["layer"] is not None})
+    grid = np.full((len(types), max(len(layers), 1)), np.nan)
+    for row in analysis.rows:
+        if row["layer"] is not None:
+            grid[types.index(row["type"]), layers.index(row["layer"])] = row["kept_fraction"]
+    fig = Figure(figsize=(max(6, 0.28 * len(layers) + 2), 0.45 * len(types) + 1.6))
+    ax = fig.subplots()
+    image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_yticks(range(len(types)), types, fontsize=8)
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("layer")
+    plan = analysis.plan
+    ax.set_title(f"kept rank fraction — {plan.method}, ratio {plan.requested_ratio} "
+                 f"(achieved {plan.achieved_ratio:.3f}); 1 = dense", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")

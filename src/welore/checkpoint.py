@@ -3,16 +3,21 @@
 A welore checkpoint is a folder:
 
     config.json             the model's transformers config (unchanged by compression)
-    welore.json             format name and version, the CompressConfig, the source model,
-                            and which state-dict names alias one stored tensor (tied weights)
+    welore.json             format name and version, the recipe that ran (`welore.recipe`: its
+                            stages' configs, calibration resolved), the source model, and which
+                            state-dict names alias one stored tensor (tied weights)
     rank_plan.json          the rank plan (module name -> shape, kept rank or null = dense)
     quant_plan.json         for a quantized model: per matrix its bits, group size and
-                            compensation rank (`welore.quantize`); its packed codes, float16
+                            compensation rank (`welore.quant`); its packed codes, float16
                             scales/zero points and factors are ordinary tensors of the weights
     model.safetensors       the weights, low-rank factors included; no pickle anywhere (or, past
                             `max_shard_bytes`, shards model-0000i-of-0000N.safetensors plus
                             model.safetensors.index.json, as save_pretrained writes them)
     tokenizer files         when the source model had a tokenizer
+
+`save(model, out, record=report.record)` writes what `welore.compress_` returned; `load_checkpoint`
+gives the model and that record back (`load` the model alone). Nothing is attached to the model:
+without a record, `save` reads the plans off its `LowRankLinear` and `QuantizedLinear` modules.
 
 `load` never recomputes an SVD: it builds the model from its config with empty (meta)
 parameters, swaps in empty `LowRankLinear` (and `QuantizedLinear`) modules from the plans, then assigns the stored
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +49,8 @@ from welore.compress import CompressConfig, apply_plan_
 from welore.errors import WeloreError
 from welore.modules import LowRankLinear, swap_module
 from welore.plan import RankPlan
-from welore.quantize import QuantConfig, QuantizedLinear, QuantPlan, apply_quant_plan_
+from welore.quant import QuantConfig, QuantizedLinear, QuantPlan, apply_quant_plan_
+from welore.recipe import Recipe, Record
 from welore.stream import (
     DEFAULT_SHARD_BYTES,
     Blocks,
@@ -59,9 +66,9 @@ from welore.versioned import check_version, report_unknown
 log = logging.getLogger(__name__)
 
 FORMAT = "welore-checkpoint"
-FORMAT_VERSION = 1
-META_KEYS = ("format", "format_version", "welore_version", "source", "compress_config", "aliases", "achieved_ratio",
-             "quant_config")  # save() writes
+FORMAT_VERSION = 2  # 2: the recipe that ran replaces version 1's compress_config and quant_config
+META_KEYS = ("format", "format_version", "welore_version", "source", "recipe", "aliases", "achieved_ratio",
+             "compress_config", "quant_config")  # save() writes; the last two: version 1 only
 QUANT_PLAN = "quant_plan.json"
 
 
@@ -109,16 +116,21 @@ def save(
     overwrite: bool = False,
     source: str | None = None,
     max_shard_bytes: int | None = None,
+    record: Record | None = None,
 ) -> Path:
-    """Write a compressed model (one returned by `compress_` or `load`) to folder `out`.
+    """Write a compressed model to folder `out`, with `record` (`CompressReport.record`, or the
+    one `load_checkpoint` returns): its recipe and plans. Without a record, the plans are read
+    off the model's modules (`model_plans`) and the recipe is recorded as unknown.
 
     Weights go in shards of at most `max_shard_bytes` (default 5 GB; a streamed model writes
     one shard per decoder block, so no more than one block is ever held in memory)."""
-    plan: RankPlan | None = getattr(model, "welore_plan", None)
-    if plan is None:
-        raise WeloreError("This model was not compressed by welore (it has no rank plan); "
-                          "compress it first or use save_pretrained.")
-    config: CompressConfig = getattr(model, "welore_config", CompressConfig(method=None))
+    if record is None:
+        plan, quant_plan = model_plans(model)
+        if plan.method == "dense":
+            raise WeloreError("This model is not compressed by welore (it has no low-rank or quantized layers); "
+                              "compress it first or use save_pretrained.")
+        record = Record(plan=plan, quant_plan=quant_plan)
+    _check_record_fits(model, record)
     access = block_access(model)
     if max_shard_bytes is None:
         max_shard_bytes = 1 if access.streamed else DEFAULT_SHARD_BYTES
@@ -128,26 +140,87 @@ def save(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "welore_version": __version__,
-            "source": source or getattr(model, "welore_source", None),
-            "compress_config": config.to_dict(),
+            "source": source or record.source,
+            "recipe": record.recipe.to_dict(),
             "aliases": aliases,
-            "achieved_ratio": plan.achieved_ratio,
+            "achieved_ratio": record.plan.achieved_ratio,
         }
-        quant_config = getattr(model, "welore_quant_config", None)
-        if quant_config is not None:
-            meta["quant_config"] = quant_config.to_dict()
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        plan.save(tmp / "rank_plan.json")
-        quant_plan = getattr(model, "welore_quant_plan", None)
-        if quant_plan is not None:
-            quant_plan.save(tmp / QUANT_PLAN)
+        record.plan.save(tmp / "rank_plan.json")
+        if record.quant_plan is not None:
+            record.quant_plan.save(tmp / QUANT_PLAN)
         write_json(tmp / "welore.json", meta)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     log.info("saved welore checkpoint to %s", out)
     return Path(out)
+
+
+def model_plans(model: nn.Module) -> tuple[RankPlan, QuantPlan | None]:
+    """The plans a model's modules carry out, read off them: every `LowRankLinear`'s rank, every
+    `QuantizedLinear`'s width, group and compensation rank, and the decoder blocks' other dense
+    layers (`kept_dense`) as full-rank targets. The policy that chose them is not known from the modules
+    (`method` "unrecorded"; "dense" for a model with neither)."""
+    from welore.quant import FACTOR_DTYPES
+    from welore.targets import kept_dense, matrix_shape
+
+    ranks, shapes, quantized = {}, {}, {}
+    dense = kept_dense(model)
+    low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    for name, module in model.named_modules():  # in model order
+        if isinstance(module, QuantizedLinear):
+            quantized[name] = module
+        if name in low_rank:
+            ranks[name], shapes[name] = module.rank, (module.out_features, module.in_features)
+        elif name in dense:
+            ranks[name], shapes[name] = None, matrix_shape(module)
+        elif isinstance(module, QuantizedLinear) and name.rpartition(".")[0] not in low_rank:  # quantized, full rank
+            ranks[name], shapes[name] = None, (module.out_features, module.in_features)
+    method = "unrecorded" if low_rank or quantized else "dense"
+    plan = RankPlan(ranks=ranks, shapes=shapes, method=method)
+    if not quantized:
+        return plan, None
+    dtypes = {m.factor_dtype for m in quantized.values()}
+    factor_dtype = next(k for k, v in FACTOR_DTYPES.items() if v == dtypes.pop()) if len(dtypes) == 1 else "float16"
+    quant_plan = QuantPlan(shapes={n: (m.out_features, m.in_features) for n, m in quantized.items()},
+                           bits={n: m.bits for n, m in quantized.items()},
+                           group_size={n: m.group_size for n, m in quantized.items()},
+                           ranks={n: m.rank for n, m in quantized.items()}, factor_dtype=factor_dtype,
+                           quantizer="unrecorded")
+    return plan, quant_plan
+
+
+def _check_record_fits(model: nn.Module, record: Record) -> None:
+    """A record whose plans do not describe the model's modules is a caller's bug: the checkpoint
+    would not load."""
+    low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert set(record.plan.factorized) == low_rank, "the record's rank plan does not match the model's low-rank layers"
+    assert set(record.quant_plan.shapes if record.quant_plan else ()) == quantized, \
+        "the record's quantization plan does not match the model's quantized layers"
+
+
+def read_record(path: str | Path) -> Record:
+    """The record of checkpoint `path`: its plans, the recipe that ran and the source model.
+    A version-1 checkpoint's compress_config and quant_config become the recipe's stages."""
+    path = Path(path)
+    meta = _read_meta(path)
+    plan = RankPlan.load(path / "rank_plan.json")
+    quant_plan = QuantPlan.load(path / QUANT_PLAN) if (path / QUANT_PLAN).is_file() else None
+    where = path / "welore.json"
+    if "recipe" in meta:
+        recipe = Recipe.from_dict(meta["recipe"], f"The recipe in {where}")
+    else:
+        stages = []
+        if plan.method not in ("quantize", "dense"):  # version 1 wrote those for no low rank
+            stages.append(CompressConfig.from_dict(meta.get("compress_config", {}),
+                                                   f"The compression config in {where}"))
+        if quant_plan is not None and "quant_config" in meta:
+            stages.append(QuantConfig.from_dict(meta["quant_config"], f"The quantization config in {where}"))
+        recipe = Recipe(stages)
+    return Record(plan=plan, quant_plan=quant_plan, recipe=recipe, source=meta.get("source"))
 
 
 def _read_meta(path: Path) -> dict:
@@ -179,21 +252,35 @@ def empty_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+@dataclass
+class Checkpoint:
+    model: PreTrainedModel  # in eval mode
+    record: Record  # its plans, the recipe that made it and its source model
+
+
 def load(
     path: str | Path, device: str | torch.device | None = None, stream: bool = False, dtype: torch.dtype | None = None,
     budget: int | None = None,
 ) -> PreTrainedModel:
     """Rebuild a saved compressed model; its logits equal those of the model that was saved.
+    (`load_checkpoint` gives its record too.)"""
+    return load_checkpoint(path, device, stream, dtype, budget).model
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device | None = None, stream: bool = False, dtype: torch.dtype | None = None,
+    budget: int | None = None,
+) -> Checkpoint:
+    """A saved compressed model, rebuilt, and its record (`read_record`).
 
     `stream=True` reads only the weights outside the decoder blocks now; each block is read
     from the checkpoint's safetensors when it is used (`welore.stream`), in `dtype` (default:
     as stored).
     """
     path = Path(path)
-    meta = _read_meta(path)
-    plan = RankPlan.load(path / "rank_plan.json")
-    quant_plan = QuantPlan.load(path / QUANT_PLAN) if (path / QUANT_PLAN).is_file() else None
-    aliases = meta.get("aliases", {})
+    record = read_record(path)
+    plan, quant_plan = record.plan, record.quant_plan
+    aliases = _read_meta(path).get("aliases", {})
     if stream:
         model = empty_model(path, dtype)
         apply_plan_(model, plan, empty=True)
@@ -219,16 +306,7 @@ def load(
         if dtype is not None:
             model = model.to(dtype)
     model.eval()
-    model.welore_plan = plan
-    model.welore_config = CompressConfig.from_dict(meta.get("compress_config", {}),
-                                                   f"The compression config in {path / 'welore.json'}")
-    model.welore_source = meta.get("source")
-    if quant_plan is not None:
-        model.welore_quant_plan = quant_plan
-        model.welore_quant_config = (QuantConfig.from_dict(meta["quant_config"],
-                                                           f"The quantization config in {path / 'welore.json'}")
-                                     if "quant_config" in meta else None)
-    return model
+    return Checkpoint(model, record)
 
 
 def _empty_model_stored(path: Path, plan: RankPlan, quant_plan: QuantPlan | None = None) -> PreTrainedModel:

@@ -13,6 +13,7 @@ with status 2, without a traceback. Everything else is a bug and raises loudly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from welore.errors import WeloreError
-from welore.options import add_options, from_args
+from welore.options import add_options, flag, from_args, option_fields
 
 
 @dataclass
@@ -96,7 +97,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         run = finetune(loaded.model, loaded.tokenizer, finetune_config, on_gradients=recorder, progress=not args.quiet)
         gradients = recorder.report(result.spectra, plan=result.plan, model=args.model)
         print(f"\n{finetune_config.steps} steps of full fine-tuning with AdamW (lr {finetune_config.lr:g}) on "
-              f"{gradient_run.data}: validation perplexity {run.val_ppl_before:.3f} -> {run.val_ppl_after:.3f}")
+              f"{finetune_config.data}: validation perplexity {run.val_ppl_before:.3f} -> {run.val_ppl_after:.3f}")
         print(gradients.summary())
     if args.out:
         with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
@@ -124,119 +125,149 @@ def _describe_selection(selection: dict) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    """Replace target matrices by low-rank factors with per-matrix ranks (or, with --quantize or
-    --target-size, by packed low-bit codes plus an optional low-rank correction), and save the result."""
+    """Replace target matrices by low-rank factors with per-matrix ranks, and/or (with --quantize or
+    --target-size) by packed low-bit codes plus an optional low-rank correction, and save the result;
+    --recipe runs a recipe file, or replays the one a checkpoint recorded."""
     from welore._io import check_output_dir
     from welore.checkpoint import save
-    from welore.compress import CompressConfig, calibration_windows, compress_
     from welore.evaluate import weights_size_on_disk
-    from welore.plan import RankPlan
+    from welore.recipe import compress_
 
-    if args.quantize or args.target_size:
-        return _compress_quantized(args)
-    if (args.ratio is None) == (args.plan is None):
-        raise WeloreError("Give exactly one of --ratio (with --method) or --plan; e.g. --ratio 0.2 --method welore.")
-    config = from_args(CompressConfig, args)
+    recipe, plan = _recipe(args)  # fail before loading
     _check_load_options(args)
     check_output_dir(args.out, args.overwrite)
-    plan = RankPlan.load(args.plan) if args.plan else None
-    if plan is not None:
-        config = from_args(CompressConfig, args, method=None)  # the plan sets the ranks
     loaded = _load(args.model, args)
-    calibration, config = calibration_windows(loaded.tokenizer, config, args.model)
     start = time.perf_counter()
-    report = compress_(loaded.model, config, plan=plan, calibration=calibration, progress=not args.quiet)
+    report = compress_(loaded.model, recipe, loaded.tokenizer, plan=plan, progress=not args.quiet, source=args.model)
     elapsed = time.perf_counter() - start
-    save(loaded.model, args.out, tokenizer=loaded.tokenizer, overwrite=args.overwrite, source=args.model)
-    plan, config = report.plan, report.config
-    if config.selection is not None:
-        print(_describe_selection(config.selection))
-    print(f"replaced {len(report.replaced)} of {len(plan.ranks)} target matrices: "
-          f"{_describe_replaced(report.replaced)}")
-    ratio_note = f" (requested {plan.requested_ratio})" if plan.requested_ratio is not None else ""
-    print(f"target parameters removed: {plan.achieved_ratio:.2%}{ratio_note}; "
-          f"whole model: {report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M "
-          f"({report.model_reduction:.2%} fewer)")
-    calib_note = f", calibrated on {calibration.numel()} tokens of {config.calib}" if calibration is not None else ""
-    params = "".join(f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
-                     for name, value in config.factorizer_params.items())
-    if config.refit is not None:
-        calib_note += f", refit {config.refit} (ridge {config.refit_ridge:g})"
-    print(f"LRC (rank cut >= {config.lrc_min_cut:.0%}): {len(plan.lrc(config.lrc_min_cut))}; "
-          f"factorizer {config.factorizer}{params}{calib_note}; compression took {elapsed:.1f}s")
+    save(loaded.model, args.out, tokenizer=loaded.tokenizer, overwrite=args.overwrite, record=report.record)
+    for line in _describe_report(report):
+        print(line)
+    print(f"compression took {elapsed:.1f}s")
     print(f"saved {args.out}/ ({weights_size_on_disk(args.out) / 1e6:.1f} MB of weights)")
 
 
-def _compress_quantized(args: argparse.Namespace) -> None:
-    """`compress --quantize/--target-size`: weight-only quantization (+ compensation) of the
-    targets; with --ratio/--plan, of the low-rank factors (and the matrices kept dense) after
-    low-rank compression: W ≈ Q(up)·Q(down)."""
-    from welore._io import check_output_dir
-    from welore.checkpoint import save
-    from welore.compress import CompressConfig, calibration_windows, compress_
-    from welore.evaluate import weights_size_on_disk
+def _recipe(args: argparse.Namespace):
+    """The recipe `welore compress` runs, and the rank plan that sets its ranks (if any): from
+    --recipe (a recipe file, or a checkpoint whose recorded recipe is replayed with its rank plan
+    when a plan set the ranks), else built from the options."""
+    from welore.compress import CompressConfig
     from welore.plan import RankPlan
-    from welore.quantize import QuantOptions, quantize_
-    from welore.targets import find_targets, weight_matrix
+    from welore.quant import FORMATS, QuantConfig
+    from welore.recipe import Recipe
 
-    joint = args.ratio is not None or args.plan is not None
+    if args.recipe:
+        given = [flag(f.name) for cls in (CompressConfig, QuantConfig) for f in option_fields(cls)
+                 if hasattr(args, f.name) and getattr(args, f.name) != f.default
+                 and f.default_factory is dataclasses.MISSING] + [o for o in ("--plan", "--quantize", "--target-size")
+                                                               if getattr(args, o[2:].replace("-", "_"))]
+        if given:
+            raise WeloreError(f"--recipe sets the whole compression, so {given[0]} has no effect; put it in the "
+                              "recipe, or drop --recipe.")
+        return _recorded_recipe(Path(args.recipe))
     if args.ratio is not None and args.plan is not None:
-        raise WeloreError("Give --ratio (with --method) or --plan, not both; e.g. --ratio 0.2 --method welore.")
-    rank_plan = RankPlan.load(args.plan) if args.plan else None
-    # a saved plan sets the ranks, so no allocation method
-    compress = from_args(CompressConfig, args, **({"method": None} if rank_plan is not None else {}))
-    config = from_args(QuantOptions, args).config(compress)
-    _check_load_options(args)
-    check_output_dir(args.out, args.overwrite)
-    loaded = _load(args.model, args)
-    calibration, compress = calibration_windows(loaded.tokenizer, compress, args.model)
-    if calibration is not None:  # record what was used
-        config = replace(config, calib_tokens=calibration.numel(), bos=compress.bos)
-    start = time.perf_counter()
-    low_rank = None
-    if joint:  # low rank first; the calibration text serves the factorizer if it is data-aware, and the compensation
-        dense_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size()
-                          for m in find_targets(loaded.model, compress.targets).values())
-        low_rank = compress_(loaded.model, compress, plan=rank_plan,
-                             calibration=calibration if compress.data_aware else None, progress=not args.quiet)
-        compress = low_rank.config
-        if compress.selection is not None:
-            print(_describe_selection(compress.selection))
-    report = quantize_(loaded.model, config, calibration=calibration, progress=not args.quiet)
-    elapsed = time.perf_counter() - start
+        raise WeloreError("Give exactly one of --ratio (with --method) or --plan, not both; "
+                          "e.g. --ratio 0.2 --method welore.")
+    if args.quantize and args.target_size:
+        raise WeloreError("Give --quantize (one width for every matrix) or --target-size (widths chosen per matrix), "
+                          "not both.")
+    quantized = bool(args.quantize or args.target_size)
+    if args.ratio is None and args.plan is None and not quantized:
+        raise WeloreError("Give --ratio (with --method), --plan, --quantize, --target-size or --recipe; "
+                          "e.g. --ratio 0.2 --method welore.")
+    stages = []
+    plan = RankPlan.load(args.plan) if args.plan else None
+    if args.ratio is not None or plan is not None:
+        low_rank = from_args(CompressConfig, args, **({"method": None} if plan is not None else {}))
+        if quantized and not low_rank.data_aware:  # --calib then serves the compensation alone
+            low_rank = replace(low_rank, calib=None)
+        stages.append(low_rank)
+    if quantized:  # the calibration text and targets are the lowrank stage's options, shared
+        shared = {name: getattr(args, name) for name in ("targets", "calib", "calib_tokens", "calib_seq_len", "bos")}
+        stages.append(from_args(QuantConfig, args, bits=FORMATS[args.quantize] if args.quantize else None,
+                                target_size=args.target_size, **shared))
+    recipe = Recipe(stages)
+    recipe.check()
+    return recipe, plan
+
+
+def _recorded_recipe(path: Path):
+    """The recipe in `path` (YAML or JSON), or a checkpoint's (its folder or welore.json) with
+    its rank plan when a plan, not a policy, set the ranks."""
+    from welore.checkpoint import read_record
+    from welore.recipe import Recipe
+
+    if path.is_dir() or path.name == "welore.json":
+        record = read_record(path.parent if path.name == "welore.json" else path)
+        recipe, low_rank = record.recipe, record.recipe.stage("lowrank")
+        if not recipe.stages:
+            raise WeloreError(f"{path} records no compression (it was saved without its recipe); "
+                              "give a recipe file or the compression options.")
+        return recipe, record.plan if low_rank is not None and low_rank.method is None else None
+    recipe = Recipe.load(path)
+    recipe.check()
+    if (low_rank := recipe.stage("lowrank")) is not None and low_rank.method is None:
+        raise WeloreError(f"The lowrank stage of {path} has no method and a recipe file holds no rank plan; "
+                          "give it a method (e.g. method: welore) with a ratio.")
+    return recipe, None
+
+
+def _describe_report(report) -> list[str]:
+    """What `compress_` did, in the lines `welore compress` prints."""
+    lines = []
+    low_rank, quant = report.record.compress_config, report.record.quant_config
     if low_rank is not None:
-        factors = report.dense_bytes
-        report.dense_bytes = dense_bytes
-        print(f"low rank ({low_rank.plan.method}, {compress.factorizer}): {len(low_rank.replaced)} of "
-              f"{len(low_rank.plan.ranks)} target matrices factorized, {low_rank.plan.achieved_ratio:.2%} of their "
-              f"parameters removed ({dense_bytes / 1e6:.2f} MB -> {factors / 1e6:.2f} MB); then quantized:")
-    save(loaded.model, args.out, tokenizer=loaded.tokenizer, overwrite=args.overwrite, source=args.model)
-    plan = report.plan
-    target = config.target_size
+        plan = report.plan
+        if low_rank.selection is not None:
+            lines.append(_describe_selection(low_rank.selection))
+        lines.append(f"replaced {len(report.replaced)} of {len(plan.ranks)} target matrices: "
+                     f"{_describe_replaced(report.replaced)}")
+        ratio_note = f" (requested {plan.requested_ratio})" if plan.requested_ratio is not None else ""
+        lines.append(f"target parameters removed: {plan.achieved_ratio:.2%}{ratio_note}; "
+                     f"whole model: {report.params_before / 1e6:.1f}M -> {report.params_after / 1e6:.1f}M "
+                     f"({report.model_reduction:.2%} fewer)")
+        calib_note = (f", calibrated on {low_rank.calib_tokens} tokens of {low_rank.calib}"
+                      if low_rank.calib is not None else "")
+        params = "".join(f" {name}={value:g}" if isinstance(value, float) else f" {name}={value}"
+                         for name, value in low_rank.factorizer_params.items())
+        if low_rank.refit is not None:
+            calib_note += f", refit {low_rank.refit} (ridge {low_rank.refit_ridge:g})"
+        lines.append(f"LRC (rank cut >= {low_rank.lrc_min_cut:.0%}): {len(plan.lrc(low_rank.lrc_min_cut))}; "
+                     f"factorizer {low_rank.factorizer}{params}{calib_note}")
+    if quant is not None:
+        lines += _describe_quantization(report, quant)
+    return lines
+
+
+def _describe_quantization(report, config) -> list[str]:
+    plan = report.quant.plan
+    lines = ["then quantized:"] if report.record.compress_config is not None else []
     widths = ", ".join(f"{n} at {b} bits" for b, n in sorted(Counter(plan.bits.values()).items(), reverse=True))
     ranks = Counter(plan.ranks.values())
     rank_note = ("no compensation" if set(ranks) == {0} else
                  "compensation ranks " + ", ".join(f"{r} ({n})" for r, n in sorted(ranks.items())))
-    space = (f"EoRA, whitened by {calibration.numel()} tokens of {compress.calib}" if calibration is not None
+    space = (f"EoRA, whitened by {config.calib_tokens} tokens of {config.calib}" if config.calib is not None
              else "weight space") + (f"; best of {config.compensate_iters} rounds alternating with the codes"
                                      if config.compensate_iters > 1 else "")
-    print(f"quantized {len(report.replaced)} target matrices ({config.quantizer}, groups of {config.group_size}): "
-          f"{widths}; {rank_note}" + ("" if set(ranks) == {0} else f" ({space})"))
+    lines.append(f"quantized {len(report.quant.replaced)} matrices ({config.quantizer}, groups of "
+                 f"{config.group_size}): {widths}; {rank_note}" + ("" if set(ranks) == {0} else f" ({space})"))
     selection = plan.meta.get("selection")
     if selection is not None:
         scores = ", ".join(f"{label} {ppl:.3f} ({selection['bits_per_param'][label]:.3f} bits)"
                            for label, ppl in selection["perplexity"].items())
-        print(f"size plan: {selection['chosen']}, the lowest perplexity on {selection['held_tokens']} held-back "
-              f"calibration tokens of: {scores}")
+        lines.append(f"size plan: {selection['chosen']}, the lowest perplexity on {selection['held_tokens']} "
+                     f"held-back calibration tokens of: {scores}")
+    target = config.target_size
     request = f" (requested {target / 1e6:.3f} MB, {plan.nbytes / target - 1:+.2%})" if target else ""
-    print(f"target matrices: {report.dense_bytes / 1e6:.2f} MB -> {plan.nbytes / 1e6:.3f} MB{request}, "
-          f"{plan.bits_per_param:.3f} bits per parameter; took {elapsed:.1f}s")
-    if report.output_error:
-        before = sum(b for b, _ in report.output_error.values()) / len(report.output_error)
-        after = sum(a for _, a in report.output_error.values()) / len(report.output_error)
-        print(f"mean relative output error on the calibration tokens: {before:.4f} quantized"
-              + (f", {after:.4f} compensated" if set(ranks) != {0} else ""))
-    print(f"saved {args.out}/ ({weights_size_on_disk(args.out) / 1e6:.1f} MB of weights)")
+    lines.append(f"target matrices: {report.target_bytes_before / 1e6:.2f} MB -> {plan.nbytes / 1e6:.3f} MB{request}, "
+                 f"{plan.bits_per_param:.3f} bits per parameter")
+    errors = report.quant.output_error
+    if errors:
+        before = sum(b for b, _ in errors.values()) / len(errors)
+        after = sum(a for _, a in errors.values()) / len(errors)
+        lines.append(f"mean relative output error on the calibration tokens: {before:.4f} quantized"
+                     + (f", {after:.4f} compensated" if set(ranks) != {0} else ""))
+    return lines
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -256,8 +287,8 @@ def _evaluate_one(spec: str, args: argparse.Namespace, options):
     from welore.evaluate import evaluate
 
     loaded = _load(spec, args)
-    config = getattr(loaded.model, "welore_config", None)
-    windows, bos = _eval_windows(loaded.tokenizer, options, spec, calib=config.calib if config else None)
+    calib = {s.calib for s in loaded.record.recipe.stages if s.calib} if loaded.record else set()
+    windows, bos = _eval_windows(loaded.tokenizer, options, spec, calib=min(calib) if calib else None)
     result = evaluate(loaded.model, windows, path=loaded.path, batch_size=options.batch_size,
                       speed=options.speed, progress=not args.quiet)
     return loaded, result, bos
@@ -313,13 +344,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _write_json(args.json, payload)
 
 
-def _method_label(model) -> tuple[str, float] | None:
-    """("factorizer/method", achieved ratio) of a welore-compressed model, None for dense."""
-    plan = getattr(model, "welore_plan", None)
-    if plan is None:
+def _method_label(record) -> tuple[str, float] | None:
+    """("factorizer/method", achieved ratio) of a low-rank welore checkpoint's record, None otherwise."""
+    if record is None or (config := record.compress_config) is None:
         return None
-    config = model.welore_config
-    return f"{config.factorizer}/{plan.method}", plan.achieved_ratio
+    return f"{config.factorizer}/{record.plan.method}", record.plan.achieved_ratio
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -332,7 +361,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     results, labels, bos = {}, {}, {}
     for spec in args.models:
         loaded, results[spec], bos[spec] = _evaluate_one(spec, args, options)
-        labels[spec] = _method_label(loaded.model)
+        labels[spec] = _method_label(loaded.record)
         del loaded
         gc.collect()
     print(_text_note(options, bos))
@@ -357,9 +386,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from welore._io import atomic_dir, write_json
     from welore.analyze import analyze
     from welore.checkpoint import save
-    from welore.compress import CompressConfig, compress_
+    from welore.compress import CompressConfig
     from welore.evaluate import EvalOptions, evaluate, format_table
     from welore.models import DEFAULT_MODEL, load_model
+    from welore.recipe import compress_
 
     options = from_args(EvalOptions, args)
     configs = {method: from_args(CompressConfig, args, method=method) for method in ("uniform", "welore")}
@@ -374,8 +404,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         analysis.write(tmp / "analysis")
         for method, config in configs.items():
             model = copy.deepcopy(loaded.model)
-            compress_(model, config, progress=not args.quiet)
-            save(model, tmp / method, tokenizer=loaded.tokenizer, source=DEFAULT_MODEL)
+            report = compress_(model, config, progress=not args.quiet, source=DEFAULT_MODEL)
+            save(model, tmp / method, tokenizer=loaded.tokenizer, record=report.record)
             results[f"{method} {args.ratio}"] = evaluate(
                 model, windows, path=tmp / method, batch_size=options.batch_size,
                 speed=options.speed, progress=not args.quiet)
@@ -391,7 +421,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model: WeLore's LRC factors, LoRA adapters or all weights, with AdamW, GaLore or Fira,
     on the LM loss or (--distill) against the dense model's next-token distribution."""
     from welore.finetune import FinetuneConfig, finetune
-    from welore.finetune.loop import check_output, check_precision
+    from welore.finetune.setup import check_output, check_precision
 
     config = from_args(FinetuneConfig, args)  # checks the options before anything is loaded
     _check_load_options(args)
@@ -399,19 +429,20 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     check_output(Path(args.out), config, args.overwrite, args.resume)
     loaded = _load(args.model, args, place=False)
     result = finetune(loaded.model, loaded.tokenizer, config, out=args.out, overwrite=args.overwrite,
-                      resume=args.resume, source=args.model, progress=not args.quiet)
+                      resume=args.resume, source=args.model, progress=not args.quiet, record=loaded.record)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under accelerate launch, the main process reports
         return
     print(f"{config.mode} fine-tuning with {config.optimizer} (lr {config.lr:g}) on {config.data}")
-    if config.distill:
-        print(f"distilled from {config.teacher} ({config.teacher_dtype}): loss = {config.distill_alpha:g}·KL "
-              f"(temperature {config.distill_temperature:g}) + {1 - config.distill_alpha:g}·LM loss")
+    distill = config.distill
+    if distill.enabled:
+        print(f"distilled from {distill.teacher} ({distill.teacher_dtype}): loss = {distill.alpha:g}·KL "
+              f"(temperature {distill.temperature:g}) + {1 - distill.alpha:g}·LM loss")
     print(result.summary())
     for point in result.history[1:-1]:
         print(f"  step {point['step']}: validation perplexity {point['val_ppl']:.3f}")
-    adapter = " with its LoRA adapter in adapter/" if config.mode == "lora" and config.keep_adapter else ""
+    adapter = " with its LoRA adapter in adapter/" if config.mode == "lora" and config.lora.keep_adapter else ""
     print(f"saved {args.out}/{adapter} (loads with welore.load; fine-tuning record in finetune.json)")
 
 
@@ -424,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     from welore.finetune import FinetuneConfig
     from welore.gradients import GradientRunConfig
     from welore.models import LoadOptions
-    from welore.quantize import QuantOptions
+    from welore.quant import FORMATS, QuantConfig
     from welore.tasks import TaskOptions
 
     common = argparse.ArgumentParser(add_help=False)
@@ -461,11 +492,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=MODEL_HELP)
     add_options(p.add_argument_group("compression"), CompressConfig)
     p.add_argument("--plan", help="apply this saved rank plan (JSON) instead of computing one")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="run the stages of this recipe (YAML or JSON), or replay the recipe a checkpoint recorded "
+                        "(its folder or welore.json), instead of giving the compression options")
     p.add_argument("--out", required=True, help="folder for the compressed checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     loading(p)
     quantization = p.add_argument_group("quantization (alone, or with --ratio/--plan: of the low-rank factors)")
-    add_options(quantization, QuantOptions)
+    quantization.add_argument("--quantize", choices=list(FORMATS),
+                              help="store every target matrix as packed codes of this width (weight-only, asymmetric, "
+                                   "in groups)")
+    quantization.add_argument("--target-size", metavar="SIZE",
+                              help="choose per-matrix widths and compensation ranks so the target matrices (codes, "
+                                   "scales, zero points, factors) take SIZE, e.g. 60MB (10^6 bytes) or 57MiB "
+                                   "(2^20 bytes)")
+    add_options(quantization, QuantConfig)
 
     p = command("export", cmd_export)
     p.add_argument("checkpoint", help="a welore checkpoint folder")

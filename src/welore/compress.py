@@ -1,6 +1,6 @@
-"""`compress_(model, config)`: target matrices → rank plan → factorize → swap modules, in place.
+"""The lowrank stage: target matrices → rank plan → factorize → swap modules, in place.
 
-    plan = welore.compress_(model, CompressConfig(ratio=0.2, method="welore"))
+    report = welore.compress_(model, CompressConfig(ratio=0.2, method="welore"))   # a one-stage recipe
 
 The rank plan comes from an allocation policy (`welore.plan.POLICIES`) run on the cached
 singular values of the target matrices, or is given (`plan=RankPlan.load(...)`). One
@@ -27,11 +27,10 @@ from tqdm.auto import tqdm
 from welore.data import LEGACY_BOS, bos_option, check_bos_policy
 from welore.errors import WeloreError
 from welore.factorize import FACTORIZERS, Factorizer, balance_factors, describe_factorizer_params, make_factorizer
-from welore.modules import LowRankLinear, count_parameters, swap_module
+from welore.modules import LowRankLinear, swap_module
 from welore.options import check_positive
-from welore.plan import POLICIES, RankPlan, allocate, check_ratio
+from welore.plan import POLICIES, RankPlan, allocate, check_ratio, needs_spectra
 from welore.refit import REFITS, Refit
-from welore.select import AUTO
 from welore.spectrum import check_finite, compute_spectra
 from welore.stream import block_access
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
@@ -40,6 +39,7 @@ from welore.versioned import config_from_dict
 log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
+AUTO = "auto"  # the `method` that selects the recipe on the model at hand (welore.select)
 
 
 def _policies() -> list[str]:
@@ -110,7 +110,14 @@ class CompressConfig:
     @property
     def data_aware(self) -> bool:
         """Whether compressing with this config needs calibration windows."""
-        return self.method == AUTO or self.make_factorizer().needs_stats
+        return self.needs_calibration is not None
+
+    @property
+    def needs_calibration(self) -> str | None:
+        """What cannot run without calibration text (None when everything can)."""
+        if self.method == AUTO:
+            return "--method auto"
+        return f"The {self.factorizer} factorizer" if self.make_factorizer().needs_stats else None
 
     def make_factorizer(self) -> Factorizer:
         """The configured factorizer with its parameters (`welore.factorize.make_factorizer`)."""
@@ -139,17 +146,13 @@ class CompressConfig:
 
 
 @dataclass
-class CompressReport:
+class LowRankReport:
+    """What the low-rank stage did (`welore.recipe.CompressReport` holds it with the accounting)."""
+
     plan: RankPlan  # what was decided
     replaced: list[str] = field(default_factory=list)  # modules swapped for LowRankLinear
-    params_before: int = 0  # whole-model unique parameters before
-    params_after: int = 0  # and after
-    config: CompressConfig | None = None  # the config that ran (with --method auto: the chosen recipe's)
-
-    @property
-    def model_reduction(self) -> float:
-        """Fraction of the whole model's parameters removed (embeddings included)."""
-        return 1 - self.params_after / self.params_before
+    config: CompressConfig | None = None  # the config that ran (with --method auto: the chosen recipe's), with the
+        # calibration tokens and window length used
 
 
 def plan_ranks(model: nn.Module, config: CompressConfig, progress: bool = True) -> RankPlan:
@@ -338,24 +341,7 @@ def _apply_plan_calibrated_(
     return list(plan.factorized)
 
 
-def calibration_windows(tokenizer, config: CompressConfig,
-                        name: str = "the model") -> tuple[torch.Tensor | None, CompressConfig]:
-    """Token windows (N, calib_seq_len) of config.calib's calibration split (None without one),
-    and `config` with its BOS policy resolved for `tokenizer` (yes or no), as it will be recorded."""
-    from welore.data import load_text, resolve_bos, token_windows
-
-    if not config.calib:
-        return None, config
-    if tokenizer is None:
-        raise WeloreError(f"{name} has no tokenizer, so calibration text cannot be tokenized; "
-                          "pass a model folder that includes one.")
-    config = replace(config, bos=resolve_bos(tokenizer, config.bos))
-    windows = token_windows(tokenizer, load_text(config.calib, split="calib"), config.calib_seq_len,
-                            config.calib_tokens, options=("--calib-seq-len", "--calib-tokens"), bos=config.bos)
-    return windows, config
-
-
-def compress_(
+def low_rank_(
     model: nn.Module,
     config: CompressConfig,
     plan: RankPlan | None = None,
@@ -363,8 +349,9 @@ def compress_(
     batch_size: int = 4,
     progress: bool = True,
     gradients: dict | None = None,
-) -> CompressReport:
-    """Compress `model` in place; returns the plan, the replaced modules and parameter counts.
+) -> LowRankReport:
+    """The lowrank stage (`welore.compress_` runs it from a recipe): factorize `model`'s target
+    matrices in place; returns the plan, the replaced modules and the config as it ran.
 
     Data-aware factorizers (`whiten`, `asvd`, `kfac`, `fisher`) need `calibration`, a LongTensor (N, T) of token
     windows from text disjoint from any evaluation text (`welore.data.load_text(..., split="calib")`).
@@ -372,12 +359,7 @@ def compress_(
     curvature-aware factorizer, when the caller already holds them; gathered here otherwise.
     """
     if config.method == AUTO and plan is None:
-        from welore.select import select_recipe
-
-        if calibration is None:
-            raise WeloreError("--method auto chooses among data-aware recipes on calibration text; "
-                              "pass --calib (e.g. --calib wiki).")
-        config, _ = select_recipe(model, config, calibration, batch_size, progress)
+        raise ValueError("--method auto is resolved by welore.compress_ (welore.select), before the lowrank stage runs")
     factorizer = config.make_factorizer()
     if config.refit is not None and not factorizer.needs_stats:
         raise WeloreError(f"--refit fits the factors on calibration text, but the {config.factorizer} factorizer uses "
@@ -397,7 +379,6 @@ def compress_(
     if plan is None and config.method is None:
         raise WeloreError("No rank-allocation method given (method None means a rank plan sets the ranks); "
                           "pass --method or a saved --plan.")
-    before = count_parameters(model)
     with torch.no_grad():
         if plan is None and factorizer.needs_stats:
             if config.ratio is None:
@@ -407,9 +388,8 @@ def compress_(
             check_ratio(config.ratio, shapes)
             if factorizer.needs_gradients and gradients is None:  # once, on the dense model
                 gradients = gradient_stats(model, targets, calibration, batch_size, progress)
-            needs_spectra = getattr(POLICIES[config.method], "needs_spectra", True)
             spectra = (calibrated_spectra(model, config, calibration, batch_size, progress, gradients)
-                       if needs_spectra else {})
+                       if needs_spectra(config.method) else {})
             plan = allocate(config.method, spectra, shapes, config.ratio)
         elif plan is None:
             plan = plan_ranks(model, config, progress=progress)
@@ -417,9 +397,6 @@ def compress_(
             replaced = _apply_plan_calibrated_(model, plan, config, calibration, batch_size, progress, gradients)
         else:
             replaced = apply_plan_(model, plan, factorizer=config.make_factorizer(), progress=progress)
-    model.welore_plan = plan  # so that save() finds it
     if calibration is not None:  # record what was used, whoever built the windows
         config = replace(config, calib_tokens=calibration.numel(), calib_seq_len=calibration.shape[1])
-    model.welore_config = config
-    return CompressReport(plan=plan, replaced=replaced, params_before=before, params_after=count_parameters(model),
-                          config=config)
+    return LowRankReport(plan=plan, replaced=replaced, config=config)

@@ -21,25 +21,21 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from welore._io import atomic_dir, write_csv, write_json, write_text
-from welore.data import DEFAULT_TEXT
+from welore._io import atomic_dir, atomic_file, write_csv, write_json, write_text
 from welore.errors import WeloreError
+from welore.finetune.config import FinetuneConfig
 from welore.options import check_positive
 from welore.plan import RankPlan
 from welore.spectrum import singular_values_many, spectral_metrics
 from welore.tables import format_table
 from welore.targets import find_targets, layer_index, matrix_type
-
-if TYPE_CHECKING:
-    from welore.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +47,31 @@ SUMMARY_COLUMNS = [
 ]
 
 
+def _recording_run() -> FinetuneConfig:
+    """Full fine-tuning with AdamW, short: what `welore analyze --gradients` trains by default."""
+    return FinetuneConfig(mode="full", optimizer="adamw", steps=20, lr=3e-5, val_tokens=2048)
+
+
+# The recording run's fields that are options of `welore analyze --gradients`, under these names
+# (--data, --grad-steps, ...); their help and checks are FinetuneConfig's.
+RUN_OPTIONS = {"data": "data", "steps": "grad_steps", "lr": "grad_lr", "seq_len": "grad_seq_len",
+               "batch_size": "grad_batch_size", "val_tokens": "grad_val_tokens"}
+
+
 @dataclass
 class GradientRunConfig:
     """The short full fine-tuning run during which `welore analyze --gradients` records the
     gradients' spectra (`welore.options`); `finetune_config()` is the run itself."""
 
-    data: str = DEFAULT_TEXT  # training text for --gradients (a built-in text trains on its calibration half)
-    grad_steps: int = 20  # optimizer steps to record
+    run: FinetuneConfig = field(default_factory=_recording_run, metadata={"options": RUN_OPTIONS})  # what trains
     grad_every: int = 1  # record every k-th step
-    grad_lr: float = 3e-5  # learning rate of the recording run (AdamW)
-    grad_seq_len: int = 256  # tokens per training block
-    grad_batch_size: int = 4  # blocks per step
-    grad_val_tokens: int = 2048  # validation tokens before and after
 
     def __post_init__(self) -> None:
-        check_positive(self, ("grad_steps", "grad_every", "grad_seq_len", "grad_batch_size", "grad_val_tokens"))
+        check_positive(self, ("grad_every",))
 
     def finetune_config(self) -> FinetuneConfig:
-        """Full fine-tuning with AdamW on exactly grad_steps × grad_batch_size blocks."""
-        from welore.finetune import FinetuneConfig
-
-        return FinetuneConfig(mode="full", optimizer="adamw", steps=self.grad_steps, lr=self.grad_lr, data=self.data,
-                              seq_len=self.grad_seq_len, batch_size=self.grad_batch_size,
-                              max_train_tokens=self.grad_steps * self.grad_batch_size * self.grad_seq_len,
-                              val_tokens=self.grad_val_tokens)
+        """The run, on exactly steps × batch_size blocks."""
+        return replace(self.run, max_train_tokens=self.run.steps * self.run.batch_size * self.run.seq_len)
 
 
 def _gradient_matrix(module: nn.Module) -> torch.Tensor | None:
@@ -231,8 +228,6 @@ class GradientReport:
 
     def write_files(self, folder: Path) -> None:
         """The files of `write`, into an existing folder (the caller makes it atomic)."""
-        from welore.report import plot_gradient_ranks, plot_gradient_vs_weight
-
         folder.mkdir(parents=True, exist_ok=True)
         for path, columns, rows in ((folder / "gradient_steps.csv", STEP_COLUMNS, self.steps),
                                     (folder / "gradient_summary.csv", SUMMARY_COLUMNS, self.rows)):
@@ -241,3 +236,51 @@ class GradientReport:
         write_text(folder / "gradient_summary.txt", self.summary() + "\n")
         plot_gradient_ranks(self, folder / "gradient_ranks.png")
         plot_gradient_vs_weight(self, folder / "gradient_vs_weight.png")
+
+
+# --- figures (matplotlib imported where one is drawn, as in welore.analyze) ----------------------------
+
+
+def plot_gradient_ranks(report: GradientReport, path: Path) -> None:
+    """Gradient effective rank (fraction of full rank) against training step, one line per
+    matrix type (mean over layers)."""
+    from matplotlib.figure import Figure
+
+    by_type: dict[str, dict[int, list[float]]] = {}
+    for row in report.steps:
+        by_type.setdefault(row["type"], {}).setdefault(row["step"], []).append(row["effective_rank"] / row["full_rank"])
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    for kind, steps in by_type.items():
+        xs = sorted(steps)
+        ax.plot(xs, [sum(steps[x]) / len(steps[x]) for x in xs], marker=".", lw=1.2, label=kind)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("gradient effective rank / full rank")
+    ax.set_ylim(0, None)
+    ax.set_title(f"gradient effective rank during training — {report.model}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
+    """One point per target matrix: mean gradient effective rank vs weight effective rank
+    (both as fractions of full rank), coloured by matrix type."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.6, 4.4))
+    ax = fig.subplots()
+    for kind, rows in report.by_type().items():
+        ax.scatter([r["grad_effective_fraction"] for r in rows], [r["weight_effective_fraction"] for r in rows],
+                   s=14, label=kind)
+    rho = report.correlations["grad_vs_weight_effective_rank"]
+    ax.set_xlabel("gradient effective rank / full rank (mean over steps)")
+    ax.set_ylabel("weight effective rank / full rank")
+    ax.set_title(f"low-rank gradients vs low-rank weights (Spearman {rho:+.2f})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")

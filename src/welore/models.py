@@ -16,15 +16,19 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from welore._io import atomic_dir, cache_dir, parse_bytes
-from welore.checkpoint import empty_model, is_checkpoint, load
+from welore.checkpoint import empty_model, is_checkpoint, load_checkpoint, read_record
 from welore.devices import DEVICES, check_device, resolve_device
 from welore.errors import WeloreError
 from welore.stream import should_stream, stream_
+
+if TYPE_CHECKING:
+    from welore.recipe import Record
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,7 @@ class LoadedModel:
     tokenizer: object | None  # a transformers tokenizer, or None when the source has none
     name: str  # the spec the user gave
     path: Path | None  # the folder the weights came from (None for hub ids)
+    record: Record | None = None  # for a welore checkpoint: its plans, recipe and source model
 
 
 def _package_dir(package: str) -> Path | None:
@@ -164,7 +169,7 @@ def _pretrained(source: str | Path, dtype: torch.dtype | None) -> PreTrainedMode
 def _streamed(path: Path, dtype: torch.dtype | None, budget: int | None, device: str | None) -> PreTrainedModel:
     """The folder's model with only the weights outside its decoder blocks in memory."""
     if is_checkpoint(path):
-        return load(path, stream=True, dtype=dtype, budget=budget, device=device)
+        return load_checkpoint(path, stream=True, dtype=dtype, budget=budget, device=device).model
     if not (path / "config.json").is_file():
         raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); "
                           "pass a model folder.")
@@ -196,13 +201,13 @@ def load_model(
     if path.is_dir() and should_stream(path, weights_dtype, budget):
         model = _streamed(path, weights_dtype, budget, device)
         model.eval()
-        return LoadedModel(model=model, tokenizer=_tokenizer(path), name=spec, path=path)
+        return LoadedModel(model=model, tokenizer=_tokenizer(path), name=spec, path=path, record=_record(path))
     if budget is not None:
         raise WeloreError(f"{spec} is not a folder of safetensors weights, so it cannot be read block by block; "
                           "convert it to a folder (save_pretrained) or drop --max-memory.")
     if path.is_dir():
         if is_checkpoint(path):
-            model = load(path)
+            model = load_checkpoint(path).model
             if weights_dtype is not None:
                 model = model.to(weights_dtype)
         elif (path / "config.json").is_file():
@@ -225,4 +230,9 @@ def load_model(
     if device is not None:
         model = model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=folder)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=folder,
+                       record=_record(folder) if folder is not None else None)
+
+
+def _record(folder: Path) -> Record | None:
+    return read_record(folder) if is_checkpoint(folder) else None

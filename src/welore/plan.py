@@ -170,14 +170,24 @@ class RankPlan:
 
 
 POLICIES: dict[str, Policy] = {}
+SHAPE_ONLY: set[str] = set()  # policies whose ranks follow from the shapes alone (no spectra needed)
 
 
-def register_policy(name: str) -> Callable[[Policy], Policy]:
+def register_policy(name: str, needs_spectra: bool = True) -> Callable[[Policy], Policy]:
+    """Register an allocation policy as `name`; `needs_spectra=False` for one that reads only the
+    shapes, so callers can skip computing spectra for it (`needs_spectra`)."""
     def register(fn: Policy) -> Policy:
         POLICIES[name] = fn
+        if not needs_spectra:
+            SHAPE_ONLY.add(name)
         return fn
 
     return register
+
+
+def needs_spectra(method: str) -> bool:
+    """Whether the allocation policy `method` reads the spectra (all but the shape-only ones)."""
+    return method not in SHAPE_ONLY
 
 
 def check_ratio(ratio: float, shapes: dict[str, Shape]) -> None:
@@ -193,7 +203,7 @@ def check_ratio(ratio: float, shapes: dict[str, Shape]) -> None:
                           "target parameters; ask for less.")
 
 
-@register_policy("uniform")
+@register_policy("uniform", needs_spectra=False)
 def uniform_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], ratio: float) -> dict[str, int | None]:
     """Every matrix at the rank r* = keep·m·n/(m+n), keep = 1 − ratio, rounded to fit the budget.
 
@@ -230,9 +240,6 @@ def uniform_policy(spectra: dict[str, torch.Tensor], shapes: dict[str, Shape], r
             ranks[name] = grown
             spent += extra
     return ranks
-
-
-uniform_policy.needs_spectra = False  # type: ignore[attr-defined]  # ranks follow from shapes alone
 
 
 def threshold_allocation(

@@ -5,7 +5,7 @@ A recipe that wins on one model can lose on the next: on SmolLM2-135M the curvat
 measured, while on a model of another family plain whitening with WeLore's ranks beat it. So
 `select_recipe` compresses a copy of the model with each candidate in `CANDIDATES`, scores each
 copy's perplexity on calibration windows held back from every fit (never on evaluation text),
-and returns the best candidate's config with the scores; `compress_` then compresses the model
+and returns the best candidate's config with the scores; `welore.compress.low_rank_` then compresses the model
 itself with that config on all the calibration windows.
 
 Cost: the candidates are fitted on a quarter (`SELECT_FRACTION`) of the windows not held back,
@@ -21,19 +21,15 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from welore.compress import CompressConfig, low_rank_
 from welore.errors import WeloreError
-
-if TYPE_CHECKING:
-    from welore.compress import CompressConfig
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"  # the `method` that selects the recipe
 HELD_FRACTION = 1 / 8  # of the calibration windows, held back to score the candidates
 SELECT_FRACTION = 1 / 4  # of the other windows, fitting each candidate during the selection
 
@@ -86,7 +82,6 @@ def select_recipe(
 ) -> tuple[CompressConfig, dict]:
     """The best candidate's config for `model` and the selection's record: every candidate's
     perplexity on the held-back windows and its seconds, the tokens fitted and held back."""
-    from welore.compress import compress_
     from welore.evaluate import perplexity
     from welore.stream import is_streamed
 
@@ -101,7 +96,7 @@ def select_recipe(
     for candidate in CANDIDATES:
         trial = copy.deepcopy(model)
         start = time.perf_counter()
-        compress_(trial, candidate.config(config), calibration=fit, batch_size=batch_size, progress=progress)
+        low_rank_(trial, candidate.config(config), calibration=fit, batch_size=batch_size, progress=progress)
         try:
             ppl, _ = perplexity(trial, held, batch_size=batch_size, progress=False)
         except WeloreError:  # non-finite logits: this recipe broke the model

@@ -64,12 +64,7 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[st
 
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise WeloreError("This model is already compressed by welore; compress or analyze its dense original instead.")
-    excluded = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    dense = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, DENSE_TYPES) and id(module) not in excluded
-    }
+    dense = _dense_layers(model)
     if patterns:
         for pattern in patterns:
             if pattern.startswith("re:"):
@@ -93,6 +88,23 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[st
             "name them with --targets patterns."
         )
     return targets
+
+
+def _dense_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear/Conv1D outside the embeddings and the LM head, in model order."""
+    excluded = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, DENSE_TYPES) and id(module) not in excluded}
+
+
+def kept_dense(model: nn.Module) -> dict[str, nn.Module]:
+    """The decoder blocks' dense layers that are not a factor of a `LowRankLinear`: on a
+    compressed model, the default targets its compression kept dense."""
+    from welore.modules import LowRankLinear
+
+    low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    in_blocks = _inside_module_list(model)
+    return {n: m for n, m in _dense_layers(model).items() if n in in_blocks and n.rpartition(".")[0] not in low_rank}
 
 
 def layer_index(name: str) -> int | None:

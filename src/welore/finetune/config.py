@@ -3,12 +3,19 @@
 The config is a small dataclass that round-trips through JSON (`to_dict`/`from_dict`) and
 carries a version; it is recorded beside every fine-tuned checkpoint (`finetune.json`) and
 in every resumable run folder, where it decides whether a `--resume` continues the same run.
+General training settings are its own fields; the settings of one mode, optimizer or loss are
+a group each (`LrcOptions`, `LoraOptions`, `GaLoreOptions`, `DistillOptions`): `config.lora.rank`,
+which the command line still spells `--lora-rank` (`welore.options`).
+
+This module is the bottom of `welore.finetune`: it names the modes and optimizers that exist,
+and `trainable` (one strategy per mode) and `optimizers` (one builder per optimizer) follow it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from torch import nn
@@ -16,34 +23,93 @@ from torch import nn
 from welore.data import DEFAULT_TEXT, LEGACY_BOS, bos_option, check_bos_policy
 from welore.devices import resolve_device
 from welore.errors import WeloreError
-from welore.versioned import config_from_dict
+from welore.options import check_positive, nested_values
+from welore.versioned import check_version, config_from_dict, report_unknown
 
-CONFIG_VERSION = 1  # new fields have defaults, so older configs still read
+CONFIG_VERSION = 2  # 2: the settings of a mode, optimizer or loss grouped (1: every option at the top level)
+MODE_NAMES = ("lrc", "lora", "full")  # what trains; one strategy each in welore.finetune.trainable.MODES
+OPTIMIZER_NAMES = ("adamw", "galore", "fira")  # one builder each in welore.finetune.optimizers.OPTIMIZERS
 PRECISIONS = ("no", "bf16", "fp16")
 TEACHER_DTYPES = ("float32", "bfloat16")  # dtypes the distillation teacher may run in
 DEFAULT_LR = {"lrc": 1e-4, "lora": 5e-4, "full": 3e-5}  # when lr is None; short runs, AdamW
 
 
-def _modes() -> list[str]:
-    from welore.finetune.trainable import MODES  # imported late: trainable imports this module
+@dataclass
+class LrcOptions:
+    """What trains in `--mode lrc` besides the factors of the LRC matrices (`welore.finetune.trainable`)."""
 
-    return list(MODES)
+    min_cut: float = field(default=0.5, metadata={"flag": "lrc_min_cut"})  # a matrix whose rank is cut by at least
+        # this fraction is an LRC
+    train_nlrc: bool = False  # also train the N-LRC matrices (dense or lightly cut)
+    train_norms: bool = False  # also train the normalisation layers' weights
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_cut <= 1:
+            raise WeloreError(f"--lrc-min-cut {self.min_cut} is outside (0, 1]; use e.g. 0.5.")
 
 
-def _optimizers() -> list[str]:
-    from welore.finetune.optimizers import (
-        OPTIMIZERS,  # imported late: optimizers imports this module
-    )
+@dataclass
+class LoraOptions:
+    """The adapters of `--mode lora` (peft)."""
 
-    return list(OPTIMIZERS)
+    rank: int = field(default=8, metadata={"flag": "lora_rank"})  # rank r of each adapter
+    alpha: float = field(default=16.0, metadata={"flag": "lora_alpha"})  # adapter scale alpha (the update is
+        # alpha/r · B·A)
+    dropout: float = field(default=0.0, metadata={"flag": "lora_dropout"})  # dropout on the adapter's input
+    targets: list[str] | None = field(default=None, metadata={"flag": "lora_targets", "metavar": "PATTERN"})  # Linear
+        # module patterns (exact, glob, re:); None = target matrices
+    keep_adapter: bool = False  # save the adapter (out/adapter) instead of merging it into the weights
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("rank",))
+
+
+@dataclass
+class GaLoreOptions:
+    """The gradient projection of `--optimizer galore` and `fira` (`welore.optim`)."""
+
+    rank: int = field(default=128, metadata={"flag": "galore_rank"})  # rank of the gradient projection (capped by
+        # each matrix's smaller side)
+    gap: int = field(default=200, metadata={"flag": "galore_gap"})  # recompute the projection every this many steps
+    scale: float = field(default=0.25, metadata={"flag": "galore_scale"})  # scale of the projected-back update
+
+    def __post_init__(self) -> None:
+        check_positive(self, ("rank", "gap"))
+
+
+@dataclass
+class DistillOptions:
+    """Distillation from a teacher, `--distill` (`welore.finetune.distill`)."""
+
+    enabled: bool = field(default=False, metadata={"flag": "distill"})  # train against the teacher's next-token
+        # distribution (KL on the logits), not only the next token
+    teacher: str | None = field(default=None, metadata={"metavar": "MODEL"})  # the --distill teacher; None = the dense
+        # model a welore checkpoint came from (its welore.json source)
+    alpha: float = field(default=1.0, metadata={"flag": "distill_alpha"})  # loss = alpha·KL(teacher ‖ student) +
+        # (1 - alpha)·LM loss: 1 = pure distillation, 0 = plain LM loss
+    temperature: float = field(default=1.0, metadata={"flag": "distill_temperature"})  # softens both distributions
+        # before the KL (which is then scaled by its square)
+    teacher_dtype: str = field(default="float32", metadata={"choices": TEACHER_DTYPES})  # the teacher's weights:
+        # float32, or bfloat16 for half its memory
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise WeloreError(f"--distill-alpha must be in [0, 1] (the KL's share of the loss), got {self.alpha}.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise WeloreError(f"--distill-temperature must be a positive number, got {self.temperature}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise WeloreError(f"Unknown --teacher-dtype {self.teacher_dtype!r}; "
+                              f"choose one of {', '.join(TEACHER_DTYPES)}.")
+        if self.teacher is not None and not self.enabled:
+            raise WeloreError(f"--teacher {self.teacher} is only used with --distill; add --distill or drop --teacher.")
 
 
 @dataclass
 class FinetuneConfig:
-    mode: str = field(default="lrc", metadata={"choices": _modes})  # what trains: lrc (WeLore's low-rank components),
-        # lora (peft adapters) or full
-    optimizer: str = field(default="adamw", metadata={"choices": _optimizers})  # adamw, galore or fira (welore.optim)
-        # on the trainable matrices
+    mode: str = field(default="lrc", metadata={"choices": MODE_NAMES})  # what trains: lrc (WeLore's low-rank
+        # components), lora (peft adapters) or full
+    optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZER_NAMES})  # adamw, galore or fira
+        # (welore.optim) on the trainable matrices
     steps: int = 100  # optimizer steps
     lr: float | None = None  # peak learning rate; None = the mode's default
         # (DEFAULT_LR: lrc 1e-4, lora 5e-4, full 3e-5)
@@ -66,44 +132,20 @@ class FinetuneConfig:
     bos: str = bos_option()  # recorded as used: yes or no (welore.data.resolve_bos)
     eval_every: int = 0  # validation perplexity every N optimizer steps (0 = only before and after)
     save_every: int = 0  # resumable checkpoint every N optimizer steps (0 = none)
-    # lrc
-    lrc_min_cut: float = 0.5  # a matrix whose rank is cut by at least this fraction is an LRC
-    train_nlrc: bool = False  # also train the N-LRC matrices (dense or lightly cut)
-    train_norms: bool = False  # also train the normalisation layers' weights
+    # what trains besides the mode's matrices, and the settings of each mode, optimizer and loss
+    lrc: LrcOptions = field(default_factory=LrcOptions)  # --mode lrc: which matrices are LRCs, what else trains
     train_scales: bool = False  # also train the per-group scales and offsets of packed quantized matrices
         # (codes frozen; PEQA)
-    # lora
-    lora_rank: int = 8  # rank r of each adapter
-    lora_alpha: float = 16.0  # adapter scale alpha (the update is alpha/r · B·A)
-    lora_dropout: float = 0.0  # dropout on the adapter's input
-    lora_targets: list[str] | None = field(default=None, metadata={"metavar": "PATTERN"})  # Linear module patterns
-        # (exact, glob, re:); None = target matrices
-    keep_adapter: bool = False  # save the adapter (out/adapter) instead of merging it into the weights
-    # galore / fira
-    galore_rank: int = 128  # rank of the gradient projection (capped by each matrix's smaller side)
-    galore_gap: int = 200  # recompute the projection every this many steps
-    galore_scale: float = 0.25  # scale of the projected-back update
-    # distillation (welore.finetune.distill)
-    distill: bool = False  # train against the teacher's next-token distribution (KL on the logits),
-        # not only the next token
-    teacher: str | None = field(default=None, metadata={"metavar": "MODEL"})  # the --distill teacher; None = the dense
-        # model a welore checkpoint came from (its welore.json source)
-    distill_alpha: float = 1.0  # loss = alpha·KL(teacher ‖ student) + (1 - alpha)·LM loss:
-        # 1 = pure distillation, 0 = plain LM loss
-    distill_temperature: float = 1.0  # softens both distributions before the KL (which is then scaled by its square)
-    teacher_dtype: str = field(default="float32", metadata={"choices": TEACHER_DTYPES})  # the teacher's weights:
-        # float32, or bfloat16 for half its memory
+    lora: LoraOptions = field(default_factory=LoraOptions)  # --mode lora: the adapters
+    galore: GaLoreOptions = field(default_factory=GaLoreOptions)  # --optimizer galore or fira: the projection
+    distill: DistillOptions = field(default_factory=DistillOptions)  # --distill: the teacher and the loss
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        # The registries name what exists (imported here: both modules import this one).
-        from welore.finetune.optimizers import OPTIMIZERS
-        from welore.finetune.trainable import MODES
-
-        if self.mode not in MODES:
-            raise WeloreError(f"Unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODES)}.")
-        if self.optimizer not in OPTIMIZERS:
-            raise WeloreError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        if self.mode not in MODE_NAMES:
+            raise WeloreError(f"Unknown fine-tuning mode {self.mode!r}; choose one of {', '.join(MODE_NAMES)}.")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise WeloreError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZER_NAMES)}.")
         resolve_device(self.device)  # a device that is not here: one sentence, before anything loads
         check_bos_policy(self.bos)
         if self.precision not in PRECISIONS:
@@ -114,8 +156,7 @@ class FinetuneConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "val_tokens": self.val_tokens, "lora_rank": self.lora_rank, "galore_rank": self.galore_rank,
-                    "galore_gap": self.galore_gap}
+                    "val_tokens": self.val_tokens}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise WeloreError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}.")
@@ -130,20 +171,8 @@ class FinetuneConfig:
             raise WeloreError(f"--lr must be a positive number, got {self.lr}.")
         if not 0 < self.val_fraction < 1:
             raise WeloreError(f"--val-fraction must be in (0, 1), got {self.val_fraction}.")
-        if not 0 < self.lrc_min_cut <= 1:
-            raise WeloreError(f"--lrc-min-cut {self.lrc_min_cut} is outside (0, 1]; use e.g. 0.5.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise WeloreError(f"--max-grad-norm must be positive, got {self.max_grad_norm}.")
-        if not 0 <= self.distill_alpha <= 1:
-            raise WeloreError("--distill-alpha must be in [0, 1] (the KL's share of the loss), "
-                              f"got {self.distill_alpha}.")
-        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
-            raise WeloreError(f"--distill-temperature must be a positive number, got {self.distill_temperature}.")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise WeloreError(f"Unknown --teacher-dtype {self.teacher_dtype!r}; "
-                              f"choose one of {', '.join(TEACHER_DTYPES)}.")
-        if self.teacher is not None and not self.distill:
-            raise WeloreError(f"--teacher {self.teacher} is only used with --distill; add --distill or drop --teacher.")
         if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len:
             raise WeloreError(f"--max-train-tokens ({self.max_train_tokens}) is less than one block of "
                               f"--seq-len ({self.seq_len}); raise it or lower --seq-len.")
@@ -160,15 +189,33 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict, what: str = "The fine-tuning config") -> FinetuneConfig:
-        """Read `to_dict` output back (version checked, unknown keys reported)."""
-        if isinstance(data, dict) and "bos" not in data:  # earlier versions: blocks never started with BOS
+        """Read `to_dict` output back (version checked, unknown keys reported), or the flat dict
+        of version 1, which held every option at the top level under its option's name."""
+        if check_version(data, "version", CONFIG_VERSION, what) < 2:
+            data = nested_values(cls, data) | {"version": CONFIG_VERSION}
+        if "bos" not in data:  # earlier versions: blocks never started with BOS
             data = {**data, "bos": LEGACY_BOS}
-        return config_from_dict(cls, data, what, CONFIG_VERSION)
+        hints = typing.get_type_hints(cls)
+        groups = {f.name: _group_from_dict(hints[f.name], data[f.name], f"{what} ({f.name})")
+                  for f in fields(cls) if f.name in data and is_dataclass(hints[f.name])}
+        return config_from_dict(cls, data | groups, what, CONFIG_VERSION)
+
+
+def _group_from_dict(cls: type, data: object, what: str):
+    """A group of `FinetuneConfig` from its dict, with `config_from_dict`'s checks and messages."""
+    if not isinstance(data, dict):
+        raise WeloreError(f"{what} is not a JSON object; re-create it with welore.")
+    try:
+        return cls(**report_unknown(data, (f.name for f in fields(cls)), what))
+    except WeloreError as err:
+        raise WeloreError(f"{what} holds a bad value: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise WeloreError(f"{what} holds a value of the wrong type ({err}); re-create it with welore.") from None
 
 
 @dataclass
 class FinetuneResult:
-    model: nn.Module  # the fine-tuned model (LoRA merged into it unless keep_adapter)
+    model: nn.Module  # the fine-tuned model (LoRA merged into it unless lora.keep_adapter)
     config: FinetuneConfig  # the configuration it was trained with (lr resolved)
     trainable_params: int  # parameters that trained
     total_params: int  # all unique parameters of the model that trained (adapters included)

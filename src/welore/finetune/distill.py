@@ -96,15 +96,15 @@ class Distillation:
         return self.alpha * kl + (1 - self.alpha) * out.loss
 
 
-def resolve_teacher(model: nn.Module, teacher: str | None) -> str:
-    """The teacher's spec: `teacher` when given, else the dense model `model` was made from.
+def resolve_teacher(source: str | None, teacher: str | None) -> str:
+    """The teacher's spec: `teacher` when given, else the dense model the student was made from.
 
-    A welore checkpoint records its source; when that source is itself a welore checkpoint (a
-    fine-tuned one records the compressed model it started from) the chain is followed back.
+    `source` is the student checkpoint's recorded source (`Record.source`; None for a model that
+    is not a welore checkpoint); when that source is itself a welore checkpoint (a fine-tuned one
+    records the compressed model it started from) the chain is followed back.
     """
     if teacher is not None:
         return teacher
-    source = getattr(model, "welore_source", None)
     if source is None:
         raise WeloreError("Distillation needs a teacher and this model records no source model (it is not a welore "
                           "checkpoint); name the dense model with --teacher MODEL.")

@@ -2,7 +2,7 @@
 
 `matrices` are the trainable 2-D weights of target matrices, `others` every other trainable
 parameter. AdamW treats both alike. GaLore and Fira (`welore.optim`) project the gradients of
-`matrices` onto a rank-`galore_rank` subspace recomputed every `galore_gap` steps and run
+`matrices` onto a rank-`galore.rank` subspace recomputed every `galore.gap` steps and run
 plain AdamW on `others` (embeddings, norms, biases).
 """
 
@@ -14,26 +14,16 @@ import torch
 from torch import nn
 
 from welore.errors import WeloreError
-from welore.finetune.config import FinetuneConfig
+from welore.finetune.config import OPTIMIZER_NAMES, FinetuneConfig
 from welore.optim import FiraAdamW, GaLoreAdamW
 
 Builder = Callable[[list[nn.Parameter], list[nn.Parameter], FinetuneConfig], torch.optim.Optimizer]
-OPTIMIZERS: dict[str, Builder] = {}
-
-
-def register_optimizer(name: str) -> Callable[[Builder], Builder]:
-    def register(fn: Builder) -> Builder:
-        OPTIMIZERS[name] = fn
-        return fn
-
-    return register
 
 
 def _groups(matrices: list[nn.Parameter], others: list[nn.Parameter]) -> list[dict]:
     return [g for g in ({"params": matrices}, {"params": others}) if g["params"]]
 
 
-@register_optimizer("adamw")
 def adamw(matrices: list[nn.Parameter], others: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_groups(matrices, others), lr=config.lr, betas=config.betas,
                              weight_decay=config.weight_decay)
@@ -43,8 +33,8 @@ def _low_rank_groups(matrices: list[nn.Parameter], others: list[nn.Parameter], c
     if not matrices:
         raise WeloreError(f"{config.optimizer} projects the gradients of 2-D target matrices, and none of them "
                           "trains in this mode; use --optimizer adamw.")
-    rank_group = {"params": matrices, "rank": config.galore_rank, "update_proj_gap": config.galore_gap,
-                  "scale": config.galore_scale, "proj_type": "std"}
+    rank_group = {"params": matrices, "rank": config.galore.rank, "update_proj_gap": config.galore.gap,
+                  "scale": config.galore.scale, "proj_type": "std"}
     return [rank_group] + ([{"params": others}] if others else [])
 
 
@@ -59,8 +49,12 @@ def _low_rank_optimizer(cls: type[torch.optim.Optimizer]) -> Builder:
     return build
 
 
-register_optimizer("galore")(_low_rank_optimizer(GaLoreAdamW))
-register_optimizer("fira")(_low_rank_optimizer(FiraAdamW))
+OPTIMIZERS: dict[str, Builder] = {
+    "adamw": adamw,
+    "galore": _low_rank_optimizer(GaLoreAdamW),
+    "fira": _low_rank_optimizer(FiraAdamW),
+}
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES, "FinetuneConfig's optimizers (OPTIMIZER_NAMES) and their builders differ"
 
 
 def build_optimizer(

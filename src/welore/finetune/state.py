@@ -1,8 +1,9 @@
 """Resumable training state: a run folder beside the output, one atomic folder per checkpoint.
 
     OUT.checkpoints/
-        run.json                    what defines the run: the config (minus options that do not
-                                    change the trajectory), a model fingerprint, a data hash
+        run.json                    what defines the run: the config's options by their command-line
+                                    names (minus those that do not change the trajectory), a model
+                                    fingerprint, a data hash
         step-000020/                the latest checkpoint (older ones are removed once it is complete)
             trainable.safetensors   the trainable parameters (frozen ones come from the model)
             optimizer.pt            the optimizer's state dict (tensors, numbers and strings only:
@@ -37,6 +38,7 @@ from welore._io import atomic_dir, write_json
 from welore.data import LEGACY_BOS
 from welore.errors import WeloreError
 from welore.finetune.config import FinetuneConfig
+from welore.options import flag, flat_values
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,18 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 
 def run_identity(config: FinetuneConfig, model_print: dict[str, str], data_print: str, processes: int = 1,
                  teacher_print: dict[str, str] | None = None, engine: str = "ddp") -> dict:
-    """What a resumed run must share with the run it continues. A distillation teacher is not
-    saved in checkpoints (it is frozen, and loaded again), only its fingerprint."""
-    options = {k: v for k, v in config.to_dict().items() if k not in _FREE_OPTIONS}
+    """What a resumed run must share with the run it continues. The config is recorded flat, by
+    option (`--lora-rank` as "lora_rank"), as every welore wrote it, so that a run saved before the
+    config's fields were grouped resumes. A distillation teacher is not saved in checkpoints (it
+    is frozen, and loaded again), only its fingerprint."""
+    options = {k: v for k, v in _options(config).items() if k not in _FREE_OPTIONS}
     return {"format": RUN_FORMAT, "version": RUN_VERSION, "config": options, "model": model_print, "data": data_print,
             "processes": processes, "engine": engine, "teacher": teacher_print}
+
+
+def _options(config: FinetuneConfig) -> dict:
+    """The config's option values as JSON has them, by option: {"lora_rank": 8, ...}."""
+    return flat_values(FinetuneConfig, config.to_dict())
 
 
 def _difference(saved: dict, current: dict) -> str | None:
@@ -88,11 +97,11 @@ def _difference(saved: dict, current: dict) -> str | None:
     if saved.get("engine", "ddp") != current["engine"]:
         return f"the engine, {saved.get('engine', 'ddp')} vs {current['engine']},"
     # an option newer than the saved run had its default then (the BOS policy: none, as blocks were made then)
-    defaults = FinetuneConfig().to_dict() | {"bos": LEGACY_BOS}
+    defaults = _options(FinetuneConfig()) | {"bos": LEGACY_BOS}
     for key, value in current["config"].items():
         before = saved.get("config", {}).get(key, defaults.get(key))
         if before != value:
-            return f"--{key.replace('_', '-')} {before!r} vs {value!r}"
+            return f"{flag(key)} {before!r} vs {value!r}"
     if saved.get("model") != current["model"]:
         return "the model"
     if saved.get("teacher") != current["teacher"]:

@@ -7,9 +7,9 @@ report (names, counts, and which trainable tensors are 2-D weights of target mat
 rank group of GaLore/Fira).
 
 - `lrc` (Jaiswal et al. 2024, "From GaLore to WeLore"): only the factors (`up`, `down`) of the
-  low-rank components, i.e. the matrices whose rank the plan cut by at least `lrc_min_cut`.
+  low-rank components, i.e. the matrices whose rank the plan cut by at least `lrc.min_cut`.
   N-LRC matrices, embeddings, norms and the factors' biases stay frozen unless asked.
-  On a quantized model (`welore.quantize`) the low-rank components are also the compensation
+  On a quantized model (`welore.quant`) the low-rank components are also the compensation
   factors of the packed matrices (W ≈ Q(W) + up·down): they train with the packed codes frozen,
   as QLoRA trains adapters on a frozen 4-bit model, but starting from the fitted correction
   (EoRA) instead of zero. A factor stored quantized itself (`--ratio` with `--quantize`) is
@@ -33,10 +33,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from welore.checkpoint import model_plans
 from welore.errors import WeloreError
-from welore.finetune.config import FinetuneConfig
+from welore.finetune.config import MODE_NAMES, FinetuneConfig
 from welore.modules import LowRankLinear, count_parameters
-from welore.quantize import QuantizedLinear, set_factor_dtype_, set_scales_trainable_
+from welore.plan import RankPlan
+from welore.quant.module import QuantizedLinear, set_factor_dtype_, set_scales_trainable_
 from welore.targets import DENSE_TYPES, _matches, find_targets
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,17 @@ class Mode:
     selects: Callable[[nn.Module, FinetuneConfig], set[str]]  # names of the parameters that train
 
 
+def _compressed_plan(model: nn.Module) -> RankPlan | None:
+    """The rank plan a compressed model's modules carry out (`welore.checkpoint.model_plans`),
+    None for a model with no low-rank or quantized layers."""
+    plan, _ = model_plans(model)
+    return None if plan.method == "dense" else plan
+
+
 def target_names(model: nn.Module) -> list[str]:
-    """The target matrices: the rank plan's modules for a compressed model, else the decoder blocks' Linears."""
-    plan = getattr(model, "welore_plan", None)
+    """The target matrices: a compressed model's factorized, quantized and kept-dense block
+    matrices, else the decoder blocks' Linears."""
+    plan = _compressed_plan(model)
     return list(plan.ranks) if plan is not None else list(find_targets(model))
 
 
@@ -75,8 +85,8 @@ def _base(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _plan(model: nn.Module):
-    plan = getattr(model, "welore_plan", None)
+def _plan(model: nn.Module) -> RankPlan:
+    plan = _compressed_plan(model)
     if plan is None:
         raise WeloreError("LRC fine-tuning trains the low-rank factors of a compressed model, and this model is "
                           "not compressed; compress it first with welore compress (or use --mode lora or full).")
@@ -102,7 +112,7 @@ def lrc_names(model: nn.Module, min_cut: float) -> list[str]:
     checked to exist with something to train (a clear error otherwise)."""
     plan = _plan(model)
     lrc = plan.lrc(min_cut)
-    quantized = getattr(model, "welore_quant_plan", None) is not None
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     if quantized:
         lrc = [n for n in plan.ranks if n in lrc or _compensated(model, n) or _scales_train(model, n)]
         lrc = [n for n in lrc if _matrix_weights(model, n)]
@@ -140,16 +150,16 @@ def _norm_params(model: nn.Module) -> set[str]:
 
 
 def _prepare_lrc(model: nn.Module, config: FinetuneConfig) -> nn.Module:
-    lrc_names(model, config.lrc_min_cut)  # fail before any slow work
+    lrc_names(model, config.lrc.min_cut)  # fail before any slow work
     return model
 
 
 def _select_lrc(model: nn.Module, config: FinetuneConfig) -> set[str]:
-    lrc = lrc_names(model, config.lrc_min_cut)
+    lrc = lrc_names(model, config.lrc.min_cut)
     names = set().union(*(_matrix_weights(model, n) for n in lrc))
-    if config.train_nlrc:
+    if config.lrc.train_nlrc:
         names |= set().union(set(), *(_matrix_weights(model, n) for n in _plan(model).ranks if n not in lrc))
-    if config.train_norms:
+    if config.lrc.train_norms:
         names |= _norm_params(model)
     return names
 
@@ -177,7 +187,7 @@ def lora_target_modules(model: nn.Module, patterns: list[str] | None = None) -> 
 def _prepare_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    modules = lora_target_modules(model, config.lora_targets)
+    modules = lora_target_modules(model, config.lora.targets)
     packed = [n for n in modules if isinstance(model.get_submodule(n), QuantizedLinear)]
     if packed:
         raise WeloreError(f"LoRA adapters need Linear layers and {packed[0]} (with {len(packed) - 1} others) is "
@@ -185,9 +195,9 @@ def _prepare_lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
                           "compensation factors (quantize with --compensate-rank R), or pass --lora-targets for other "
                           "layers.")
     conv1d = [isinstance(model.get_submodule(n), Conv1D) for n in modules]
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                       target_modules=modules, bias="none", fan_in_fan_out=all(conv1d))
-    log.info("LoRA (r=%d, alpha=%g) on %d modules", config.lora_rank, config.lora_alpha, len(modules))
+    log.info("LoRA (r=%d, alpha=%g) on %d modules", config.lora.rank, config.lora.alpha, len(modules))
     with warnings.catch_warnings():  # peft calls a transformers property that transformers deprecates
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, lora)
@@ -213,6 +223,7 @@ MODES: dict[str, Mode] = {
     "lora": Mode(prepare=_prepare_lora, selects=_select_lora),
     "full": Mode(prepare=lambda model, config: model, selects=_select_all),
 }
+assert tuple(MODES) == MODE_NAMES, "FinetuneConfig's modes (MODE_NAMES) and their strategies differ"
 
 
 def prepare_model(model: nn.Module, config: FinetuneConfig) -> nn.Module:
