@@ -38,7 +38,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from welore.models import DEFAULT_MODEL, builtin_model_dir
+from welore.io.models import DEFAULT_MODEL, builtin_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {  # public configs: TinyLlama-1.1B and LLaMA-2-7B; "tiny" checks the script itself

@@ -7,7 +7,7 @@ without BOS first in every window, with and without the outlier bound.
 
 For each BOS policy (`--bos no`, `--bos yes`) the default model is compressed at `--ratio` with
 the curvature recipe (kfac factors, WeLore ranks, sequential calibration) on the same
-calibration text, once with `welore.curvature.OUTLIER_FACTOR` at its value and once with no
+calibration text, once with `welore.lowrank.curvature.OUTLIER_FACTOR` at its value and once with no
 bound, and judged on the evaluation text's windows under the same policy. While the output
 gradients are gathered, every token whose squared norm exceeds OUTLIER_FACTOR × its batch's
 median at a target matrix is counted by its position in the window (0, 1, later), so the table
@@ -25,10 +25,11 @@ from collections import Counter
 import torch
 from _common import machine, publish
 
-from welore import CompressConfig, compress_, curvature
+from welore import CompressConfig, compress_
 from welore.data import describe_bos, load_text, token_windows
-from welore.evaluate import perplexity
-from welore.models import load_model
+from welore.eval.evaluate import perplexity
+from welore.io.models import load_model
+from welore.lowrank import curvature
 
 POSITIONS = ("0", "1", "2+")
 
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--policies", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     parser.add_argument("--bounds", nargs="+", default=["default", "none"], choices=["default", "none"],
-                        help="default: welore.curvature.OUTLIER_FACTOR; none: no bound")
+                        help="default: welore.lowrank.curvature.OUTLIER_FACTOR; none: no bound")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from _common import DOC, machine, publish
 
 from welore import CompressConfig, compress_
-from welore.checkpoint import save
 from welore.data import describe_text, load_text, token_windows
-from welore.evaluate import evaluate, measure_speed
-from welore.models import load_model
+from welore.eval.evaluate import evaluate, measure_speed
+from welore.io.checkpoint import save
+from welore.io.models import load_model
 
 
 def fmt_ppl(ppl: float) -> str:

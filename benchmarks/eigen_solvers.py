@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/eigen_solvers.py [--sizes 576 2048 4096] [--threads 2]
 
 Every factorization welore computes on the CPU ends in the r largest eigenpairs of a k×k
-float64 Gram matrix (`welore.factorize._top_eigenpairs`). scipy's `eigh(subset_by_index=...,
+float64 Gram matrix (`welore.lowrank.factorize._top_eigenpairs`). scipy's `eigh(subset_by_index=...,
 driver="evr")` computes only those r; `torch.linalg.eigh` (divide and conquer) computes all k.
 This times both side by side, per k and r/k, to place the switch between them
 (`EVR_MAX_FRACTION`). The Gram matrices are those of random normal k × 1.5k matrices, a
@@ -22,7 +22,7 @@ import torch
 from _common import machine, publish
 from threadpoolctl import threadpool_limits
 
-from welore.factorize import EVR_MAX_FRACTION
+from welore.lowrank.factorize import EVR_MAX_FRACTION
 
 FRACTIONS = (0.1, 0.2, 0.25, 0.3, 0.4, 0.6)
 
@@ -77,7 +77,7 @@ def main() -> None:
         "Wall seconds, best of the repeats, float64. `eigh`: torch's full decomposition (all k pairs); "
         "the other columns: scipy's subset solver (LAPACK MRRR, driver evr) for r = fraction·k. "
         f"welore takes the subset solver up to r = {EVR_MAX_FRACTION}·k and the full one above "
-        "(`welore.factorize.EVR_MAX_FRACTION`); the ratio column is subset / full at that switch.",
+        "(`welore.lowrank.factorize.EVR_MAX_FRACTION`); the ratio column is subset / full at that switch.",
         "",
         "| k | eigh (all k) | " + " | ".join(f"r = {f}·k" for f in FRACTIONS) + " | at the switch |",
         "|---:|---:|" + "---:|" * len(FRACTIONS) + "---:|",

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-from welore.calibrate import iter_block_stats
-from welore.compress import gradient_stats
-from welore.curvature import CurvatureStats
 from welore.data import load_text, token_windows
-from welore.factorize import make_factorizer
-from welore.models import load_model
+from welore.io.models import load_model
+from welore.lowrank.calibrate import iter_block_stats
+from welore.lowrank.compress import gradient_stats
+from welore.lowrank.curvature import CurvatureStats
+from welore.lowrank.factorize import make_factorizer
 from welore.tables import format_table
 from welore.targets import find_targets, weight_matrix
 

@@ -6,7 +6,7 @@
 Per matrix shape of three LLaMA-shaped models, side by side in one run and alternating the
 methods, each timed as the best of `--repeats` (wall and CPU time of this process):
 the full SVD the factorizers took before (`svd`: float32 as stored; `whiten`/`asvd`: float64
-of W·S or W·diag(s)) against `welore.factorize.top_factors` (float64 Gram matrix, top-r
+of W·S or W·diag(s)) against `welore.lowrank.factorize.top_factors` (float64 Gram matrix, top-r
 eigenvectors, the other side by one product). The rank is the uniform ratio-0.2 rank,
 r = 0.8·m·n/(m+n). SmolLM2-135M's matrices are its real block-0 weights; the larger shapes
 (TinyLlama-1.1B's and LLaMA-2-7B's configs) are random normal(0, 0.02), enough for timing.
@@ -22,7 +22,7 @@ import torch
 from _common import machine, publish
 from threadpoolctl import threadpool_limits
 
-from welore.factorize import top_factors
+from welore.lowrank.factorize import top_factors
 
 # (hidden, intermediate, kv width) of the models whose shapes are timed
 SHAPES = {
@@ -44,7 +44,7 @@ def shapes_of(hidden: int, intermediate: int, kv: int) -> dict[str, tuple[int, i
 def matrices(model: str) -> dict[str, torch.Tensor]:
     """kind (shape) -> one float32 matrix of that shape."""
     if model == "smollm2-135m":
-        from welore.models import load_model
+        from welore.io.models import load_model
         from welore.targets import find_targets, matrix_type, weight_matrix
 
         loaded = load_model(model).model

@@ -29,7 +29,7 @@ wiki → news figures never saw the choice.
 
 The curvature-aware settings (`kfac/…`, `fisher/…`) also need the output-gradient statistics of
 the LM loss on the calibration text; they are gathered ONCE per run on the dense model
-(`welore.compress.gradient_stats`, what `welore compress --factorizer kfac` does before it
+(`welore.lowrank.compress.gradient_stats`, what `welore compress --factorizer kfac` does before it
 allocates) and paired with each target's input statistics, so a shared curvature setting is
 measured exactly as `compress_` computes it; its cost adds the gradient pass.
 """
@@ -47,15 +47,15 @@ from dataclasses import dataclass, field
 from _common import DOC, machine, publish
 
 from welore import CompressConfig, compress_
-from welore.calibrate import iter_block_stats
-from welore.compress import factorize_layer, gradient_stats
-from welore.curvature import OUTLIER_FACTOR, CurvatureStats
 from welore.data import describe_text, load_text, overlap_fraction, token_windows
-from welore.evaluate import perplexity
-from welore.factorize import make_factorizer
-from welore.models import load_model
+from welore.eval.evaluate import perplexity
+from welore.io.models import load_model
+from welore.lowrank.calibrate import iter_block_stats
+from welore.lowrank.compress import factorize_layer, gradient_stats
+from welore.lowrank.curvature import OUTLIER_FACTOR, CurvatureStats
+from welore.lowrank.factorize import make_factorizer
+from welore.lowrank.plan import allocate
 from welore.modules import swap_module
-from welore.plan import allocate
 from welore.report import plot_perplexity_vs_ratio
 from welore.targets import find_targets, matrix_shape, weight_matrix
 
@@ -137,7 +137,7 @@ def needs_gradients(label: str) -> bool:
 
 
 def unbounded(record: dict) -> bool:
-    """A curvature record measured before `welore.curvature` bounded outlier tokens' gradients
+    """A curvature record measured before `welore.lowrank.curvature` bounded outlier tokens' gradients
     (213c289): its statistics may hold one token's spike, so the report marks it."""
     return needs_gradients(record["label"]) and "outlier_bound" not in record
 
@@ -274,7 +274,7 @@ CHILD = """
 import sys, time
 from welore import CompressConfig, compress_
 from welore.data import load_text, token_windows
-from welore.models import load_model
+from welore.io.models import load_model
 loaded = load_model(sys.argv[1])
 config = CompressConfig(**__import__("json").loads(sys.argv[2]))
 if config.ratio is not None:

@@ -7,7 +7,7 @@ The text is the evaluation split of a built-in text (or a local file), cut to th
 the tokens welore's windows hold, so that both tools score the same tokens. Four figures:
 
 - welore: `token_windows` (BOS first when the tokenizer adds one, `--bos auto`) and
-  `welore.evaluate.perplexity`: every window of T tokens predicts its last T-1 text tokens.
+  `welore.eval.evaluate.perplexity`: every window of T tokens predicts its last T-1 text tokens.
 - welore `--bos no` and `--bos yes`: the same text with windows that never or always start
   with BOS (for a tokenizer that adds none, "yes" forces its BOS token anyway).
 - lm-eval: `HFLM.loglikelihood_rolling` on the text as one document, `max_length` = T:
@@ -28,8 +28,8 @@ import time
 from _common import machine, publish
 
 from welore.data import describe_bos, describe_text, load_text, token_windows
-from welore.evaluate import perplexity
-from welore.models import load_model
+from welore.eval.evaluate import perplexity
+from welore.io.models import load_model
 
 
 def lm_eval_perplexity(model, tokenizer, text: str, seq_len: int) -> tuple[float, int]:

@@ -32,7 +32,7 @@ import time
 import torch
 from _common import machine, publish
 
-from welore.models import load_model
+from welore.io.models import load_model
 from welore.optim import FiraAdamW, GaLoreAdamW
 from welore.targets import find_targets
 

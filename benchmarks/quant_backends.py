@@ -37,7 +37,7 @@ TOKENS = 512
 
 def activations():
     from welore.data import load_text, token_windows
-    from welore.models import load_model
+    from welore.io.models import load_model
 
     loaded = load_model("smollm2-135m")
     model = loaded.model

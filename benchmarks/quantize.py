@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 from _common import DOC, machine, write_section
 
-from welore.calibrate import iter_block_stats
 from welore.data import load_text, token_windows
-from welore.evaluate import measure_speed, perplexity, weights_size_on_disk
-from welore.models import builtin_model_dir, load_model
+from welore.eval.evaluate import measure_speed, perplexity, weights_size_on_disk
+from welore.io.models import builtin_model_dir, load_model
+from welore.lowrank.calibrate import iter_block_stats
+from welore.lowrank.spectrum import _one_thread_per_op
 from welore.quant import QuantConfig, apply_quant_plan_, plan_quantization, quant_targets
 from welore.quant.api import _collect_stats
-from welore.spectrum import _one_thread_per_op
 from welore.targets import find_targets, weight_matrix
 
 JSON = DOC.parent / "quantize.json"
@@ -162,7 +162,7 @@ def joint(name: str, lowrank: dict, calib, evals, dense_bytes: int) -> dict:
 
 def speed(args) -> dict:
     """Load time, disk bytes and tokens/s of an int4 (groups of 64) checkpoint vs the dense folder."""
-    from welore.checkpoint import load, save
+    from welore.io.checkpoint import load, save
 
     model = load_model("smollm2-135m")
     with _one_thread_per_op():

@@ -5,7 +5,7 @@ calibration text, and its cost against the curvature recipe alone, in one run.
         [--calib-tokens 8192] [--ratio 0.2] [--eval-tokens 4096] [--no-write]
 
 The model is compressed from fresh copies, one after another in this process: with each
-candidate recipe of `welore.select.CANDIDATES` on all the calibration windows, then with
+candidate recipe of `welore.lowrank.select.CANDIDATES` on all the calibration windows, then with
 `--method auto` (which fits every candidate on a quarter of the windows, scores them on the
 eighth held back, and compresses with the winner on all of them). Every result is judged on both
 built-in texts' evaluation halves. Cost is given in wall and CPU seconds; their ratio to the
@@ -24,9 +24,9 @@ from _common import machine, publish
 
 from welore import CompressConfig, compress_
 from welore.data import describe_bos, load_text, token_windows
-from welore.evaluate import perplexity
-from welore.models import load_model
-from welore.select import CANDIDATES
+from welore.eval.evaluate import perplexity
+from welore.io.models import load_model
+from welore.lowrank.select import CANDIDATES
 
 TEXTS = ("wiki", "news")
 

@@ -4,7 +4,7 @@
 
 Side by side in one run, one matrix type at a time and alternating the two methods, each
 timed as the best of `--repeats`. welore takes eigenvalues of the float64 Gram matrices, one
-single-threaded solve per core (`welore.spectrum.singular_values_many`); the baseline calls
+single-threaded solve per core (`welore.lowrank.spectrum.singular_values_many`); the baseline calls
 `torch.linalg.svd` on each float32 matrix as stored, with torch's default threads. Accuracy
 is measured against float64 `torch.linalg.svdvals`.
 """
@@ -17,8 +17,8 @@ import time
 import torch
 from _common import machine, publish
 
-from welore.models import load_model
-from welore.spectrum import singular_values_many
+from welore.io.models import load_model
+from welore.lowrank.spectrum import singular_values_many
 from welore.targets import find_targets, matrix_type, weight_matrix
 
 

@@ -47,7 +47,7 @@ def _peak_rss() -> int:
 
 
 def _digest(folder: Path) -> str:
-    from welore.stream import TensorFiles
+    from welore.io.stream import TensorFiles
 
     files = TensorFiles(folder)
     digest = hashlib.blake2b(digest_size=8)
@@ -64,14 +64,14 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from welore import CompressConfig, compress_
-    from welore.checkpoint import export_dense, save
     from welore.data import load_text, token_windows
-    from welore.evaluate import perplexity
-    from welore.models import load_model
+    from welore.eval.evaluate import perplexity
+    from welore.io.checkpoint import export_dense, save
+    from welore.io.models import load_model
 
     max_memory = args.max_memory if args.streamed else None
     if args.streamed:  # as the CLI does when --max-memory is given
-        from welore.stream import return_freed_memory
+        from welore.io.stream import return_freed_memory
 
         return_freed_memory()
     start = time.perf_counter()
@@ -117,9 +117,9 @@ def law(settings: dict, tokens: int, job: str, base: int) -> dict[str, dict[str,
     phases: at the ends of a pass (`ends`) and over the blocks (`blocks`); the peak is the larger."""
     import torch
 
-    from welore.checkpoint import empty_model
-    from welore.models import DTYPES
-    from welore.stream import StreamedBlocks, TensorFiles
+    from welore.io.checkpoint import empty_model
+    from welore.io.models import DTYPES
+    from welore.io.stream import StreamedBlocks, TensorFiles
 
     folder = Path(settings["model"])
     config = json.loads((folder / "config.json").read_text())
@@ -208,7 +208,7 @@ def main() -> None:
     label = args.model
     # a built-in name: its converted folder, so the jobs' private caches need not convert it
     if not Path(args.model).is_dir():
-        from welore.models import builtin_model_dir
+        from welore.io.models import builtin_model_dir
 
         args.model = str(builtin_model_dir(args.model))
     rows = []

@@ -23,12 +23,12 @@ import time
 from _common import machine, publish
 
 from welore.data import load_text, token_windows
-from welore.evaluate import perplexity
-from welore.models import load_model
+from welore.eval.evaluate import perplexity
+from welore.io.models import load_model
+from welore.lowrank.select import hold_back
+from welore.lowrank.spectrum import _one_thread_per_op
 from welore.quant import QuantConfig, apply_quant_plan_, plan_quantization, quant_targets, uniform_plans
 from welore.quant.api import _collect_stats
-from welore.select import hold_back
-from welore.spectrum import _one_thread_per_op
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """welore's MediaWiki stripper vs mwparserfromhell's strip_code() on the built-in Wikipedia
-excerpt: markup left in the text, size, time and a line diff (the figures in welore/wikitext.py).
+excerpt: markup left in the text, size, time and a line diff (the figures in welore/eval/wikitext.py).
 
     pip install mwparserfromhell==0.7.2   # not a welore dependency
     python benchmarks/wikitext_compare.py
@@ -14,7 +14,7 @@ import time
 import mwparserfromhell as mw
 
 from welore import data
-from welore.wikitext import iter_wiki_articles, strip_wikitext
+from welore.eval.wikitext import iter_wiki_articles, strip_wikitext
 
 DROPPED_TAGS = ("ref", "gallery", "math", "timeline", "references")  # tags strip_wikitext drops too
 LEFTOVER = {  # markup that should not survive in plain text

@@ -17,11 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from welore.checkpoint import load, read_record
 from welore.cli import main
-from welore.compress import CompressConfig
 from welore.errors import WeloreError
 from welore.finetune import FinetuneConfig
+from welore.io.checkpoint import load, read_record
+from welore.lowrank.compress import CompressConfig
 from welore.quant import QuantConfig
 
 SEQ, TOKENS = 32, 256

@@ -12,8 +12,8 @@ from conftest import build_tiny, tiny_config, token_ids
 from torch import nn
 from transformers import Qwen2ForCausalLM
 
-from welore.calibrate import InputStats, iter_block_stats
 from welore.errors import WeloreError
+from welore.lowrank.calibrate import InputStats, iter_block_stats
 from welore.targets import find_targets, layer_index
 
 WINDOWS = dict(batch=5, length=16)  # 5 windows in batches of 2: the last batch is smaller
@@ -231,7 +231,7 @@ def test_drained_statistics_are_freed_before_the_next_block() -> None:
     import gc
     import weakref
 
-    from welore.calibrate import drain
+    from welore.lowrank.calibrate import drain
 
     model = build_tiny("llama", layers=3)
     targets = find_targets(model)

@@ -1,4 +1,4 @@
-"""Tests for welore.checkpoint: save/load of compressed models and export to dense folders."""
+"""Tests for welore.io.checkpoint: save/load of compressed models and export to dense folders."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from welore import CompressConfig, compress_, stream
-from welore.checkpoint import FORMAT_VERSION, WEIGHTS, export_dense, is_checkpoint, load, load_checkpoint, save
+from welore import CompressConfig, compress_
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS
-from welore.modules import LowRankLinear, count_parameters
-from welore.plan import RankPlan
+from welore.io import stream
+from welore.io.checkpoint import FORMAT_VERSION, WEIGHTS, export_dense, is_checkpoint, load, load_checkpoint, save
+from welore.lowrank.factorize import FACTORIZERS
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import RankPlan
+from welore.modules import count_parameters
 
 
 def _compressed(family: str, ratio: float = 0.3, method: str = "welore", dtype: torch.dtype = torch.float32):
@@ -103,7 +105,7 @@ def test_load_computes_no_svd(saved, monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("load must not factorize or compute spectra")
 
     monkeypatch.setitem(FACTORIZERS, "svd", forbidden)
-    monkeypatch.setattr("welore.factorize.svd_factors", forbidden)
+    monkeypatch.setattr("welore.lowrank.factorize.svd_factors", forbidden)
     monkeypatch.setattr(torch.linalg, "svd", forbidden)
     monkeypatch.setattr(torch.linalg, "svdvals", forbidden)
     monkeypatch.setattr(torch.linalg, "eigvalsh", forbidden)
@@ -397,3 +399,18 @@ def test_a_checkpoint_written_by_welore_0_1_0_still_loads() -> None:
     expected = torch.load(data / "checkpoint-0.1.0-logits.pt", weights_only=True)
     torch.testing.assert_close(logits_of(checkpoint.model, token_ids()), expected)
     assert checkpoint.record.compress_config.method is None and checkpoint.record.plan.method == "welore"
+
+
+def test_a_format_1_joint_checkpoint_still_loads() -> None:
+    """tests/data/checkpoint-format1-joint was written by the last format-1 code (before recipes):
+    a tiny LLaMA at WeLore ratio 0.3 whose factors are quantized to 4 bits with rank-2 compensation;
+    its logits were saved beside it. Its compress_config and quant_config read as the recipe."""
+    data = Path(__file__).parent / "data"
+    checkpoint = load_checkpoint(data / "checkpoint-format1-joint")
+    expected = torch.load(data / "checkpoint-format1-joint-logits.pt", weights_only=True)
+    torch.testing.assert_close(logits_of(checkpoint.model, token_ids()), expected)
+    record = checkpoint.record
+    assert record.source == "tiny-llama" and record.plan.method == "welore"
+    assert [type(stage).__name__ for stage in record.recipe.stages] == ["CompressConfig", "QuantConfig"]
+    assert record.quant_config.bits == 4 and record.quant_config.compensate_rank == 2
+    assert set(record.quant_plan.shapes) >= {f"{n}.up" for n in record.plan.factorized}

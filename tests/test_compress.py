@@ -12,9 +12,10 @@ from transformers.pytorch_utils import Conv1D
 
 from welore import CompressConfig, apply_plan_, compress_
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS, svd_factors
-from welore.modules import LowRankLinear, count_parameters
-from welore.plan import RankPlan
+from welore.lowrank.factorize import FACTORIZERS, svd_factors
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import RankPlan
+from welore.modules import count_parameters
 from welore.targets import find_targets, matrix_shape, weight_matrix
 
 

@@ -1,6 +1,6 @@
 """Curvature-aware factorization: `kfac` (Kronecker-factored Fisher) and `fisher` (FWSVD).
 
-The statistics (`welore.curvature.gradient_stats`, a block-major backward with recomputation)
+The statistics (`welore.lowrank.curvature.gradient_stats`, a block-major backward with recomputation)
 are checked against a direct computation: one ordinary forward and backward of the whole model
 per calibration window, with the gradients at every target's output read from the autograd
 graph and the weight's gradient from `.grad`. The factorizations are checked against the
@@ -29,15 +29,15 @@ from test_data_aware import CALIB, calibration_windows, input_statistics, plan_a
 from torch import nn
 
 from welore import CompressConfig, compress_
-from welore.calibrate import iter_block_stats
-from welore.checkpoint import load, read_record
-from welore.compress import calibrated_spectra
-from welore.curvature import CurvatureStats, GradientStats, gradient_stats
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS, KFAC, Fisher, make_factorizer
 from welore.gradients import _gradient_matrix
-from welore.modules import LowRankLinear
-from welore.plan import allocate
+from welore.io.checkpoint import load, read_record
+from welore.lowrank.calibrate import iter_block_stats
+from welore.lowrank.compress import calibrated_spectra
+from welore.lowrank.curvature import CurvatureStats, GradientStats, gradient_stats
+from welore.lowrank.factorize import FACTORIZERS, KFAC, Fisher, make_factorizer
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import allocate
 from welore.targets import find_targets, matrix_shape, weight_matrix
 
 CURVATURE = ("kfac", "fisher")
@@ -130,7 +130,7 @@ def test_an_outlier_token_is_scaled_down_to_the_bound_and_the_rest_is_untouched(
     """One token with a gradient 10⁵ times the others' norm (10¹⁰ in ‖g‖², like the spike that
     broke kfac at 131K tokens) enters G with ‖g‖² = OUTLIER_FACTOR × the batch median; a batch
     without one is accumulated exactly."""
-    from welore.curvature import OUTLIER_FACTOR
+    from welore.lowrank.curvature import OUTLIER_FACTOR
 
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(2, 16, 6, generator=gen, dtype=torch.float64)  # (B, T, out)

@@ -32,15 +32,15 @@ from test_cli import assert_user_error, nothing_left, run
 from torch import nn
 
 from welore import CompressConfig, compress_
-from welore.calibrate import iter_block_stats
-from welore.checkpoint import load, load_checkpoint, read_record, save
 from welore.cli import main
 from welore.data import load_text, token_windows
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS
-from welore.models import load_model
-from welore.modules import LowRankLinear
-from welore.plan import RankPlan
+from welore.io.checkpoint import load, load_checkpoint, read_record, save
+from welore.io.models import load_model
+from welore.lowrank.calibrate import iter_block_stats
+from welore.lowrank.factorize import FACTORIZERS
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import RankPlan
 from welore.targets import find_targets, layer_index, matrix_shape, weight_matrix
 
 DATA_AWARE = ("whiten", "asvd")

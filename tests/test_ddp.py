@@ -22,9 +22,9 @@ from conftest import SMOLLM2_VOCAB, build_tiny, give_decaying_spectra_, save_mod
 from safetensors.torch import load_file
 
 from welore import CompressConfig, compress_
-from welore.checkpoint import load, save
 from welore.cli import main
 from welore.finetune.state import checkpoints_dir
+from welore.io.checkpoint import load, save
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # seconds for one launch (about 20 s on a 2-core machine)

@@ -10,13 +10,13 @@ import torch
 from conftest import build_tiny, save_model_folder, token_ids
 
 from welore import CompressConfig, compress_
-from welore.calibrate import InputStats
 from welore.cli import main
 from welore.devices import check_device, float64_device, resolve_device
 from welore.errors import WeloreError
-from welore.factorize import svd_factors, top_factors
-from welore.models import LoadOptions, load_model
-from welore.modules import LowRankLinear
+from welore.io.models import LoadOptions, load_model
+from welore.lowrank.calibrate import InputStats
+from welore.lowrank.factorize import svd_factors, top_factors
+from welore.lowrank.module import LowRankLinear
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

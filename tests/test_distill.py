@@ -17,12 +17,12 @@ from conftest import SMOLLM2_VOCAB, build_tiny, give_decaying_spectra_, save_mod
 from test_finetune import CLI, Interrupt, arithmetic_blocks, assert_user_error, config, interrupt_at
 
 from welore import CompressConfig, compress_
-from welore.checkpoint import load, read_record, save
 from welore.cli import main
 from welore.errors import WeloreError
 from welore.finetune import DistillOptions, FinetuneConfig, TokenBlocks, finetune
 from welore.finetune.distill import distill_kl, resolve_teacher
 from welore.finetune.state import checkpoints_dir
+from welore.io.checkpoint import load, read_record, save
 
 
 @pytest.fixture(scope="module")

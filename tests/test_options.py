@@ -10,12 +10,13 @@ import inspect
 import pytest
 
 from welore.cli import RunOptions, build_parser
-from welore.compress import CompressConfig
 from welore.errors import WeloreError
-from welore.evaluate import EvalOptions
+from welore.eval.evaluate import EvalOptions
+from welore.eval.tasks import TaskOptions
 from welore.finetune import DistillOptions, FinetuneConfig, GaLoreOptions, LoraOptions, LrcOptions
 from welore.gradients import GradientRunConfig
-from welore.models import LoadOptions, load_model
+from welore.io.models import LoadOptions, load_model
+from welore.lowrank.compress import CompressConfig
 from welore.options import (
     add_options,
     check_positive,
@@ -26,7 +27,6 @@ from welore.options import (
     options,
     parse_value,
 )
-from welore.tasks import TaskOptions
 
 # command -> (the shortest valid argv, the config classes whose options it has)
 COMMANDS = {

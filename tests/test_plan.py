@@ -1,4 +1,4 @@
-"""Tests for welore.plan: rank plans, their JSON form, and the allocation policies."""
+"""Tests for welore.lowrank.plan: rank plans, their JSON form, and the allocation policies."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from conftest import FAMILIES, build_tiny, give_decaying_spectra_
 
 from welore.errors import WeloreError
-from welore.plan import POLICIES, RankPlan, allocate, max_ratio, plan_cost
-from welore.spectrum import compute_spectra
+from welore.lowrank.plan import POLICIES, RankPlan, allocate, max_ratio, plan_cost
+from welore.lowrank.spectrum import compute_spectra
 from welore.targets import find_targets, matrix_shape
 
 RATIOS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4)

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from conftest import build_tiny, logits_of, token_ids
 from safetensors import safe_open
 
-from welore import checkpoint, compress_
+from welore import compress_
 from welore._io import parse_bytes
-from welore.calibrate import InputStats
-from welore.checkpoint import WEIGHTS, export_dense, load, load_checkpoint, read_record, save
 from welore.errors import WeloreError
-from welore.factorize import whitening
+from welore.io import checkpoint
+from welore.io.checkpoint import WEIGHTS, export_dense, load, load_checkpoint, read_record, save
+from welore.lowrank.calibrate import InputStats
+from welore.lowrank.factorize import whitening
 from welore.quant import (
     BITS,
     QuantConfig,
@@ -236,7 +237,7 @@ def test_alternating_rounds_keep_the_best_round() -> None:
 
 def test_whitening_is_shared_not_copied() -> None:
     stats, _ = _stats(64)
-    assert whitening(stats) is whitening(stats)  # EoRA reuses welore.factorize's cached root
+    assert whitening(stats) is whitening(stats)  # EoRA reuses welore.lowrank.factorize's cached root
 
 
 # --- whole models --------------------------------------------------------------------------
@@ -405,9 +406,9 @@ def test_target_size_is_never_worse_than_a_uniform_width_on_held_back_windows() 
     assert selection["chosen"] == min(scores, key=scores.get)
     assert all(bits <= 8 * target / report.plan.params for bits in selection["bits_per_param"].values())
     # The model holds the chosen plan's trial modules: the same as quantizing a fresh model with it.
+    from welore.lowrank.select import hold_back
     from welore.quant import apply_quant_plan_, quant_targets
     from welore.quant.api import _collect_stats
-    from welore.select import hold_back
 
     fresh = build_tiny("llama", hidden=64, layers=2)
     stats = _collect_stats(fresh, quant_targets(fresh), hold_back(windows)[0], 4, False)
@@ -558,7 +559,7 @@ def test_target_size_above_the_largest() -> None:
 
 
 def test_streamed_load_of_a_quantized_checkpoint(tmp_path: Path) -> None:
-    from welore.evaluate import perplexity
+    from welore.eval.evaluate import perplexity
 
     model, path, _ = _saved(tmp_path)
     windows = token_ids(batch=3, length=12)
@@ -681,7 +682,7 @@ def _joint(bits: int = 4, rank: int = 0, calibrated: bool = False):
 
 
 def test_joint_quantizes_the_factors_and_the_dense_rest() -> None:
-    from welore.modules import LowRankLinear
+    from welore.lowrank.module import LowRankLinear
 
     model, low_rank, report = _joint()
     plan = report.quant.plan
@@ -709,7 +710,7 @@ def test_joint_save_load_export_and_quantize_twice(tmp_path: Path) -> None:
     reloaded = load_checkpoint(path)
     assert torch.equal(logits_of(model, ids), logits_of(reloaded.model, ids))
     assert reloaded.record == report.record
-    from welore.evaluate import perplexity
+    from welore.eval.evaluate import perplexity
 
     windows = token_ids(batch=3, length=12)
     assert perplexity(load(path, stream=True), windows, progress=False) == perplexity(model, windows, progress=False)

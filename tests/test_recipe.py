@@ -13,11 +13,11 @@ from conftest import build_tiny, logits_of, token_ids
 from test_cli import assert_user_error, run
 
 from welore import CompressConfig, QuantConfig, Recipe, WeloreError, compress_, load, load_checkpoint, save
-from welore.checkpoint import model_plans, read_record
-from welore.models import load_model
-from welore.modules import LowRankLinear
+from welore.io.checkpoint import model_plans, read_record
+from welore.io.models import load_model
+from welore.io.stream import TensorFiles
+from welore.lowrank.module import LowRankLinear
 from welore.quant import QuantizedLinear
-from welore.stream import TensorFiles
 
 JOINT = ["--ratio", "0.3", "--method", "welore", "--factorizer", "whiten", "--calib-tokens", "512",
          "--calib-seq-len", "64", "--quantize", "int4", "--group-size", "16", "--compensate-rank", "4"]

@@ -1,4 +1,4 @@
-"""The closed-form refit after truncation (`welore.refit`, `compress --refit`) on the tiny models.
+"""The closed-form refit after truncation (`welore.lowrank.refit`, `compress --refit`) on the tiny models.
 
 References are computed here from first principles: the inputs X̂ every target sees with the
 compressed blocks before it (its own block dense, as `--sequential` calibrates) and the dense
@@ -20,12 +20,13 @@ from test_data_aware import a_third, calibration_windows, plan_at, reference_tru
 from torch import nn
 
 from welore import CompressConfig, compress_
-from welore.calibrate import iter_block_stats
-from welore.checkpoint import load, read_record
-from welore.compress import factorize_layer
 from welore.errors import WeloreError
-from welore.modules import LowRankLinear, swap_module
-from welore.refit import REFITS, Refit
+from welore.io.checkpoint import load, read_record
+from welore.lowrank.calibrate import iter_block_stats
+from welore.lowrank.compress import factorize_layer
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.refit import REFITS, Refit
+from welore.modules import swap_module
 from welore.targets import find_targets, layer_index, weight_matrix
 
 MODES = sorted(REFITS)

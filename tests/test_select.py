@@ -1,4 +1,4 @@
-"""`--method auto`: the recipe chosen per model on held-back calibration windows (welore.select)."""
+"""`--method auto`: the recipe chosen per model on held-back calibration windows (welore.lowrank.select)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from conftest import build_tiny, logits_of, token_ids
 from test_cli import assert_user_error, nothing_left, run
 
 from welore import CompressConfig, compress_
-from welore.checkpoint import read_record
 from welore.errors import WeloreError
-from welore.select import CANDIDATES, split_windows
+from welore.io.checkpoint import read_record
+from welore.lowrank.select import CANDIDATES, split_windows
 
 
 def bos_windows(n: int = 16, length: int = 32) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests for welore.spectrum: fast singular values, spectral metrics, the on-disk cache."""
+"""Tests for welore.lowrank.spectrum: fast singular values, spectral metrics, the on-disk cache."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import build_tiny
 
-from welore import spectrum
 from welore._io import cache_dir
 from welore.errors import WeloreError
-from welore.spectrum import (
+from welore.lowrank import spectrum
+from welore.lowrank.spectrum import (
     compute_spectra,
     energy_rank,
     normalized,

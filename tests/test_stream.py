@@ -17,18 +17,11 @@ from transformers import AutoModelForCausalLM
 from welore import CompressConfig, compress_
 from welore._io import parse_bytes
 from welore.analyze import analyze
-from welore.checkpoint import export_dense, load, save
 from welore.errors import WeloreError
-from welore.evaluate import perplexity
-from welore.models import load_model
-from welore.stream import (
-    INDEX,
-    WEIGHTS,
-    ShardWriter,
-    StreamedBlocks,
-    TensorFiles,
-    block_access,
-)
+from welore.eval.evaluate import perplexity
+from welore.io.checkpoint import export_dense, load, save
+from welore.io.models import load_model
+from welore.io.stream import INDEX, WEIGHTS, ShardWriter, StreamedBlocks, TensorFiles, block_access
 
 SHARD = "20KB"  # tiny shards: every tiny model is split over several files
 
@@ -151,7 +144,7 @@ def test_a_replaced_layer_is_released_with_its_block(sharded_dir: Path) -> None:
 def test_block_passes_hold_no_weights_outside_the_blocks(sharded_dir: Path) -> None:
     """Between capturing block 0's inputs and the last block, embeddings, final norm and LM head
     are off memory (meta); afterwards they are back, equal to the files, and still tied."""
-    from welore.calibrate import block_outputs, iter_block_stats
+    from welore.lowrank.calibrate import block_outputs, iter_block_stats
     from welore.targets import find_targets
 
     model = _streamed(sharded_dir)
@@ -241,7 +234,7 @@ def test_default_model_streamed_equals_resident(tmp_path: Path) -> None:
 
 
 def test_process_peak_memory_survives_peak_memory_reset() -> None:
-    from welore.evaluate import PeakMemory, _proc_status_kb, process_peak_memory
+    from welore.eval.evaluate import PeakMemory, _proc_status_kb, process_peak_memory
 
     with PeakMemory():  # start from a reset peak
         pass

@@ -1,4 +1,4 @@
-"""Tests for lm-eval task scores (`welore.tasks`, `welore evaluate --tasks`).
+"""Tests for lm-eval task scores (`welore.eval.tasks`, `welore evaluate --tasks`).
 
 They run the local task tests/data/tasks/welore_tiny_mc (twelve multiple-choice questions in a
 JSONL file) on tiny random models, with the datasets library offline and its cache in a
@@ -21,8 +21,8 @@ from conftest import SMOLLM2_VOCAB, build_tiny
 from test_cli import assert_user_error, run
 
 import welore
-from welore.modules import LowRankLinear
-from welore.tasks import INSTALL_HINT, check_tasks, format_task_table, run_tasks
+from welore.eval.tasks import INSTALL_HINT, check_tasks, format_task_table, run_tasks
+from welore.lowrank.module import LowRankLinear
 
 TASK_DIR = Path(__file__).parent / "data" / "tasks"
 TASK = "welore_tiny_mc"

@@ -1,4 +1,4 @@
-"""welore.wikitext.strip_wikitext: the cases that make it stay instead of mwparserfromhell's
+"""welore.eval.wikitext.strip_wikitext: the cases that make it stay instead of mwparserfromhell's
 strip_code(), which on these keeps image captions and "thumb|" options, template parameters,
 <ref> contents, table rows and "References"/"See also" sections (benchmarks/wikitext_compare.py
 counts them over the built-in excerpt)."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from welore.wikitext import strip_wikitext
+from welore.eval.wikitext import strip_wikitext
 
 
 @pytest.mark.parametrize(

@@ -13,14 +13,14 @@
 __version__ = "0.1.0"  # before the imports: checkpoint.py records it
 
 from welore.analyze import Analysis, analyze
-from welore.checkpoint import Checkpoint, densify_, export_dense, load, load_checkpoint, save
-from welore.compress import CompressConfig, apply_plan_
 from welore.errors import WeloreError
-from welore.evaluate import EvalResult, evaluate, perplexity
+from welore.eval.evaluate import EvalResult, evaluate, perplexity
 from welore.finetune import FinetuneConfig, FinetuneResult, finetune
-from welore.models import load_model
-from welore.modules import LowRankLinear
-from welore.plan import POLICIES, RankPlan, allocate
+from welore.io.checkpoint import Checkpoint, densify_, export_dense, load, load_checkpoint, save
+from welore.io.models import load_model
+from welore.lowrank.compress import CompressConfig, apply_plan_
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import POLICIES, RankPlan, allocate
 from welore.quant import QuantConfig, QuantizedLinear, QuantPlan, QuantReport, quantize_
 from welore.recipe import CompressReport, Recipe, Record, compress_
 

@@ -4,7 +4,7 @@ For each target matrix: singular values (cached), effective rank, stable rank, t
 keeping 90%/99% of the energy, the heavy-tail exponent α, the mean of WeLore's min–max
 normalised spectrum; and, when a ratio is given, the rank plan of an allocation policy and
 which matrices are LRCs (rank cut by ≥ `lrc_min_cut`) or N-LRCs. Spectra are computed one
-decoder block at a time, so a model loaded with its blocks on disk (`welore.stream`) is
+decoder block at a time, so a model loaded with its blocks on disk (`welore.io.stream`) is
 analysed without ever being whole in memory. `Analysis.write` draws its figures (`plot_spectra`,
 `plot_kept_heatmap`) with matplotlib's object API, as `welore.report` does.
 """
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from welore._io import atomic_dir, atomic_file, write_csv, write_json, write_text
-from welore.plan import RankPlan, allocate
-from welore.spectrum import spectral_metrics
+from welore.lowrank.plan import RankPlan, allocate
+from welore.lowrank.spectrum import spectral_metrics
 from welore.tables import format_table
 from welore.targets import find_targets, layer_index, matrix_shape, matrix_type
 
@@ -117,7 +117,7 @@ def analyze(
     progress: bool = True,
 ) -> Analysis:
     """Measure every target matrix's spectrum; with `ratio`, also plan its rank with `method`."""
-    from welore.compress import block_spectra
+    from welore.lowrank.compress import block_spectra
 
     modules = find_targets(model, targets)
     spectra = block_spectra(model, modules, progress=progress)

@@ -38,14 +38,14 @@ class RunOptions:
 def _load(spec: str, args: argparse.Namespace, place: bool = True):
     """Load `spec` with the command's `LoadOptions` (every field is a keyword of load_model);
     with `place=False` (fine-tuning places the model itself) it stays on the CPU."""
-    from welore.models import LoadOptions, load_model
+    from welore.io.models import LoadOptions, load_model
 
     placement = {} if place else {"device": None}
     return load_model(spec, **asdict(from_args(LoadOptions, args, **placement)))
 
 
 def _check_load_options(args: argparse.Namespace) -> None:
-    from welore.models import LoadOptions
+    from welore.io.models import LoadOptions
 
     from_args(LoadOptions, args)
 
@@ -75,8 +75,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     with --gradients, also the gradients' spectra over a short training run)."""
     from welore._io import atomic_dir, check_output_dir
     from welore.analyze import analyze
-    from welore.compress import CompressConfig
     from welore.gradients import GradientRunConfig
+    from welore.lowrank.compress import CompressConfig
 
     config = from_args(CompressConfig, args)  # fail before loading
     gradient_run = from_args(GradientRunConfig, args) if args.gradients else None
@@ -129,8 +129,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     --target-size) by packed low-bit codes plus an optional low-rank correction, and save the result;
     --recipe runs a recipe file, or replays the one a checkpoint recorded."""
     from welore._io import check_output_dir
-    from welore.checkpoint import save
-    from welore.evaluate import weights_size_on_disk
+    from welore.eval.evaluate import weights_size_on_disk
+    from welore.io.checkpoint import save
     from welore.recipe import compress_
 
     recipe, plan = _recipe(args)  # fail before loading
@@ -151,8 +151,8 @@ def _recipe(args: argparse.Namespace):
     """The recipe `welore compress` runs, and the rank plan that sets its ranks (if any): from
     --recipe (a recipe file, or a checkpoint whose recorded recipe is replayed with its rank plan
     when a plan set the ranks), else built from the options."""
-    from welore.compress import CompressConfig
-    from welore.plan import RankPlan
+    from welore.lowrank.compress import CompressConfig
+    from welore.lowrank.plan import RankPlan
     from welore.quant import FORMATS, QuantConfig
     from welore.recipe import Recipe
 
@@ -194,7 +194,7 @@ def _recipe(args: argparse.Namespace):
 def _recorded_recipe(path: Path):
     """The recipe in `path` (YAML or JSON), or a checkpoint's (its folder or welore.json) with
     its rank plan when a plan, not a policy, set the ranks."""
-    from welore.checkpoint import read_record
+    from welore.io.checkpoint import read_record
     from welore.recipe import Recipe
 
     if path.is_dir() or path.name == "welore.json":
@@ -273,8 +273,8 @@ def _describe_quantization(report, config) -> list[str]:
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a welore checkpoint as a plain dense transformers folder (factors multiplied back)."""
     from welore._io import parse_bytes
-    from welore.checkpoint import export_dense
-    from welore.models import LoadOptions
+    from welore.io.checkpoint import export_dense
+    from welore.io.models import LoadOptions
 
     options = from_args(LoadOptions, args)
     budget = parse_bytes(options.max_memory, "the memory size") if options.max_memory is not None else None
@@ -284,7 +284,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def _evaluate_one(spec: str, args: argparse.Namespace, options):
     """Load and evaluate one model; returns the loaded model and its EvalResult."""
-    from welore.evaluate import evaluate
+    from welore.eval.evaluate import evaluate
 
     loaded = _load(spec, args)
     calib = {s.calib for s in loaded.record.recipe.stages if s.calib} if loaded.record else set()
@@ -320,8 +320,8 @@ def _text_note(options, bos: dict[str, str]) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Perplexity, parameters, size on disk, peak memory and tokens/s of one model (and lm-eval task scores
     with --tasks)."""
-    from welore.evaluate import EvalOptions, format_table
-    from welore.tasks import TaskOptions, check_tasks, format_task_table, run_tasks
+    from welore.eval.evaluate import EvalOptions, format_table
+    from welore.eval.tasks import TaskOptions, check_tasks, format_task_table, run_tasks
 
     options, tasks = from_args(EvalOptions, args), from_args(TaskOptions, args)
     _check_load_options(args)
@@ -353,7 +353,7 @@ def _method_label(record) -> tuple[str, float] | None:
 
 def cmd_compare(args: argparse.Namespace) -> None:
     """Several models measured one after another in one run, in one table (first = baseline)."""
-    from welore.evaluate import EvalOptions, format_table
+    from welore.eval.evaluate import EvalOptions, format_table
     from welore.report import plot_perplexity_vs_ratio
 
     options = from_args(EvalOptions, args)
@@ -385,10 +385,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     from welore._io import atomic_dir, write_json
     from welore.analyze import analyze
-    from welore.checkpoint import save
-    from welore.compress import CompressConfig
-    from welore.evaluate import EvalOptions, evaluate, format_table
-    from welore.models import DEFAULT_MODEL, load_model
+    from welore.eval.evaluate import EvalOptions, evaluate, format_table
+    from welore.io.checkpoint import save
+    from welore.io.models import DEFAULT_MODEL, load_model
+    from welore.lowrank.compress import CompressConfig
     from welore.recipe import compress_
 
     options = from_args(EvalOptions, args)
@@ -450,13 +450,13 @@ MODEL_HELP = "built-in name (smollm2-135m), model folder, welore checkpoint, .gg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from welore.compress import CompressConfig
-    from welore.evaluate import EvalOptions
+    from welore.eval.evaluate import EvalOptions
+    from welore.eval.tasks import TaskOptions
     from welore.finetune import FinetuneConfig
     from welore.gradients import GradientRunConfig
-    from welore.models import LoadOptions
+    from welore.io.models import LoadOptions
+    from welore.lowrank.compress import CompressConfig
     from welore.quant import FORMATS, QuantConfig
-    from welore.tasks import TaskOptions
 
     common = argparse.ArgumentParser(add_help=False)
     add_options(common, RunOptions)
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _quiet_libraries()
         if getattr(args, "max_memory", None) is not None:
-            from welore.stream import return_freed_memory
+            from welore.io.stream import return_freed_memory
 
             return_freed_memory()  # a budget: hand freed blocks back to the system at once
         args.func(args)
@@ -576,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _peak_memory_line() -> str:
     """The process's peak resident memory (and GPU memory, where used) over the whole command."""
-    from welore.evaluate import process_peak_memory
-    from welore.stream import format_bytes
+    from welore.eval.evaluate import process_peak_memory
+    from welore.io.stream import format_bytes
 
     peaks = process_peak_memory()
     parts = [f"{format_bytes(peaks.pop('rss'))} resident"] if "rss" in peaks else []

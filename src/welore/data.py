@@ -13,7 +13,7 @@ A text is named by one *spec* string, the same everywhere in welore (API and CLI
 
 The built-in texts need no network: they are data files that ship inside the gensim 4.4.0
 wheel (``pip install --no-deps gensim==4.4.0``), found without importing gensim. The Wikipedia
-sample is a MediaWiki XML dump; its markup is stripped by `welore.wikitext.strip_wikitext`. Each built-in
+sample is a MediaWiki XML dump; its markup is stripped by `welore.eval.wikitext.strip_wikitext`. Each built-in
 is extracted once and cached as plain text at ``cache_dir()/texts/<name>.txt``.
 
 Built-ins are split by document, deterministically: ``calib`` is the first half of the
@@ -44,7 +44,7 @@ import torch
 
 from welore._io import cache_dir, write_text
 from welore.errors import WeloreError
-from welore.wikitext import iter_wiki_articles, strip_wikitext
+from welore.eval.wikitext import iter_wiki_articles, strip_wikitext
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -31,9 +31,9 @@ from transformers.pytorch_utils import Conv1D
 from welore._io import atomic_dir, atomic_file, write_csv, write_json, write_text
 from welore.errors import WeloreError
 from welore.finetune.config import FinetuneConfig
+from welore.lowrank.plan import RankPlan
+from welore.lowrank.spectrum import singular_values_many, spectral_metrics
 from welore.options import check_positive
-from welore.plan import RankPlan
-from welore.spectrum import singular_values_many, spectral_metrics
 from welore.tables import format_table
 from welore.targets import find_targets, layer_index, matrix_type
 

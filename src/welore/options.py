@@ -42,14 +42,25 @@ options, under those names and in that order; the group's own checks name its ow
 Two fields that make the same option are an error when the parser is built.
 
 To add an option: add one field, with its comment, to the dataclass that owns it —
-`LoadOptions` (`welore.models`: options of every command that loads a model, such as `dtype`),
+`LoadOptions` (`welore.io.models`: options of every command that loads a model, such as `dtype`),
 `CompressConfig`, `EvalOptions`, `TaskOptions`, `GradientRunConfig` or `FinetuneConfig` (or one
 of its groups, e.g. `LoraOptions`) — and use it where that config is consumed (for `LoadOptions`,
 a keyword of `load_model` with the same name). `add_options` puts it on every command that uses
 that dataclass and `from_args` reads it back. Check values in the dataclass's `__post_init__`
 and raise `WeloreError` naming the option (`--seq-len must be ...`): the CLI builds every config
 before it loads a model, so a bad value is one sentence on stderr and exit status 2, with
-nothing loaded.
+nothing loaded. `QuantConfig` follows the same rule; its fields shared with the lowrank stage
+(`--calib`, `--targets`, ...) or set by the command (`--quantize`, `--target-size`) are marked
+`{"cli": False}` and passed by `welore compress` when it builds the recipe.
+
+Why not transformers' `HfArgumentParser` (already a dependency): tried on these configs
+(transformers 5.25), it passes a field's `metadata` straight to `add_argument`, so it fails on
+the ones that carry more than argparse keywords (`QuantConfig`: "unexpected keyword argument
+'cli'"; `CompressConfig`: "length of metavar tuple does not match nargs" for its dict of
+factorizer parameters), takes help only from `metadata["help"]` (every field's comment would
+be written twice), has no nested groups (`FinetuneConfig`'s LoRA, GaLore, distillation
+options) and no repeatable NAME=VALUE form. It parsed `EvalOptions`, the one config with plain
+fields only. jsonargparse, which has groups and YAML, is not in this machine's package index.
 """
 
 from __future__ import annotations

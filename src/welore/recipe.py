@@ -7,7 +7,7 @@
 
 Each stage type is registered in `STAGES` (name -> config class + handler, as torchao maps a
 config type to its handler and llm-compressor runs a list of modifiers): `lowrank`
-(`CompressConfig`, `welore.compress.low_rank_`) and `quantize` (`QuantConfig`,
+(`CompressConfig`, `welore.lowrank.compress.low_rank_`) and `quantize` (`QuantConfig`,
 `welore.quant.quantize_`). A quantize stage after a low-rank one quantizes the two factors of
 every factorized matrix and the matrices kept dense, W ≈ Q(up)·Q(down). Compensation and the
 size allocation are part of the quantize stage, because `target_size` chooses every matrix's
@@ -24,7 +24,7 @@ A recipe is written as YAML or JSON (`Recipe.load`, `Recipe.save`):
 Each stage names its own calibration text; stages that name the same text, sizes and BOS
 policy share one set of windows. `compress_` returns the report with the recipe *as it ran*
 (calibration sizes and BOS policy resolved, `--method auto`'s choice made), which every
-checkpoint records in `welore.json`; `welore.checkpoint.read_record` reads it back, so
+checkpoint records in `welore.json`; `welore.io.checkpoint.read_record` reads it back, so
 `welore compress MODEL --recipe CKPT/welore.json` runs the same compression again.
 """
 
@@ -40,12 +40,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from welore.compress import AUTO, CompressConfig, LowRankReport, low_rank_
 from welore.errors import WeloreError
-from welore.modules import LowRankLinear, count_parameters
-from welore.plan import RankPlan
+from welore.lowrank.compress import AUTO, CompressConfig, LowRankReport, low_rank_
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import RankPlan
+from welore.lowrank.select import select_recipe
+from welore.modules import count_parameters
 from welore.quant import QuantConfig, QuantPlan, QuantReport, quantize_
-from welore.select import select_recipe
 from welore.targets import find_targets, weight_matrix
 from welore.versioned import check_version, report_unknown
 
@@ -159,7 +160,7 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
-        """A recipe from a YAML or JSON file (a checkpoint's: `welore.checkpoint.read_record`)."""
+        """A recipe from a YAML or JSON file (a checkpoint's: `welore.io.checkpoint.read_record`)."""
         path = Path(path)
         try:
             text = path.read_text()
@@ -182,7 +183,7 @@ class Recipe:
 class Record:
     """What compression did to a model: the plans that give its structure, the recipe that ran
     (calibration resolved) and the model it started from. `save` writes it beside the weights;
-    `welore.checkpoint.load_checkpoint` reads it back."""
+    `welore.io.checkpoint.load_checkpoint` reads it back."""
 
     plan: RankPlan  # every target matrix's rank (None = kept dense; all None without a lowrank stage)
     quant_plan: QuantPlan | None = None  # every quantized matrix's width, group and compensation rank
@@ -316,7 +317,7 @@ def compress_(
     given as `calibration`, a LongTensor (N, T) of token windows from text disjoint from any
     evaluation text, used by every stage that takes calibration. `plan`: a saved rank plan that
     sets the lowrank stage's ranks. `gradients`: the dense model's output-gradient statistics
-    (`welore.compress.gradient_stats`) for a curvature-aware factorizer, when the caller holds them.
+    (`welore.lowrank.compress.gradient_stats`) for a curvature-aware factorizer, when the caller holds them.
     The report's `record` is what `save` writes."""
     if not isinstance(recipe, Recipe):
         recipe = Recipe([recipe])

@@ -60,7 +60,7 @@ def find_targets(model: nn.Module, patterns: list[str] | None = None) -> dict[st
     With `patterns`, every `Linear`/`Conv1D` whose name matches one of them is a target (and a
     pattern that matches no dense layer is an error); without, the decoder blocks' dense layers.
     """
-    from welore.modules import LowRankLinear
+    from welore.lowrank.module import LowRankLinear
 
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise WeloreError("This model is already compressed by welore; compress or analyze its dense original instead.")
@@ -100,7 +100,7 @@ def _dense_layers(model: nn.Module) -> dict[str, nn.Module]:
 def kept_dense(model: nn.Module) -> dict[str, nn.Module]:
     """The decoder blocks' dense layers that are not a factor of a `LowRankLinear`: on a
     compressed model, the default targets its compression kept dense."""
-    from welore.modules import LowRankLinear
+    from welore.lowrank.module import LowRankLinear
 
     low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     in_blocks = _inside_module_list(model)

@@ -108,7 +108,7 @@ def resolve_teacher(source: str | None, teacher: str | None) -> str:
     if source is None:
         raise WeloreError("Distillation needs a teacher and this model records no source model (it is not a welore "
                           "checkpoint); name the dense model with --teacher MODEL.")
-    from welore.checkpoint import _read_meta, is_checkpoint
+    from welore.io.checkpoint import _read_meta, is_checkpoint
 
     for _ in range(_MAX_HOPS):
         path = Path(source).expanduser()
@@ -144,7 +144,7 @@ def check_teacher(model: nn.Module, teacher: nn.Module, tokenizer=None, teacher_
 
 def load_teacher(spec: str, model: nn.Module, tokenizer=None, dtype: str = "float32") -> nn.Module:
     """Load the teacher `spec` on the CPU in `dtype`, frozen and in eval mode, checked against `model`."""
-    from welore.models import load_model
+    from welore.io.models import load_model
 
     try:
         loaded = load_model(spec, dtype=dtype, device=None)

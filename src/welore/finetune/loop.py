@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from welore.evaluate import PeakMemory
+from welore.eval.evaluate import PeakMemory
 from welore.finetune.config import FinetuneConfig, FinetuneResult
 from welore.finetune.data import TokenBlocks
 from welore.finetune.distill import Distillation

@@ -30,7 +30,7 @@ def save_finetuned(result: FinetuneResult, out: str | Path, tokenizer=None, over
     a kept LoRA adapter); `welore.load(out)` gives back the same logits. `record`: the record of
     the compressed model it started from (its recipe carries over; fine-tuning changes no plan);
     without one the plans are read off the model's modules (a dense model: every target dense)."""
-    from welore.checkpoint import model_plans, save
+    from welore.io.checkpoint import model_plans, save
     from welore.recipe import Record
 
     model = result.model
@@ -56,7 +56,7 @@ def save_finetuned(result: FinetuneResult, out: str | Path, tokenizer=None, over
 
 def load_finetuned(path: str | Path) -> nn.Module:
     """A checkpoint written by `finetune`: `welore.load`, plus its LoRA adapter if it kept one."""
-    from welore.checkpoint import load
+    from welore.io.checkpoint import load
 
     path = Path(path)
     model = load(path)

@@ -23,7 +23,7 @@ from welore._io import check_output_dir
 from welore.data import resolve_bos
 from welore.devices import resolve_device
 from welore.errors import WeloreError
-from welore.evaluate import perplexity
+from welore.eval.evaluate import perplexity
 from welore.finetune.config import FinetuneConfig
 from welore.finetune.data import BlockStream, TokenBlocks, make_blocks
 from welore.finetune.distill import Distillation, check_teacher, freeze, load_teacher, resolve_teacher
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 def check_run(model: nn.Module, config: FinetuneConfig, out: Path | None, overwrite: bool, resume: bool) -> None:
     """Every check that needs no slow work: the model is whole, the precision and engine run here,
     the output folder may be written."""
-    from welore.stream import is_streamed
+    from welore.io.stream import is_streamed
 
     if is_streamed(model):
         raise WeloreError("Fine-tuning needs the whole model in memory, but this one reads its decoder blocks "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from welore.errors import WeloreError
-from welore.stream import decoder_blocks
+from welore.io.stream import decoder_blocks
 
 FSDP_MODES = ("full", "lrc")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS
+from welore.lowrank.factorize import FACTORIZERS
 from welore.quant.module import FACTOR_DTYPES, matrix_bytes
 from welore.quant.plan import QuantPlan
 

@@ -26,14 +26,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from welore.errors import WeloreError
-from welore.modules import LowRankLinear, swap_module
-from welore.plan import RankPlan
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import RankPlan
+from welore.lowrank.spectrum import _one_thread_per_op
+from welore.modules import swap_module
 from welore.quant.allocate import _Choices, _error_spectrum, allocate_sizes, uniform_plans
 from welore.quant.compensate import _error_matrix, _reference_energy, quantize_layer
 from welore.quant.module import FACTOR_DTYPES, QuantizedLinear, check_group_size
 from welore.quant.plan import QuantConfig, QuantPlan
 from welore.quant.quantizers import quantize_weight
-from welore.spectrum import _one_thread_per_op
 from welore.targets import DENSE_TYPES, _matches, find_targets, kept_dense, matrix_shape, weight_matrix
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def quant_targets(
 def _collect_stats(
     model: nn.Module, targets: dict[str, nn.Module], calibration: torch.Tensor, batch_size: int, progress: bool
 ) -> dict:
-    from welore.calibrate import iter_block_stats
+    from welore.lowrank.calibrate import iter_block_stats
 
     stats = {}
     for _, block_stats in iter_block_stats(model, targets, calibration, batch_size=batch_size, progress=progress):
@@ -165,7 +166,7 @@ def _best_plan(model: nn.Module, plans: dict[str, QuantPlan], stats: dict, held:
     """The plan whose quantized copy of `model` has the lowest perplexity on `held` (every plan's
     score recorded in its meta["selection"]), with that copy's quantized modules and their output
     errors, so the model takes them without quantizing again."""
-    from welore.evaluate import perplexity
+    from welore.eval.evaluate import perplexity
 
     scores: dict[str, float] = {}
     best: tuple[str, dict[str, nn.Module], dict] | None = None
@@ -204,7 +205,7 @@ def quantize_(
     eighth of the windows is held back to choose between the allocation and the uniform widths
     that fit (`welore.quant.allocate`); the statistics come from the other windows.
     """
-    from welore.select import hold_back
+    from welore.lowrank.select import hold_back
 
     if calibration is None and (what := config.needs_calibration) is not None:
         raise WeloreError(f"{what} needs calibration text; pass --calib (e.g. --calib wiki) or use --quantizer rtn.")
@@ -212,7 +213,7 @@ def quantize_(
     if not targets:
         raise WeloreError("No target matrices to quantize; check --targets.")
     dense_bytes = sum(weight_matrix(m).numel() * weight_matrix(m).element_size() for m in targets.values())
-    from welore.stream import is_streamed
+    from welore.io.stream import is_streamed
 
     held = None
     if calibration is not None and config.target_size is not None:

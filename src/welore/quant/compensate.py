@@ -5,7 +5,7 @@
 With `compensate_rank` r (EoRA, Liu et al. 2024) the quantization error E = W − Ŵ is
 approximated by a rank-r product up·down. Without calibration it is the truncated SVD of E
 (best in weight space, Eckart–Young); with calibration statistics XᵀX = S·Sᵀ it is the truncated
-SVD of E·S mapped back by S⁻¹ — `welore.factorize`'s `whiten` factorizer applied to E — which
+SVD of E·S mapped back by S⁻¹ — `welore.lowrank.factorize`'s `whiten` factorizer applied to E — which
 minimises the error of the layer's outputs on the calibration text, ‖(E − up·down)·Xᵀ‖_F, so
 compensation never increases it. With `compensate_iters` k > 1 the codes and the factors
 alternate (LQ-LoRA, Guo et al. 2023; CALDERA, Saha et al. 2024): Ŵ ← Q(W − up·down), then
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS, balance_factors, svd_factors, whitening
+from welore.lowrank.factorize import FACTORIZERS, balance_factors, svd_factors, whitening
+from welore.lowrank.spectrum import check_finite
 from welore.quant.module import FACTOR_DTYPES, QuantizedLinear, QuantizedWeight
 from welore.quant.quantizers import quantize_weight
-from welore.spectrum import check_finite
 from welore.targets import weight_matrix
 
 
@@ -33,9 +33,9 @@ def _error_matrix(weight: torch.Tensor, q: QuantizedWeight) -> torch.Tensor:
 
 def _compensation(error: torch.Tensor, rank: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-r factors (up (out, r), down (r, in), float32) of E: the truncated SVD of E·S mapped
-    back by S⁻¹ with the calibration statistics' whitening S (EoRA: `welore.factorize`'s
+    back by S⁻¹ with the calibration statistics' whitening S (EoRA: `welore.lowrank.factorize`'s
     `whiten` factorizer applied to E), else the truncated SVD of E itself; balanced as
-    `welore.compress` stores its factors, so fine-tuning moves both sides alike."""
+    `welore.lowrank.compress` stores its factors, so fine-tuning moves both sides alike."""
     if stats is not None:
         return balance_factors(*FACTORIZERS["whiten"].factors(error, rank, stats))
     return svd_factors(error, rank)

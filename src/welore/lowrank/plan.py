@@ -35,7 +35,7 @@ import torch
 
 from welore._io import write_json
 from welore.errors import WeloreError
-from welore.spectrum import normalized
+from welore.lowrank.spectrum import normalized
 from welore.versioned import check_version, report_unknown
 
 PLAN_FORMAT_VERSION = 1

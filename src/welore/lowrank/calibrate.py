@@ -19,7 +19,7 @@ windows, never the whole model's:
    Without `sequential`, the outputs of the statistics pass (the unchanged block's) are kept
    instead, and block k is not run twice.
 
-Block k's weights are needed only while it is used (`welore.stream.block_access(model).use(k)`):
+Block k's weights are needed only while it is used (`welore.io.stream.block_access(model).use(k)`):
 for a model loaded with its blocks on disk, block k is read when its statistics are taken and
 released (its compressed version written back) before block k+1 is read. The hidden states
 of all calibration windows, N·T·d floats, are the only other large state.
@@ -45,8 +45,8 @@ from tqdm.auto import tqdm
 
 from welore.devices import float64_device
 from welore.errors import WeloreError
-from welore.spectrum import all_finite
-from welore.stream import Blocks, activation_bytes, block_access, check_activations
+from welore.io.stream import Blocks, activation_bytes, block_access, check_activations
+from welore.lowrank.spectrum import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def iter_block_stats(
     `paired` (with `sequential`) also runs the dense model alongside: a second stream of hidden
     states goes through every block before the consumer changes it, and each target's statistics
     get `cross` = Σ x xᵀ_dense, its input x here against the dense model's input of the same token
-    (what `welore.refit` needs). It doubles the hidden states kept, nothing else.
+    (what `welore.lowrank.refit` needs). It doubles the hidden states kept, nothing else.
     """
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise WeloreError("Calibration windows must be a non-empty (N, seq_len) tensor of token ids, "

@@ -1,6 +1,6 @@
 """Curvature of the LM loss around each target matrix, from backward passes on calibration text.
 
-The curvature-aware factorizers (`kfac`, `fisher` in `welore.factorize`) truncate a matrix W
+The curvature-aware factorizers (`kfac`, `fisher` in `welore.lowrank.factorize`) truncate a matrix W
 (out, in) so that the *loss* grows least, not its outputs' error. A second-order estimate of the
 loss increase of a change ΔW is ½·vec(ΔW)ᵀ·F·vec(ΔW), F the (empirical) Fisher information of
 the weight. For a linear layer y = W·x the gradient of the loss is Σ_t g_t·x_tᵀ, g_t = ∂loss/∂y_t
@@ -15,7 +15,7 @@ the gradient at the layer's output for token t, so F is built from x and g:
 
 `gradient_stats` gathers both for every target matrix with one backward pass per calibration
 batch, block by block from the top ("block-major" backward with recomputation, the same shape
-as `welore.calibrate.block_outputs`):
+as `welore.lowrank.calibrate.block_outputs`):
 
 1. all windows go forward through block 0, 1, …, L−1; every block's input hidden states are kept;
 2. the final norm, LM head and cross-entropy give ∂loss/∂(last block's output) per batch;
@@ -63,7 +63,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from welore.calibrate import (
+from welore.devices import float64_device
+from welore.errors import WeloreError
+from welore.io.stream import activation_bytes, check_activations, format_bytes
+from welore.lowrank.calibrate import (
     InputStats,
     _advance,
     _capture_all,
@@ -72,9 +75,6 @@ from welore.calibrate import (
     _run_block,
     _target_blocks,
 )
-from welore.devices import float64_device
-from welore.errors import WeloreError
-from welore.stream import activation_bytes, check_activations, format_bytes
 from welore.targets import matrix_shape
 
 log = logging.getLogger(__name__)

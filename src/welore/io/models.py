@@ -22,10 +22,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from welore._io import atomic_dir, cache_dir, parse_bytes
-from welore.checkpoint import empty_model, is_checkpoint, load_checkpoint, read_record
 from welore.devices import DEVICES, check_device, resolve_device
 from welore.errors import WeloreError
-from welore.stream import should_stream, stream_
+from welore.io.checkpoint import empty_model, is_checkpoint, load_checkpoint, read_record
+from welore.io.stream import should_stream, stream_
 
 if TYPE_CHECKING:
     from welore.recipe import Record
@@ -189,7 +189,7 @@ def load_model(
 
     With `max_memory` (bytes, or a string such as "4GB" or "4GiB"), or when a folder's weights
     would not fit the memory available, only the weights outside the decoder blocks are read;
-    each block is read from the folder's safetensors when used (`welore.stream`), so compress,
+    each block is read from the folder's safetensors when used (`welore.io.stream`), so compress,
     analyze, evaluate and export work within that memory.
     """
     weights_dtype = parse_dtype(dtype)

@@ -19,7 +19,7 @@ output error each component adds when cut. `asvd` (ASVD, Yuan et al., 2023) scal
 channel j by (mean |x_j|)^α before the SVD and unscales after, a cheap diagonal stand-in for S.
 
 `kfac` and `fisher` minimise an estimate of the LM *loss* increase instead, from gradients of
-the loss at each layer's outputs (`welore.curvature`; their stats are `CurvatureStats`): `kfac`
+the loss at each layer's outputs (`welore.lowrank.curvature`; their stats are `CurvatureStats`): `kfac`
 truncates L_Gᵀ·W·L_A (K-FAC: input covariance A = L_A·L_Aᵀ, output-gradient covariance
 G = L_G·L_Gᵀ), `fisher` (FWSVD) weights W's rows by their diagonal Fisher information.
 
@@ -42,12 +42,12 @@ import torch
 
 from welore.devices import float64_device
 from welore.errors import WeloreError
+from welore.lowrank.spectrum import gram_singular_values, singular_values
 from welore.options import describe_fields, parse_value
-from welore.spectrum import gram_singular_values, singular_values
 
 if TYPE_CHECKING:
-    from welore.calibrate import InputStats
-    from welore.curvature import CurvatureStats, GradientStats
+    from welore.lowrank.calibrate import InputStats
+    from welore.lowrank.curvature import CurvatureStats, GradientStats
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 class Factorizer(Protocol):
     needs_stats: ClassVar[bool]  # True when spectrum/factors need calibration statistics
     needs_gradients: ClassVar[bool]  # True when those statistics also hold the loss's output gradients
-        # (welore.curvature.CurvatureStats)
+        # (welore.lowrank.curvature.CurvatureStats)
 
     def spectrum(self, weight: torch.Tensor, stats: Any | None) -> torch.Tensor: ...
 
@@ -430,7 +430,7 @@ class ASVD:
 
 
 def _require_curvature(method: str, weight: torch.Tensor, stats: Any | None) -> CurvatureStats:
-    from welore.curvature import CurvatureStats
+    from welore.lowrank.curvature import CurvatureStats
 
     if stats is None:
         raise WeloreError(
@@ -474,7 +474,7 @@ class KFAC:
 
     The empirical Fisher of W (out, in) is approximated by A ⊗ G, A = XᵀX/N the covariance of
     the layer's inputs and G = E[g·gᵀ] that of the LM loss's gradients at its outputs
-    (`welore.curvature`). The second-order estimate of the mean loss increase of a change ΔW
+    (`welore.lowrank.curvature`). The second-order estimate of the mean loss increase of a change ΔW
     is then ½·tr(ΔW·A·ΔWᵀ·G) = ½·‖L_Gᵀ·ΔW·L_A‖²_F with A = L_A·L_Aᵀ, G = L_G·L_Gᵀ, so the best
     rank-r W_r for that estimate is L_G⁻ᵀ·[L_Gᵀ·W·L_A]_r·L_A⁻¹ (Eckart–Young in the doubly
     whitened space) and cutting component j adds ½·σ_j² of L_Gᵀ·W·L_A to the loss (nats per
@@ -487,7 +487,7 @@ class KFAC:
         # never excite still count a little)
     shrinkage: float = 0.0  # input side as whiten's: L_A·L_Aᵀ ∝ XᵀX + shrinkage·diag(XᵀX)
     needs_stats: ClassVar[bool] = True
-    needs_gradients: ClassVar[bool] = True  # stats are CurvatureStats (welore.curvature.gradient_stats)
+    needs_gradients: ClassVar[bool] = True  # stats are CurvatureStats (welore.lowrank.curvature.gradient_stats)
 
     def __post_init__(self) -> None:
         if not 0 < self.damping < float("inf"):
@@ -529,7 +529,7 @@ class Fisher:
 
     floor: float = 1e-6  # f_i below floor × max_i f_i is raised to it (rows the loss never reached)
     needs_stats: ClassVar[bool] = True
-    needs_gradients: ClassVar[bool] = True  # stats are CurvatureStats (welore.curvature.gradient_stats)
+    needs_gradients: ClassVar[bool] = True  # stats are CurvatureStats (welore.lowrank.curvature.gradient_stats)
 
     def __post_init__(self) -> None:
         if not 0 < self.floor < 1:

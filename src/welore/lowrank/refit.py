@@ -37,8 +37,8 @@ import torch
 from welore.errors import WeloreError
 
 if TYPE_CHECKING:
-    from welore.calibrate import InputStats
-    from welore.factorize import Factorizer
+    from welore.lowrank.calibrate import InputStats
+    from welore.lowrank.factorize import Factorizer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Zero-shot task scores through EleutherAI's lm-evaluation-harness (lm-eval).
 
-    from welore.tasks import run_tasks
+    from welore.eval.tasks import run_tasks
     scores = run_tasks(model, tokenizer, ["welore_tiny_mc"], task_dir="tests/data/tasks")
     scores["welore_tiny_mc"]["acc"]     # fraction of questions answered right, in [0, 1]
 
@@ -45,7 +45,7 @@ from torch import nn
 
 from welore.data import resolve_bos
 from welore.errors import WeloreError
-from welore.evaluate import _eval_mode
+from welore.eval.evaluate import _eval_mode
 from welore.tables import format_table
 
 logger = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ def run_tasks(
         raise WeloreError(f"Batch size must be at least 1, got {batch_size!r}.")
     if tokenizer is None:
         raise WeloreError("Task evaluation needs the model's tokenizer; pass a model folder that includes one.")
-    from welore.stream import is_streamed
+    from welore.io.stream import is_streamed
 
     if is_streamed(model):
         raise WeloreError("lm-eval tasks need the whole model in memory, but this one reads its decoder blocks "

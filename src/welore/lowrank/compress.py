@@ -2,12 +2,12 @@
 
     report = welore.compress_(model, CompressConfig(ratio=0.2, method="welore"))   # a one-stage recipe
 
-The rank plan comes from an allocation policy (`welore.plan.POLICIES`) run on the cached
+The rank plan comes from an allocation policy (`welore.lowrank.plan.POLICIES`) run on the cached
 singular values of the target matrices, or is given (`plan=RankPlan.load(...)`). One
 function, `apply_plan_`, swaps every factorized matrix for a `LowRankLinear` and reports what
 it replaced; `load` reuses it on the meta device to rebuild a saved model's structure.
 
-Everything runs one decoder block at a time (`welore.stream.block_access`): spectra, then
+Everything runs one decoder block at a time (`welore.io.stream.block_access`): spectra, then
 factorization. For a model loaded with its blocks on disk (`load_model(..., max_memory=...)`)
 each block is read only while it is processed and its compressed version is written back to
 disk, so the whole model is never in memory; for a resident model the same code runs with
@@ -26,20 +26,27 @@ from tqdm.auto import tqdm
 
 from welore.data import LEGACY_BOS, bos_option, check_bos_policy
 from welore.errors import WeloreError
-from welore.factorize import FACTORIZERS, Factorizer, balance_factors, describe_factorizer_params, make_factorizer
-from welore.modules import LowRankLinear, swap_module
+from welore.io.stream import block_access
+from welore.lowrank.factorize import (
+    FACTORIZERS,
+    Factorizer,
+    balance_factors,
+    describe_factorizer_params,
+    make_factorizer,
+)
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import POLICIES, RankPlan, allocate, check_ratio, needs_spectra
+from welore.lowrank.refit import REFITS, Refit
+from welore.lowrank.spectrum import check_finite, compute_spectra
+from welore.modules import swap_module
 from welore.options import check_positive
-from welore.plan import POLICIES, RankPlan, allocate, check_ratio, needs_spectra
-from welore.refit import REFITS, Refit
-from welore.spectrum import check_finite, compute_spectra
-from welore.stream import block_access
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
 from welore.versioned import config_from_dict
 
 log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
-AUTO = "auto"  # the `method` that selects the recipe on the model at hand (welore.select)
+AUTO = "auto"  # the `method` that selects the recipe on the model at hand (welore.lowrank.select)
 
 
 def _policies() -> list[str]:
@@ -58,9 +65,9 @@ def _refits() -> list[str]:
 class CompressConfig:
     ratio: float | None = None  # fraction of the target matrices' parameters to remove, in (0, 1)
     method: str | None = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy
-        # (welore.plan.POLICIES), or auto: try kfac/welore+seq, whiten/welore and whiten/uniform on the model and keep
-        # the best on held-back calibration windows (needs --calib; sets --factorizer and --sequential); None when a
-        # given rank plan sets the ranks
+        # (welore.lowrank.plan.POLICIES), or auto: try kfac/welore+seq, whiten/welore and whiten/uniform on the model
+        # and keep the best on held-back calibration windows (needs --calib; sets --factorizer and --sequential); None
+        # when a given rank plan sets the ranks
     factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd
         # (data-free), whiten (SVD-LLM), asvd (activation-scaled), kfac (Kronecker-factored loss curvature) or fisher
         # (FWSVD's row Fisher); all but svd need --calib
@@ -82,7 +89,7 @@ class CompressConfig:
         # --calib, implies --sequential
     refit_ridge: float = 1e-3  # ridge of the refit, × the mean diagonal of the Gram matrix it inverts (with --refit)
     selection: dict | None = field(default=None, metadata={"cli": False})  # recorded by --method auto: the recipe
-        # chosen, every candidate's held-back perplexity and seconds (welore.select)
+        # chosen, every candidate's held-back perplexity and seconds (welore.lowrank.select)
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -120,11 +127,11 @@ class CompressConfig:
         return f"The {self.factorizer} factorizer" if self.make_factorizer().needs_stats else None
 
     def make_factorizer(self) -> Factorizer:
-        """The configured factorizer with its parameters (`welore.factorize.make_factorizer`)."""
+        """The configured factorizer with its parameters (`welore.lowrank.factorize.make_factorizer`)."""
         return make_factorizer(self.factorizer, self.factorizer_params)
 
     def make_refit(self) -> Refit | None:
-        """The configured refit (`welore.refit.Refit`), None without --refit."""
+        """The configured refit (`welore.lowrank.refit.Refit`), None without --refit."""
         if self.refit is None:
             if self.refit_ridge != Refit.ridge:
                 raise WeloreError("--refit-ridge is given without --refit; "
@@ -208,7 +215,7 @@ def factorize_layer(
     dense: nn.Module, name: str, rank: int, factorizer: str | Factorizer, stats=None, refit: Refit | None = None
 ) -> LowRankLinear:
     """Factorize one dense layer at `rank` (bias, dtype and device kept); with `refit`, the
-    factors are then refitted on paired statistics (`welore.refit`)."""
+    factors are then refitted on paired statistics (`welore.lowrank.refit`)."""
     weight = weight_matrix(dense)
     check_finite(name, weight)
     factorizer = FACTORIZERS[factorizer] if isinstance(factorizer, str) else factorizer
@@ -264,7 +271,7 @@ def calibrated_spectra(
     """The spectra a data-aware factorizer sees (e.g. singular values of W·S, or of L_Gᵀ·W·L_A
     for kfac, in loss units), block by block. `gradients`: the output-gradient statistics a
     curvature-aware factorizer needs (`gradient_stats`), gathered here when not given."""
-    from welore.calibrate import drain, iter_block_stats
+    from welore.lowrank.calibrate import drain, iter_block_stats
 
     factorizer = config.make_factorizer()
     targets = find_targets(model, config.targets)
@@ -282,8 +289,8 @@ def calibrated_spectra(
 
 def gradient_stats(model: nn.Module, targets: dict[str, nn.Module], calibration: torch.Tensor, batch_size: int = 4,
                    progress: bool = True) -> dict:
-    """Output-gradient statistics of the LM loss for every target (`welore.curvature`)."""
-    from welore.curvature import gradient_stats as gather
+    """Output-gradient statistics of the LM loss for every target (`welore.lowrank.curvature`)."""
+    from welore.lowrank.curvature import gradient_stats as gather
 
     with torch.no_grad():  # gather enables gradients only where it needs them
         return gather(model, targets, calibration, batch_size=batch_size, progress=progress)
@@ -295,10 +302,10 @@ class _BoundGradients:
     callers that hold only its input statistics (the refit re-truncates with the factorizer)."""
 
     factorizer: Factorizer  # kfac or fisher
-    grads: object  # welore.curvature.GradientStats of the target
+    grads: object  # welore.lowrank.curvature.GradientStats of the target
 
     def factors(self, weight: torch.Tensor, rank: int, stats) -> tuple[torch.Tensor, torch.Tensor]:
-        from welore.curvature import CurvatureStats
+        from welore.lowrank.curvature import CurvatureStats
 
         return self.factorizer.factors(weight, rank, CurvatureStats(inputs=stats, grads=self.grads))
 
@@ -307,7 +314,7 @@ def _with_gradients(stats, gradients: dict | None, name: str):
     """A target's input statistics, paired with its output-gradient statistics when there are any."""
     if gradients is None:
         return stats
-    from welore.curvature import CurvatureStats
+    from welore.lowrank.curvature import CurvatureStats
 
     return CurvatureStats(inputs=stats, grads=gradients[name])
 
@@ -322,7 +329,7 @@ def _apply_plan_calibrated_(
     the dense model's inputs are gathered beside them and the factors refitted. A
     curvature-aware factorizer also gets `gradients` (taken on the dense model, here when not
     given: the loss's gradients need the whole model, so they are not sequential)."""
-    from welore.calibrate import drain, iter_block_stats
+    from welore.lowrank.calibrate import drain, iter_block_stats
 
     check_plan_fits(model, plan)
     targets = {name: model.get_submodule(name) for name in plan.factorized}
@@ -359,7 +366,8 @@ def low_rank_(
     curvature-aware factorizer, when the caller already holds them; gathered here otherwise.
     """
     if config.method == AUTO and plan is None:
-        raise ValueError("--method auto is resolved by welore.compress_ (welore.select), before the lowrank stage runs")
+        raise ValueError("--method auto is resolved by welore.compress_ (welore.lowrank.select) before the lowrank "
+                         "stage runs")
     factorizer = config.make_factorizer()
     if config.refit is not None and not factorizer.needs_stats:
         raise WeloreError(f"--refit fits the factors on calibration text, but the {config.factorizer} factorizer uses "

@@ -23,9 +23,9 @@ without a record, `save` reads the plans off its `LowRankLinear` and `QuantizedL
 parameters, swaps in empty `LowRankLinear` (and `QuantizedLinear`) modules from the plans, then assigns the stored
 tensors (`load_state_dict(..., assign=True)`), checking that names and shapes match exactly;
 `load(path, stream=True)` instead reads only the weights outside the decoder blocks and
-leaves the blocks on disk until they are used (`welore.stream`).
+leaves the blocks on disk until they are used (`welore.io.stream`).
 
-`save` and `export_dense` write block by block through `welore.stream.ShardWriter`, reading
+`save` and `export_dense` write block by block through `welore.io.stream.ShardWriter`, reading
 each block of a streamed model only while it is written, so neither needs the whole model in
 memory.
 """
@@ -45,22 +45,15 @@ from transformers.pytorch_utils import Conv1D
 
 from welore import __version__
 from welore._io import atomic_dir, check_output_dir, write_json
-from welore.compress import CompressConfig, apply_plan_
 from welore.errors import WeloreError
-from welore.modules import LowRankLinear, swap_module
-from welore.plan import RankPlan
+from welore.io.stream import DEFAULT_SHARD_BYTES, Blocks, ShardWriter, TensorFiles, block_access, should_stream, stream_
+from welore.io.stream import WEIGHTS as WEIGHTS  # the single-file name, re-exported
+from welore.lowrank.compress import CompressConfig, apply_plan_
+from welore.lowrank.module import LowRankLinear
+from welore.lowrank.plan import RankPlan
+from welore.modules import swap_module
 from welore.quant import QuantConfig, QuantizedLinear, QuantPlan, apply_quant_plan_
 from welore.recipe import Recipe, Record
-from welore.stream import (
-    DEFAULT_SHARD_BYTES,
-    Blocks,
-    ShardWriter,
-    TensorFiles,
-    block_access,
-    should_stream,
-    stream_,
-)
-from welore.stream import WEIGHTS as WEIGHTS  # the single-file name, re-exported
 from welore.versioned import check_version, report_unknown
 
 log = logging.getLogger(__name__)
@@ -274,7 +267,7 @@ def load_checkpoint(
     """A saved compressed model, rebuilt, and its record (`read_record`).
 
     `stream=True` reads only the weights outside the decoder blocks now; each block is read
-    from the checkpoint's safetensors when it is used (`welore.stream`), in `dtype` (default:
+    from the checkpoint's safetensors when it is used (`welore.io.stream`), in `dtype` (default:
     as stored).
     """
     path = Path(path)

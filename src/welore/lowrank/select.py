@@ -5,7 +5,7 @@ A recipe that wins on one model can lose on the next: on SmolLM2-135M the curvat
 measured, while on a model of another family plain whitening with WeLore's ranks beat it. So
 `select_recipe` compresses a copy of the model with each candidate in `CANDIDATES`, scores each
 copy's perplexity on calibration windows held back from every fit (never on evaluation text),
-and returns the best candidate's config with the scores; `welore.compress.low_rank_` then compresses the model
+and returns the best candidate's config with the scores; `welore.lowrank.compress.low_rank_` then compresses the model
 itself with that config on all the calibration windows.
 
 Cost: the candidates are fitted on a quarter (`SELECT_FRACTION`) of the windows not held back,
@@ -25,8 +25,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from welore.compress import CompressConfig, low_rank_
 from welore.errors import WeloreError
+from welore.lowrank.compress import CompressConfig, low_rank_
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ SELECT_FRACTION = 1 / 4  # of the other windows, fitting each candidate during t
 class Candidate:
     """One recipe `--method auto` tries: a factorizer, an allocation policy, sequential or not."""
 
-    factorizer: str  # a data-aware factorizer of welore.factorize.FACTORIZERS
-    method: str  # an allocation policy of welore.plan.POLICIES
+    factorizer: str  # a data-aware factorizer of welore.lowrank.factorize.FACTORIZERS
+    method: str  # an allocation policy of welore.lowrank.plan.POLICIES
     sequential: bool = False  # calibrate each block on the compressed blocks' outputs
 
     @property
@@ -82,8 +82,8 @@ def select_recipe(
 ) -> tuple[CompressConfig, dict]:
     """The best candidate's config for `model` and the selection's record: every candidate's
     perplexity on the held-back windows and its seconds, the tokens fitted and held back."""
-    from welore.evaluate import perplexity
-    from welore.stream import is_streamed
+    from welore.eval.evaluate import perplexity
+    from welore.io.stream import is_streamed
 
     if is_streamed(model):
         raise WeloreError("--method auto compresses a copy of the model with each recipe, but this one reads its "

@@ -276,12 +276,12 @@ def perplexity(
 
 def _batch_logits(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
     """(B, T, V) logits of every batch of `windows`: one forward each, or, for a model whose
-    decoder blocks are read from disk (`welore.stream`), block-major: all windows through
-    block 0, then block 1, ... (`welore.calibrate.block_outputs`), then final norm and LM head."""
-    from welore.stream import is_streamed
+    decoder blocks are read from disk (`welore.io.stream`), block-major: all windows through
+    block 0, then block 1, ... (`welore.lowrank.calibrate.block_outputs`), then final norm and LM head."""
+    from welore.io.stream import is_streamed
 
     if is_streamed(model):
-        from welore.calibrate import block_outputs, final_logits
+        from welore.lowrank.calibrate import block_outputs, final_logits
 
         windows = windows.to(dtype=torch.long)
         hidden, _ = block_outputs(model, windows, batch_size, progress=progress)
@@ -571,7 +571,7 @@ def evaluate(
     disk_bytes = weights_size_on_disk(path) if path is not None else None
     if windows is not None:
         _check_windows(model, windows, batch_size)  # fail before any slow work
-    from welore.stream import is_streamed
+    from welore.io.stream import is_streamed
 
     if speed and is_streamed(model):
         logger.warning("The model's decoder blocks are read from disk one at a time, so its speed is not measured.")
