@@ -239,7 +239,7 @@ def goals(runs: dict) -> list[str]:
     if dominated:
         out.append(f"- low rank + quantization (a compensation, or quantized factors) dominates low rank alone at "
                    f"every size measured ({len(dominated)} sizes): {'met' if all(dominated) else 'NOT met'}")
-    return (["", "Goals of issue 10 on these figures:", ""] + out) if out else []
+    return (["", "Goals on these figures:", ""] + out) if out else []
 
 
 def write_doc(record: dict) -> None:

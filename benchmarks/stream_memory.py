@@ -113,7 +113,7 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def law(settings: dict, tokens: int, job: str, base: int) -> dict[str, dict[str, int]]:
-    """The README's peak-memory law for a streamed `job`, term by term, in bytes, for its two
+    """The peak-memory law (docs/big-models.md) for a streamed `job`, term by term, in bytes, for its two
     phases: at the ends of a pass (`ends`) and over the blocks (`blocks`); the peak is the larger."""
     import torch
 
@@ -147,7 +147,7 @@ def render(data: dict) -> str:
         f"Peak resident memory (VmHWM of the job's own process) of {data['model']} ({settings['dtype']}), whole model "
         f"vs `max_memory={settings['max_memory']}` (one decoder block at a time), ratio {settings['ratio']}; "
         f"an empty job (python + torch + welore imported) peaks at {base / gb:.2f} GB. "
-        "`law` is the README's peak-memory law for the streamed run; `identical` compares the saved "
+        "`law` is the peak-memory law of docs/big-models.md for the streamed run; `identical` compares the saved "
         "factors' bytes (or the perplexity) of the two runs. "
         + (f"{settings['parallel']} jobs ran at once on a shared machine, so the wall times only say the streamed "
            "runs are not slower by much; the peaks are each process's own." if settings["parallel"] > 1 else ""),

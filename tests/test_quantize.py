@@ -727,8 +727,8 @@ def test_cli_low_rank_and_quantization_together(tmp_path: Path, cli_model_dir: P
     from welore.cli import main
 
     out = tmp_path / "joint"
-    code = main(["compress", "-q", str(cli_model_dir), "--ratio", "0.3", "--method", "uniform", "--quantize", "int4",
-                 "--group-size", "16", "--out", str(out)])
+    code = main(["compress", "-q", str(cli_model_dir), "--ratio", "0.3", "--method", "uniform", "--data-free",
+                 "--quantize", "int4", "--group-size", "16", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "factorizer svd" in printed and "then quantized:" in printed and "at 4 bits" in printed

@@ -183,7 +183,7 @@ def test_default_model_data_aware_recipe_and_its_replay(capsys, tmp_path: Path) 
                             "--calib-tokens", "2048", "--calib-seq-len", "256", "--out", calibrated)
     assert code == 0, err
     assert "calibrated on 2048 tokens of wiki" in stdout
-    for argv, out in ((common, data_free), (["--recipe", calibrated / "welore.json"], replayed)):
+    for argv, out in (([*common, "--data-free"], data_free), (["--recipe", calibrated / "welore.json"], replayed)):
         code, _, err = run(capsys, "compress", "smollm2-135m", *argv, "--out", out)
         assert code == 0, err
     _same_weights(calibrated, replayed)

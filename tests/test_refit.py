@@ -166,7 +166,7 @@ def test_cli_refit_is_recorded_and_changes_the_later_blocks(capsys, tmp_path: Pa
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        (["--refit", "up"], "--refit"),
+        (["--data-free", "--refit", "up"], "--refit"),
         (["--factorizer", "whiten", "--refit", "up"], "--calib"),
         (["--factorizer", "whiten", "--calib", "TEXT", "--refit", "up", "--refit-ridge", "-1"], "--refit-ridge"),
         (["--factorizer", "whiten", "--calib", "TEXT", "--refit-ridge", "0.1"], "without --refit"),

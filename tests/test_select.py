@@ -75,8 +75,11 @@ def test_cli_auto_reports_and_records_the_selection(capsys, tmp_path: Path, bos_
     assert read_record(out).compress_config == CompressConfig.from_dict(recorded)
 
 
-def test_cli_auto_without_calibration_is_one_sentence(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
-    code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.2", "--method", "auto",
-                         "--out", tmp_path / "out")
-    assert_user_error(code, out, err, match="pass --calib")
-    assert nothing_left(tmp_path, "out")
+def test_cli_auto_without_calibration_uses_the_builtin_text(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
+    code, out, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.2", "--method", "auto", "--calib-tokens",
+                         "512", "--calib-seq-len", "32", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "calibrating on the built-in wiki text" in out and "recipe chosen by --method auto:" in out
+    assert_user_error(*run(capsys, "compress", cli_model_dir, "--ratio", "0.2", "--method", "auto", "--data-free",
+                           "--out", tmp_path / "other"), match="pass --calib")
+    assert nothing_left(tmp_path, "other")

@@ -13,6 +13,7 @@ with status 2, without a traceback. Everything else is a bug and raises loudly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -99,6 +100,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         print(f"\n{finetune_config.steps} steps of full fine-tuning with AdamW (lr {finetune_config.lr:g}) on "
               f"{finetune_config.data}: validation perplexity {run.val_ppl_before:.3f} -> {run.val_ppl_after:.3f}")
         print(gradients.summary())
+    _write_json(args, {"analysis": result.to_dict(), "gradients": gradients.to_dict() if gradients else None})
     if args.out:
         with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
             result.write_files(tmp)
@@ -137,6 +139,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     _check_load_options(args)
     check_output_dir(args.out, args.overwrite)
     loaded = _load(args.model, args)
+    if getattr(args, "builtin_calib", None):
+        print(f"calibrating on the built-in {args.builtin_calib} text (its calibration half); pass --calib TEXT to "
+              "choose another, or --data-free for none")
     start = time.perf_counter()
     report = compress_(loaded.model, recipe, loaded.tokenizer, plan=plan, progress=not args.quiet, source=args.model)
     elapsed = time.perf_counter() - start
@@ -144,7 +149,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
     for line in _describe_report(report):
         print(line)
     print(f"compression took {elapsed:.1f}s")
-    print(f"saved {args.out}/ ({weights_size_on_disk(args.out) / 1e6:.1f} MB of weights)")
+    disk = weights_size_on_disk(args.out)
+    print(f"saved {args.out}/ ({disk / 1e6:.1f} MB of weights)")
+    _write_json(args, {"out": str(args.out), "recipe": report.record.recipe.to_dict(),
+                       "achieved_ratio": report.plan.achieved_ratio, "params_before": report.params_before,
+                       "params_after": report.params_after, "target_bytes_before": report.target_bytes_before,
+                       "target_bytes_after": report.target_bytes_after, "disk_bytes": disk, "seconds": elapsed})
 
 
 def _recipe(args: argparse.Namespace):
@@ -158,9 +168,10 @@ def _recipe(args: argparse.Namespace):
 
     if args.recipe:
         given = [flag(f.name) for cls in (CompressConfig, QuantConfig) for f in option_fields(cls)
-                 if hasattr(args, f.name) and getattr(args, f.name) != f.default
-                 and f.default_factory is dataclasses.MISSING] + [o for o in ("--plan", "--quantize", "--target-size")
-                                                               if getattr(args, o[2:].replace("-", "_"))]
+                 if hasattr(args, f.name) and getattr(args, f.name) not in (f.default, None)
+                 and f.default_factory is dataclasses.MISSING]
+        given += [o for o in ("--plan", "--quantize", "--target-size", "--data-free")
+                  if getattr(args, o[2:].replace("-", "_"))]
         if given:
             raise WeloreError(f"--recipe sets the whole compression, so {given[0]} has no effect; put it in the "
                               "recipe, or drop --recipe.")
@@ -178,7 +189,8 @@ def _recipe(args: argparse.Namespace):
     stages = []
     plan = RankPlan.load(args.plan) if args.plan else None
     if args.ratio is not None or plan is not None:
-        low_rank = from_args(CompressConfig, args, **({"method": None} if plan is not None else {}))
+        choice = _factorizer_choice(args)  # before the config reads --calib
+        low_rank = from_args(CompressConfig, args, **({"method": None} if plan is not None else {}), **choice)
         if quantized and not low_rank.data_aware:  # --calib then serves the compensation alone
             low_rank = replace(low_rank, calib=None)
         stages.append(low_rank)
@@ -189,6 +201,29 @@ def _recipe(args: argparse.Namespace):
     recipe = Recipe(stages)
     recipe.check()
     return recipe, plan
+
+
+def _factorizer_choice(args: argparse.Namespace) -> dict:
+    """The factorizer `welore compress` uses: --factorizer as given; --data-free's plain SVD; else the
+    recommended recipe's whitening, calibrated on the built-in text when --calib is not given (then
+    args.calib, which the quantize stage shares, and args.builtin_calib are set)."""
+    from welore.lowrank.compress import AUTO, BUILTIN_CALIB, RECOMMENDED
+
+    if args.data_free:
+        if args.factorizer not in (None, "svd") or args.calib is not None or args.factorizer_params:
+            raise WeloreError("--data-free factorizes without calibration text; drop --factorizer, "
+                              "--factorizer-param and --calib, or drop --data-free.")
+        return {"factorizer": "svd"}
+    if args.factorizer is not None:
+        return {"factorizer": args.factorizer}
+    if args.method == AUTO:  # it chooses the factorizer; the built-in text serves it when --calib is not given
+        choice = {"factorizer": RECOMMENDED["factorizer"]}
+    else:
+        choice = {"factorizer": RECOMMENDED["factorizer"],
+                  "factorizer_params": args.factorizer_params or RECOMMENDED["factorizer_params"]}
+    if args.calib is None:
+        args.calib = args.builtin_calib = BUILTIN_CALIB
+    return choice
 
 
 def _recorded_recipe(path: Path):
@@ -294,12 +329,21 @@ def _evaluate_one(spec: str, args: argparse.Namespace, options):
     return loaded, result, bos
 
 
-def _write_json(path: str | None, payload: dict) -> None:
+JSON_HELP = "also write the results as JSON to this file, or to stdout with - (the report then goes to stderr)"
+
+
+def _write_json(args: argparse.Namespace, payload: dict) -> None:
+    """The command's results as JSON: to --json FILE (atomically), or with `--json -` to the
+    process's stdout (`main` sends everything else the command prints to stderr)."""
+    import json
+
     from welore._io import write_json
 
-    if path:
-        write_json(path, payload)
-        print(f"wrote {path}")
+    if args.json == "-":
+        print(json.dumps(payload, indent=2, default=str), file=args.stdout)
+    elif args.json:
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
 
 
 def _text_note(options, bos: dict[str, str]) -> str:
@@ -341,7 +385,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"\nlm-eval tasks: {tasks.fewshot}-shot{limit_note}")
         print(format_task_table(scores))
         payload.update(fewshot=tasks.fewshot, task_limit=tasks.task_limit, tasks=scores)
-    _write_json(args.json, payload)
+    _write_json(args, payload)
 
 
 def _method_label(record) -> tuple[str, float] | None:
@@ -366,8 +410,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
         gc.collect()
     print(_text_note(options, bos))
     print(format_table(results, baseline=args.models[0]))
-    _write_json(args.json, {"text": options.text, "seq_len": options.seq_len, "bos": bos,
-                            "results": {k: v.to_dict() for k, v in results.items()}})
+    _write_json(args, {"text": options.text, "seq_len": options.seq_len, "bos": bos,
+                       "results": {k: v.to_dict() for k, v in results.items()}})
     if args.plot:
         points = [(labels[k][0], labels[k][1], r.perplexity) for k, r in results.items() if labels[k]]
         if not points:
@@ -379,42 +423,86 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+DEMO_RECIPES = {  # label -> the lowrank stage, beside the dense model; the last is what `welore compress` runs
+    "SVD-LLM": {"method": "uniform", "factorizer": "whiten"},
+    "WeLore data-free": {"method": "welore", "factorizer": "svd"},
+    "welore recommended": {"method": "welore", "factorizer": "whiten", "factorizer_params": {"shrinkage": 0.1}},
+}
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job on the built-in model and text: analyze, compress (uniform vs WeLore), evaluate."""
+    """The main job on the built-in model: SmolLM2-135M compressed three ways at each of two sizes (SVD-LLM's
+    whitened uniform ranks, WeLore's data-free ranks and factors, welore's recommended recipe),
+    calibrated on wiki and judged on news against the dense model, with a size-quality plot."""
     import copy
 
     from welore._io import atomic_dir, write_json
-    from welore.analyze import analyze
-    from welore.eval.evaluate import EvalOptions, evaluate, format_table
+    from welore.data import describe_text, load_text, resolve_bos, token_windows
+    from welore.eval.evaluate import EvalOptions, evaluate
     from welore.io.checkpoint import save
     from welore.io.models import DEFAULT_MODEL, load_model
-    from welore.lowrank.compress import CompressConfig
+    from welore.lowrank.compress import BUILTIN_CALIB, CompressConfig
     from welore.recipe import compress_
+    from welore.report import plot_size_quality
+    from welore.tables import format_table
 
-    options = from_args(EvalOptions, args)
-    configs = {method: from_args(CompressConfig, args, method=method) for method in ("uniform", "welore")}
+    options = from_args(EvalOptions, args, speed=False)
+    configs = {(label, ratio): from_args(CompressConfig, args, ratio=ratio, **recipe,
+                                         calib=BUILTIN_CALIB if recipe["factorizer"] != "svd" else None)
+               for ratio in args.ratios for label, recipe in DEMO_RECIPES.items()}
     out = Path(args.out)
+    start = time.perf_counter()
     loaded = load_model(DEFAULT_MODEL, dtype="float32")
-    windows, bos = _eval_windows(loaded.tokenizer, options, DEFAULT_MODEL)
-    analysis = analyze(loaded.model, ratio=args.ratio, method="welore", name=DEFAULT_MODEL, progress=not args.quiet)
-    print(analysis.summary(), "\n")
-    results = {"dense": evaluate(loaded.model, windows, path=loaded.path, batch_size=options.batch_size,
-                                 speed=options.speed, progress=not args.quiet)}
+    windows, _ = _eval_windows(loaded.tokenizer, options, DEFAULT_MODEL, calib=BUILTIN_CALIB)
+    calibration = token_windows(loaded.tokenizer, load_text(BUILTIN_CALIB, split="calib"), args.calib_seq_len,
+                                args.calib_tokens, options=("--calib-seq-len", "--calib-tokens"),
+                                bos=resolve_bos(loaded.tokenizer, args.bos))
+    dense = evaluate(loaded.model, windows, path=loaded.path, batch_size=options.batch_size, speed=False,
+                     progress=not args.quiet)
+    results, reports = {}, {}
     with atomic_dir(out, overwrite=True) as tmp:
-        analysis.write(tmp / "analysis")
-        for method, config in configs.items():
+        for (label, ratio), config in configs.items():
             model = copy.deepcopy(loaded.model)
-            report = compress_(model, config, progress=not args.quiet, source=DEFAULT_MODEL)
-            save(model, tmp / method, tokenizer=loaded.tokenizer, record=report.record)
-            results[f"{method} {args.ratio}"] = evaluate(
-                model, windows, path=tmp / method, batch_size=options.batch_size,
-                speed=options.speed, progress=not args.quiet)
+            folder = tmp / f"{label.lower().replace(' ', '-')}-{ratio}"
+            reports[label, ratio] = compress_(model, config, calibration=calibration if config.data_aware else None,
+                                              progress=not args.quiet, source=DEFAULT_MODEL)
+            save(model, folder, tokenizer=loaded.tokenizer, record=reports[label, ratio].record)
+            results[label, ratio] = evaluate(model, windows, path=folder, batch_size=options.batch_size, speed=False,
+                                             progress=not args.quiet)
             del model
             gc.collect()
-        write_json(tmp / "results.json", {k: v.to_dict() for k, v in results.items()})
-    print(_text_note(options, {DEFAULT_MODEL: bos}))
-    print(format_table(results, baseline="dense"))
-    print(f"\nwrote {out}/ (analysis/ with plots and tables, uniform/ and welore/ checkpoints, results.json)")
+        dense_mb = next(iter(reports.values())).target_bytes_before / 1e6
+        points: dict[str, list] = {}
+        for (label, ratio), report in reports.items():
+            points.setdefault(label, []).append((report.target_bytes_after / 1e6, results[label, ratio].perplexity,
+                                                 f"{ratio}"))
+        plot_size_quality(points, tmp / "size_quality.png", dense=(dense_mb, dense.perplexity),
+                          dense_label="dense (float32)",
+                          title=f"{DEFAULT_MODEL}: perplexity on {options.text} vs size (labels: ratio)")
+        write_json(tmp / "results.json", {"calib": BUILTIN_CALIB, "calib_tokens": calibration.numel(),
+                                          "text": options.text, "dense": dense.to_dict(),
+                                          "results": [{"recipe": label, "ratio": ratio, **result.to_dict()}
+                                                      for (label, ratio), result in results.items()]})
+    rows = [["dense", "-", "-", f"{dense.perplexity:.3f}", "1.00", f"{dense_mb:.1f}"]]
+    for (label, ratio), report in reports.items():
+        config = report.config
+        recipe = f"{config.factorizer}/{config.method}" + ("@0.1" if config.factorizer_params else "")
+        ppl = results[label, ratio].perplexity
+        rows.append([label, recipe, f"{ratio}", f"{ppl:.3f}", f"{ppl / dense.perplexity:.2f}",
+                     f"{report.target_bytes_after / 1e6:.1f}"])
+    print(f"{DEFAULT_MODEL} with a fraction (ratio) of its target matrices' parameters removed; calibrated on "
+          f"{calibration.numel()} tokens of {describe_text(BUILTIN_CALIB, 'calib')}, judged on {options.max_tokens} "
+          f"tokens of {describe_text(options.text)} (windows of {options.seq_len})")
+    print(format_table(["model", "recipe", "ratio", f"perplexity ({options.text})", "× dense", "target MB"], rows))
+    ratio = args.ratios[0]
+    best = min(DEMO_RECIPES, key=lambda label: results[label, ratio].perplexity)
+    others = ", ".join(f"{label} {results[label, ratio].perplexity:.1f}" for label in DEMO_RECIPES if label != best)
+    print(f"\nbest at ratio {ratio}: {best}, {results[best, ratio].perplexity:.1f} on {options.text} "
+          f"(dense {dense.perplexity:.1f}; {others})")
+    print(f"use it: welore compress MODEL --ratio {ratio} --out DIR   (calibrates on the built-in {BUILTIN_CALIB} "
+          "text; --calib TEXT for your own)")
+    print(f"wrote {out}/ ({len(reports)} checkpoints, size_quality.png, results.json) in "
+          f"{time.perf_counter() - start:.0f}s")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -444,6 +532,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"  step {point['step']}: validation perplexity {point['val_ppl']:.3f}")
     adapter = " with its LoRA adapter in adapter/" if config.mode == "lora" and config.lora.keep_adapter else ""
     print(f"saved {args.out}/{adapter} (loads with welore.load; fine-tuning record in finetune.json)")
+    _write_json(args, result.to_dict() | {"out": str(args.out)})
 
 
 MODEL_HELP = "built-in name (smollm2-135m), model folder, welore checkpoint, .gguf file or hub id"
@@ -481,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p.add_argument_group("rank plan (with --ratio)"), CompressConfig, only=plan_fields)
     loading(p)
     p.add_argument("--out", help="folder for the table (CSV, JSON), summary, plots and rank plan")
+    p.add_argument("--json", metavar="FILE", help=JSON_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g = p.add_argument_group("gradient spectra (--gradients)")
     g.add_argument("--gradients", action="store_true",
@@ -490,12 +580,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compress", cmd_compress)
     p.add_argument("model", help=MODEL_HELP)
-    add_options(p.add_argument_group("compression"), CompressConfig)
+    compression = p.add_argument_group("compression")
+    add_options(compression, CompressConfig, defaults={"factorizer": None})
+    compression.add_argument("--data-free", action="store_true",
+                             help="WeLore's original data-free path: plain SVD factors, no calibration text (the "
+                                  "default is the recommended data-aware recipe: --factorizer whiten "
+                                  "--factorizer-param shrinkage=0.1, calibrated on --calib, else the built-in wiki "
+                                  "text)")
     p.add_argument("--plan", help="apply this saved rank plan (JSON) instead of computing one")
     p.add_argument("--recipe", metavar="FILE",
                    help="run the stages of this recipe (YAML or JSON), or replay the recipe a checkpoint recorded "
                         "(its folder or welore.json), instead of giving the compression options")
     p.add_argument("--out", required=True, help="folder for the compressed checkpoint")
+    p.add_argument("--json", metavar="FILE", help=JSON_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     loading(p)
     quantization = p.add_argument_group("quantization (alone, or with --ratio/--plan: of the low-rank factors)")
@@ -518,25 +615,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=MODEL_HELP)
     add_options(p.add_argument_group("evaluation"), EvalOptions)
     loading(p)
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", metavar="FILE", help=JSON_HELP)
     add_options(p.add_argument_group("lm-eval tasks (--tasks)"), TaskOptions)
 
     p = command("compare", cmd_compare)
     p.add_argument("models", nargs="+", help="two or more models (first = baseline for the ratio columns)")
     add_options(p.add_argument_group("evaluation"), EvalOptions)
     loading(p)
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", metavar="FILE", help=JSON_HELP)
     p.add_argument("--plot", help="also draw perplexity vs compression ratio, one line per method, to this PNG file")
 
     p = command("demo", cmd_demo)
-    add_options(p, CompressConfig, only=["ratio"], defaults={"ratio": 0.02})
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1], metavar="X",
+                   help="fractions of the target matrices' parameters to remove, one compression of each recipe per "
+                        "ratio; the first is the one the last lines judge (default: 0.05 0.1)")
+    add_options(p, CompressConfig, only=["calib_tokens", "calib_seq_len", "bos"], defaults={"calib_tokens": 2048})
     p.add_argument("--out", default="out/demo",
                    help="folder for the demo's outputs (replaced each run; default out/demo)")
-    add_options(p.add_argument_group("evaluation"), EvalOptions, defaults={"max_tokens": 8192})
+    add_options(p.add_argument_group("evaluation"), EvalOptions, exclude=("speed", "bos"),
+                defaults={"text": "news", "max_tokens": 4096})
 
     p = command("finetune", cmd_finetune)
     p.add_argument("model", help="a welore checkpoint (needed for lrc) or any model: " + MODEL_HELP)
     p.add_argument("--out", required=True, help="folder for the fine-tuned welore checkpoint")
+    p.add_argument("--json", metavar="FILE", help=JSON_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace --out (and an unfinished run's checkpoints)")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run of --out from its last checkpoint")
@@ -556,21 +658,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        _quiet_libraries()
-        if getattr(args, "max_memory", None) is not None:
-            from welore.io.stream import return_freed_memory
+    args.stdout = sys.stdout  # with `--json -` the JSON alone goes here, the report to stderr
+    to_stdout = getattr(args, "json", None) == "-"
+    with contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext():
+        try:
+            _quiet_libraries()
+            if getattr(args, "max_memory", None) is not None:
+                from welore.io.stream import return_freed_memory
 
-            return_freed_memory()  # a budget: hand freed blocks back to the system at once
-        args.func(args)
-    except WeloreError as err:
-        print(f"welore: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("welore: interrupted; nothing partial was left behind.", file=sys.stderr)
-        return 130
-    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the main process alone reports
-        print(_peak_memory_line())
+                return_freed_memory()  # a budget: hand freed blocks back to the system at once
+            args.func(args)
+        except WeloreError as err:
+            print(f"welore: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("welore: interrupted; nothing partial was left behind.", file=sys.stderr)
+            return 130
+        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, the main process alone reports
+            print(_peak_memory_line())
     return 0
 
 

@@ -54,7 +54,7 @@ def plot_perplexity_vs_ratio(
 
 def plot_size_quality(
     points: dict[str, list[tuple[float, float, str]]], path: Path, dense: tuple[float, float] | None = None,
-    title: str = "",
+    title: str = "", dense_label: str = "dense (bfloat16)",
 ) -> None:
     """Size–quality frontier: perplexity (log) against stored bytes (MB) of the target matrices,
     one marker style per family (e.g. quantization alone, low rank alone, both), each point
@@ -67,7 +67,7 @@ def plot_size_quality(
         for x, y, name in rows:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
     if dense is not None:
-        ax.scatter([dense[0]], [dense[1]], marker="*", s=90, color="black", label="dense (bfloat16)", zorder=3)
+        ax.scatter([dense[0]], [dense[1]], marker="*", s=90, color="black", label=dense_label, zorder=3)
         ax.axhline(dense[1], color="black", lw=0.6, ls=":")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -57,7 +57,7 @@ class LoraOptions:
         # alpha/r · B·A)
     dropout: float = field(default=0.0, metadata={"flag": "lora_dropout"})  # dropout on the adapter's input
     targets: list[str] | None = field(default=None, metadata={"flag": "lora_targets", "metavar": "PATTERN"})  # Linear
-        # module patterns (exact, glob, re:); None = target matrices
+        # module patterns (exact, glob, re:); default: the target matrices
     keep_adapter: bool = False  # save the adapter (out/adapter) instead of merging it into the weights
 
     def __post_init__(self) -> None:
@@ -83,8 +83,8 @@ class DistillOptions:
 
     enabled: bool = field(default=False, metadata={"flag": "distill"})  # train against the teacher's next-token
         # distribution (KL on the logits), not only the next token
-    teacher: str | None = field(default=None, metadata={"metavar": "MODEL"})  # the --distill teacher; None = the dense
-        # model a welore checkpoint came from (its welore.json source)
+    teacher: str | None = field(default=None, metadata={"metavar": "MODEL"})  # the --distill teacher; default: the
+        # dense model a welore checkpoint came from (its welore.json source)
     alpha: float = field(default=1.0, metadata={"flag": "distill_alpha"})  # loss = alpha·KL(teacher ‖ student) +
         # (1 - alpha)·LM loss: 1 = pure distillation, 0 = plain LM loss
     temperature: float = field(default=1.0, metadata={"flag": "distill_temperature"})  # softens both distributions
@@ -111,14 +111,14 @@ class FinetuneConfig:
     optimizer: str = field(default="adamw", metadata={"choices": OPTIMIZER_NAMES})  # adamw, galore or fira
         # (welore.optim) on the trainable matrices
     steps: int = 100  # optimizer steps
-    lr: float | None = None  # peak learning rate; None = the mode's default
+    lr: float | None = None  # peak learning rate; default: the mode's own
         # (DEFAULT_LR: lrc 1e-4, lora 5e-4, full 3e-5)
     warmup_steps: int = 0  # linear warm-up steps, then cosine decay to 0 at `steps`
     weight_decay: float = 0.0  # AdamW's decoupled weight decay, on every trainable parameter
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decay rates
     batch_size: int = 4  # blocks per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; 0 or None = no clipping
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm to this; 0 = no clipping
     precision: str = field(default="no", metadata={"choices": PRECISIONS})  # autocast: no, bf16 or fp16 (accelerate's
         # mixed_precision; fp16 needs CUDA)
     seed: int = 0  # seeds torch/python/numpy RNGs, the data order and LoRA's initialisation
@@ -126,7 +126,7 @@ class FinetuneConfig:
     # data
     data: str = DEFAULT_TEXT  # text spec: wiki/news (train on calib split, validate on eval split), a file, hf:...
     seq_len: int = 256  # tokens per training/validation block
-    max_train_tokens: int | None = None  # use at most this many training tokens (None = all the text)
+    max_train_tokens: int | None = None  # use at most this many training tokens (default: all the text)
     val_tokens: int = 4096  # validation tokens
     val_fraction: float = 0.1  # share of a single text's blocks held out for validation (files, datasets)
     bos: str = bos_option()  # recorded as used: yes or no (welore.data.resolve_bos)

@@ -253,11 +253,24 @@ class Checkpoint:
 
 def load(
     path: str | Path, device: str | torch.device | None = None, stream: bool = False, dtype: torch.dtype | None = None,
-    budget: int | None = None,
-) -> PreTrainedModel:
+    budget: int | None = None, tokenizer: bool = False,
+):
     """Rebuild a saved compressed model; its logits equal those of the model that was saved.
+    With `tokenizer=True`, (model, tokenizer) — the tokenizer saved beside it, None if none was.
     (`load_checkpoint` gives its record too.)"""
-    return load_checkpoint(path, device, stream, dtype, budget).model
+    model = load_checkpoint(path, device, stream, dtype, budget).model
+    if not tokenizer:
+        return model
+    return model, saved_tokenizer(Path(path))
+
+
+def saved_tokenizer(path: Path):
+    """The tokenizer saved in folder `path` (AutoTokenizer), None when it holds none."""
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def load_checkpoint(

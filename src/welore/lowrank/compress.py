@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
 AUTO = "auto"  # the `method` that selects the recipe on the model at hand (welore.lowrank.select)
+RECOMMENDED = {"method": "welore", "factorizer": "whiten", "factorizer_params": {"shrinkage": 0.1}}  # what
+    # `welore compress MODEL --ratio R` runs: the best cross-domain perplexity on the default model among the
+    # recipes that run in bounded memory at every size (docs/compression.md, "The default recipe")
+BUILTIN_CALIB = "wiki"  # the calibration text of the recommended recipe when none is given
 
 
 def _policies() -> list[str]:
@@ -66,8 +70,8 @@ class CompressConfig:
     ratio: float | None = None  # fraction of the target matrices' parameters to remove, in (0, 1)
     method: str | None = field(default="welore", metadata={"choices": _policies})  # rank-allocation policy
         # (welore.lowrank.plan.POLICIES), or auto: try kfac/welore+seq, whiten/welore and whiten/uniform on the model
-        # and keep the best on held-back calibration windows (needs --calib; sets --factorizer and --sequential); None
-        # when a given rank plan sets the ranks
+        # and keep the best on held-back calibration windows (needs --calib; sets --factorizer and --sequential); none
+        # when a saved --plan sets the ranks
     factorizer: str = field(default="svd", metadata={"choices": _factorizers})  # how each matrix is factorized: svd
         # (data-free), whiten (SVD-LLM), asvd (activation-scaled), kfac (Kronecker-factored loss curvature) or fisher
         # (FWSVD's row Fisher); all but svd need --calib
@@ -81,7 +85,7 @@ class CompressConfig:
     bos: str | None = bos_option()  # with --calib; recorded as used: yes or no (see welore.data.resolve_bos)
     factorizer_params: dict = field(default_factory=dict, metadata={"flag": "factorizer_param",
                                                                     "more_help": describe_factorizer_params})
-        # the chosen factorizer's own parameters, e.g. {"alpha": 1.0} for asvd; on the command line NAME=VALUE, once
+        # the chosen factorizer's own parameters, e.g. alpha 1.0 for asvd; on the command line NAME=VALUE, once
         # per parameter (--factorizer-param alpha=1.0); the factorizers take
     sequential: bool = False  # calibrate each block on the outputs of the already-compressed blocks before it
     refit: str | None = field(default=None, metadata={"choices": _refits})  # after truncation, refit by least squares
