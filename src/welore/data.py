@@ -387,6 +387,18 @@ def check_bos_policy(policy: str) -> None:
         raise WeloreError(f"Unknown BOS policy {policy!r}; use --bos auto, yes or no.")
 
 
+def settle_calibration_(config: Any) -> None:
+    """A stage config's calibration fields (calib, calib_tokens, calib_seq_len, bos) made
+    consistent: without a text no sizes or BOS policy are recorded; with one they are checked."""
+    from welore.options import check_positive
+
+    if config.calib is None:
+        config.calib_tokens = config.calib_seq_len = config.bos = None
+    else:
+        check_bos_policy(config.bos)
+        check_positive(config, ("calib_tokens", "calib_seq_len"))
+
+
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether `tokenizer` puts its BOS token first when it encodes a text by default."""
     bos = tokenizer.bos_token_id

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from welore.data import LEGACY_BOS, bos_option, check_bos_policy
+from welore.data import LEGACY_BOS, bos_option, settle_calibration_
 from welore.errors import WeloreError
 from welore.io.stream import block_access
 from welore.lowrank.factorize import (
@@ -39,7 +39,6 @@ from welore.lowrank.plan import POLICIES, RankPlan, allocate, check_ratio, needs
 from welore.lowrank.refit import REFITS, Refit
 from welore.lowrank.spectrum import check_finite, compute_spectra
 from welore.modules import swap_module
-from welore.options import check_positive
 from welore.targets import DENSE_TYPES, find_targets, matrix_shape, weight_matrix
 from welore.versioned import config_from_dict
 
@@ -112,11 +111,7 @@ class CompressConfig:
                               "remove, e.g. 0.2.")
         if not 0 < self.lrc_min_cut <= 1:
             raise WeloreError(f"LRC minimum cut {self.lrc_min_cut} is outside (0, 1]; use e.g. 0.5.")
-        if self.calib is None:  # provenance: no calibration, so no calibration sizes or BOS policy
-            self.calib_tokens = self.calib_seq_len = self.bos = None
-        else:
-            check_bos_policy(self.bos)
-        check_positive(self, ("calib_tokens", "calib_seq_len"))
+        settle_calibration_(self)
 
     @property
     def data_aware(self) -> bool:

@@ -187,14 +187,9 @@ class QuantConfig:
         self.target_bits = tuple(self.target_bits)
         if not self.target_bits or any(b not in BITS for b in self.target_bits):
             raise WeloreError(f"Target bit widths {self.target_bits} must be among {', '.join(map(str, BITS))}.")
-        if self.calib is None:  # provenance: no calibration, so no calibration sizes or BOS policy
-            self.calib_tokens = self.calib_seq_len = self.bos = None
-        else:
-            from welore.data import check_bos_policy
-            from welore.options import check_positive
+        from welore.data import settle_calibration_
 
-            check_bos_policy(self.bos)
-            check_positive(self, ("calib_tokens", "calib_seq_len"))
+        settle_calibration_(self)
 
     @property
     def needs_calibration(self) -> str | None:
