@@ -34,8 +34,9 @@ from welore.finetune import (
 )
 from welore.finetune.data import BlockStream
 from welore.finetune.state import check_resumable, checkpoints_dir, run_identity, start_run
-from welore.io.checkpoint import load, model_plans, read_record, save
+from welore.io.checkpoint import load, read_record, save
 from welore.lowrank.module import LowRankLinear
+from welore.recipe import model_plans
 
 SEQ = 32
 

@@ -13,11 +13,12 @@ from conftest import build_tiny, logits_of, token_ids
 from test_cli import assert_user_error, run
 
 from welore import CompressConfig, QuantConfig, Recipe, WeloreError, compress_, load, load_checkpoint, save
-from welore.io.checkpoint import model_plans, read_record
+from welore.io.checkpoint import read_record
 from welore.io.models import load_model
 from welore.io.stream import TensorFiles
 from welore.lowrank.module import LowRankLinear
 from welore.quant import QuantizedLinear
+from welore.recipe import model_plans
 
 JOINT = ["--ratio", "0.3", "--method", "welore", "--factorizer", "whiten", "--calib-tokens", "512",
          "--calib-seq-len", "64", "--quantize", "int4", "--group-size", "16", "--compensate-rank", "4"]
@@ -194,3 +195,19 @@ def test_default_model_data_aware_recipe_and_its_replay(capsys, tmp_path: Path) 
         assert code == 0, err
         ppl[folder.name] = json.loads((folder / "eval.json").read_text())["results"][str(folder)]["perplexity"]
     assert ppl["whiten"] < ppl["svd"], ppl
+
+
+def test_a_low_rank_checkpoint_quantized_later(capsys, tmp_path: Path, cli_model_dir: Path) -> None:
+    """A quantize-only recipe on a saved low-rank model quantizes its factors and the matrices it kept
+    dense; the low-rank matrices keep their ranks in the record, and the result loads."""
+    code, _, err = run(capsys, "compress", cli_model_dir, "--ratio", "0.3", "--data-free", "--out", tmp_path / "lr")
+    assert code == 0, err
+    code, out, err = run(capsys, "compress", tmp_path / "lr", "--quantize", "int4", "--group-size", "16",
+                         "--out", tmp_path / "q")
+    assert code == 0, err
+    low_rank, quantized = read_record(tmp_path / "lr"), read_record(tmp_path / "q")
+    assert quantized.plan.ranks == low_rank.plan.ranks
+    assert set(quantized.quant_plan.shapes) >= {f"{n}.up" for n in low_rank.plan.factorized}
+    assert quantized.recipe == Recipe([QuantConfig(bits=4, group_size=16)])
+    model = load(tmp_path / "q")
+    assert torch.isfinite(logits_of(model, token_ids(vocab=model.config.vocab_size))).all()

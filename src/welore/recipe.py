@@ -46,8 +46,8 @@ from welore.lowrank.module import LowRankLinear
 from welore.lowrank.plan import RankPlan
 from welore.lowrank.select import select_recipe
 from welore.modules import count_parameters
-from welore.quant import QuantConfig, QuantPlan, QuantReport, quantize_
-from welore.targets import find_targets, weight_matrix
+from welore.quant import FACTOR_DTYPES, QuantConfig, QuantizedLinear, QuantPlan, QuantReport, quant_targets, quantize_
+from welore.targets import find_targets, kept_dense, matrix_shape, weight_matrix
 from welore.versioned import check_version, report_unknown
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,37 @@ class Record:
         return self.recipe.stage("quantize")
 
 
+def model_plans(model: nn.Module) -> tuple[RankPlan, QuantPlan | None]:
+    """The plans a model's modules carry out, read off them: every `LowRankLinear`'s rank, every
+    `QuantizedLinear`'s width, group and compensation rank, and the decoder blocks' other dense
+    layers (`kept_dense`) as full-rank targets. The policy that chose them is not known from the modules
+    (`method` "unrecorded"; "dense" for a model with neither)."""
+    ranks, shapes, quantized = {}, {}, {}
+    dense = kept_dense(model)
+    low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    for name, module in model.named_modules():  # in model order
+        if isinstance(module, QuantizedLinear):
+            quantized[name] = module
+        if name in low_rank:
+            ranks[name], shapes[name] = module.rank, (module.out_features, module.in_features)
+        elif name in dense:
+            ranks[name], shapes[name] = None, matrix_shape(module)
+        elif isinstance(module, QuantizedLinear) and name.rpartition(".")[0] not in low_rank:  # quantized, full rank
+            ranks[name], shapes[name] = None, (module.out_features, module.in_features)
+    method = "unrecorded" if low_rank or quantized else "dense"
+    plan = RankPlan(ranks=ranks, shapes=shapes, method=method)
+    if not quantized:
+        return plan, None
+    dtypes = {m.factor_dtype for m in quantized.values()}
+    factor_dtype = next(k for k, v in FACTOR_DTYPES.items() if v == dtypes.pop()) if len(dtypes) == 1 else "float16"
+    quant_plan = QuantPlan(shapes={n: (m.out_features, m.in_features) for n, m in quantized.items()},
+                           bits={n: m.bits for n, m in quantized.items()},
+                           group_size={n: m.group_size for n, m in quantized.items()},
+                           ranks={n: m.rank for n, m in quantized.items()}, factor_dtype=factor_dtype,
+                           quantizer="unrecorded")
+    return plan, quant_plan
+
+
 @dataclass
 class CompressReport:
     """What `compress_` did: the record to save, each stage's report, and the parameter and byte
@@ -328,7 +359,9 @@ def compress_(
     if plan is not None and recipe.stage("lowrank") is None:
         raise ValueError("a rank plan was given, but the recipe has no lowrank stage to apply it")
     context = _Context(tokenizer, calibration, batch_size, progress, plan=plan, gradients=gradients)
-    targets = find_targets(model, _targets(recipe))
+    first = recipe.stages[0]  # the matrices the recipe starts from: a quantize stage also takes a low-rank model's
+    targets = (quant_targets(model, first.targets) if stage_name(first) == "quantize"
+               else find_targets(model, first.targets))
     bytes_before = sum(weight_matrix(m).numel() * weight_matrix(m).element_size() for m in targets.values())
     params_before = count_parameters(model)
     reports: dict[str, Any] = {}
@@ -342,6 +375,8 @@ def compress_(
     low_rank, quant = reports.get("lowrank"), reports.get("quantize")
     if low_rank is not None:
         rank_plan = low_rank.plan
+    elif any(isinstance(m, LowRankLinear) for m in model.modules()):  # a low-rank model quantized: its ranks stand
+        rank_plan, _ = model_plans(model)
     else:  # quantized alone: every quantized matrix full rank
         rank_plan = RankPlan(ranks=dict.fromkeys(quant.plan.shapes), shapes=dict(quant.plan.shapes), method="quantize")
     if quant is not None:
@@ -353,11 +388,6 @@ def compress_(
     return CompressReport(record=record, low_rank=low_rank, quant=quant, params_before=params_before,
                           params_after=count_parameters(model), target_bytes_before=bytes_before,
                           target_bytes_after=bytes_after)
-
-
-def _targets(recipe: Recipe) -> list[str] | None:
-    """The target patterns of the recipe's first stage (the matrices it starts from)."""
-    return recipe.stages[0].targets
 
 
 def _matrix_bytes(module: nn.Module) -> int:

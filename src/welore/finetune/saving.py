@@ -30,8 +30,8 @@ def save_finetuned(result: FinetuneResult, out: str | Path, tokenizer=None, over
     a kept LoRA adapter); `welore.load(out)` gives back the same logits. `record`: the record of
     the compressed model it started from (its recipe carries over; fine-tuning changes no plan);
     without one the plans are read off the model's modules (a dense model: every target dense)."""
-    from welore.io.checkpoint import model_plans, save
-    from welore.recipe import Record
+    from welore.io.checkpoint import save
+    from welore.recipe import Record, model_plans
 
     model = result.model
     peft_model = model if callable(getattr(model, "get_base_model", None)) else None

@@ -35,11 +35,11 @@ from transformers.pytorch_utils import Conv1D
 
 from welore.errors import WeloreError
 from welore.finetune.config import MODE_NAMES, FinetuneConfig
-from welore.io.checkpoint import model_plans
 from welore.lowrank.module import LowRankLinear
 from welore.lowrank.plan import RankPlan
 from welore.modules import count_parameters
 from welore.quant.module import QuantizedLinear, set_factor_dtype_, set_scales_trainable_
+from welore.recipe import model_plans
 from welore.targets import DENSE_TYPES, _matches, find_targets
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class Mode:
 
 
 def _compressed_plan(model: nn.Module) -> RankPlan | None:
-    """The rank plan a compressed model's modules carry out (`welore.io.checkpoint.model_plans`),
+    """The rank plan a compressed model's modules carry out (`welore.recipe.model_plans`),
     None for a model with no low-rank or quantized layers."""
     plan, _ = model_plans(model)
     return None if plan.method == "dense" else plan

@@ -53,7 +53,7 @@ from welore.lowrank.module import LowRankLinear
 from welore.lowrank.plan import RankPlan
 from welore.modules import swap_module
 from welore.quant import QuantConfig, QuantizedLinear, QuantPlan, apply_quant_plan_
-from welore.recipe import Recipe, Record
+from welore.recipe import Recipe, Record, model_plans
 from welore.versioned import check_version, report_unknown
 
 log = logging.getLogger(__name__)
@@ -149,40 +149,6 @@ def save(
             tokenizer.save_pretrained(tmp)
     log.info("saved welore checkpoint to %s", out)
     return Path(out)
-
-
-def model_plans(model: nn.Module) -> tuple[RankPlan, QuantPlan | None]:
-    """The plans a model's modules carry out, read off them: every `LowRankLinear`'s rank, every
-    `QuantizedLinear`'s width, group and compensation rank, and the decoder blocks' other dense
-    layers (`kept_dense`) as full-rank targets. The policy that chose them is not known from the modules
-    (`method` "unrecorded"; "dense" for a model with neither)."""
-    from welore.quant import FACTOR_DTYPES
-    from welore.targets import kept_dense, matrix_shape
-
-    ranks, shapes, quantized = {}, {}, {}
-    dense = kept_dense(model)
-    low_rank = {n for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    for name, module in model.named_modules():  # in model order
-        if isinstance(module, QuantizedLinear):
-            quantized[name] = module
-        if name in low_rank:
-            ranks[name], shapes[name] = module.rank, (module.out_features, module.in_features)
-        elif name in dense:
-            ranks[name], shapes[name] = None, matrix_shape(module)
-        elif isinstance(module, QuantizedLinear) and name.rpartition(".")[0] not in low_rank:  # quantized, full rank
-            ranks[name], shapes[name] = None, (module.out_features, module.in_features)
-    method = "unrecorded" if low_rank or quantized else "dense"
-    plan = RankPlan(ranks=ranks, shapes=shapes, method=method)
-    if not quantized:
-        return plan, None
-    dtypes = {m.factor_dtype for m in quantized.values()}
-    factor_dtype = next(k for k, v in FACTOR_DTYPES.items() if v == dtypes.pop()) if len(dtypes) == 1 else "float16"
-    quant_plan = QuantPlan(shapes={n: (m.out_features, m.in_features) for n, m in quantized.items()},
-                           bits={n: m.bits for n, m in quantized.items()},
-                           group_size={n: m.group_size for n, m in quantized.items()},
-                           ranks={n: m.rank for n, m in quantized.items()}, factor_dtype=factor_dtype,
-                           quantizer="unrecorded")
-    return plan, quant_plan
 
 
 def _check_record_fits(model: nn.Module, record: Record) -> None:
