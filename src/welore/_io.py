@@ -87,6 +87,12 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Write a matplotlib Figure as PNG, atomically (welore never touches pyplot's state)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` through `atomic_file`."""
     with atomic_file(path) as tmp:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from welore._io import atomic_dir, atomic_file, write_csv, write_json, write_text
+from welore._io import atomic_dir, save_figure, write_csv, write_json, write_text
 from welore.lowrank.plan import RankPlan, allocate
 from welore.lowrank.spectrum import spectral_metrics
 from welore.tables import format_table
@@ -167,8 +167,7 @@ def plot_spectra(analysis: Analysis, path: Path) -> None:
         ax.axis("off")
     fig.suptitle(f"Singular-value spectra of {analysis.model} (dark = first layer)", fontsize=10)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
@@ -194,5 +193,4 @@ def plot_kept_heatmap(analysis: Analysis, path: Path) -> None:
                  f"(achieved {plan.achieved_ratio:.3f}); 1 = dense", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)

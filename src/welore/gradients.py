@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from welore._io import atomic_dir, atomic_file, write_csv, write_json, write_text
+from welore._io import atomic_dir, save_figure, write_csv, write_json, write_text
 from welore.errors import WeloreError
 from welore.finetune.config import FinetuneConfig
 from welore.lowrank.plan import RankPlan
@@ -261,8 +261,7 @@ def plot_gradient_ranks(report: GradientReport, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
@@ -282,5 +281,4 @@ def plot_gradient_vs_weight(report: GradientReport, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)

@@ -147,14 +147,13 @@ class Recipe:
 
     def save(self, path: str | Path) -> None:
         """Write the recipe as YAML (.yaml/.yml) or JSON (anything else), atomically."""
-        from welore._io import atomic_file, write_json
+        from welore._io import write_json, write_text
 
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            with atomic_file(path) as tmp:
-                tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
         else:
             write_json(path, self.to_dict())
 

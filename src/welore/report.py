@@ -3,7 +3,7 @@ frontier of quantization and low rank. (The figures of an analysis and of gradie
 drawn beside the data they show: `welore.analyze`, `welore.gradients`.)
 
 Figures are built with matplotlib's object API (`Figure`, not `pyplot`) and written straight
-to PNG through `welore._io.atomic_file`, so no global state changes (a notebook's backend and
+to PNG through `welore._io.save_figure`, so no global state changes (a notebook's backend and
 open figures are untouched) and an interrupted run leaves no half-written image.
 """
 
@@ -15,12 +15,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from welore._io import atomic_file
-
-
-def _save(fig: Figure, path: str | Path, dpi: int) -> None:
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
+from welore._io import save_figure
 
 
 def plot_perplexity_vs_ratio(
@@ -49,7 +44,7 @@ def plot_perplexity_vs_ratio(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: lines stay visible
     fig.tight_layout()
-    _save(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_size_quality(
@@ -80,4 +75,4 @@ def plot_size_quality(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path, dpi=110)
+    save_figure(fig, path)

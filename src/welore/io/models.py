@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from welore._io import atomic_dir, cache_dir, parse_bytes
 from welore.devices import DEVICES, check_device, resolve_device
 from welore.errors import WeloreError
-from welore.io.checkpoint import empty_model, is_checkpoint, load_checkpoint, read_record
+from welore.io.checkpoint import empty_model, is_checkpoint, load_checkpoint
 from welore.io.stream import should_stream, stream_
 
 if TYPE_CHECKING:
@@ -166,16 +166,20 @@ def _pretrained(source: str | Path, dtype: torch.dtype | None) -> PreTrainedMode
                           "check the name or folder.") from None
 
 
-def _streamed(path: Path, dtype: torch.dtype | None, budget: int | None, device: str | None) -> PreTrainedModel:
-    """The folder's model with only the weights outside its decoder blocks in memory."""
+def _streamed(
+    path: Path, dtype: torch.dtype | None, budget: int | None, device: str | None
+) -> tuple[PreTrainedModel, Record | None]:
+    """The folder's model with only the weights outside its decoder blocks in memory, and its
+    record when it is a welore checkpoint."""
     if is_checkpoint(path):
-        return load_checkpoint(path, stream=True, dtype=dtype, budget=budget, device=device).model
+        checkpoint = load_checkpoint(path, stream=True, dtype=dtype, budget=budget, device=device)
+        return checkpoint.model, checkpoint.record
     if not (path / "config.json").is_file():
         raise WeloreError(f"{path} is a folder but holds no model (no config.json or welore.json); "
                           "pass a model folder.")
     model = empty_model(path, dtype)
     stream_(model, path, device=device or "cpu", budget=budget)
-    return model
+    return model, None
 
 
 def load_model(
@@ -199,15 +203,17 @@ def load_model(
     if spec in BUILTIN_MODELS:
         path = builtin_model_dir(spec)
     if path.is_dir() and should_stream(path, weights_dtype, budget):
-        model = _streamed(path, weights_dtype, budget, device)
+        model, record = _streamed(path, weights_dtype, budget, device)
         model.eval()
-        return LoadedModel(model=model, tokenizer=_tokenizer(path), name=spec, path=path, record=_record(path))
+        return LoadedModel(model=model, tokenizer=_tokenizer(path), name=spec, path=path, record=record)
     if budget is not None:
         raise WeloreError(f"{spec} is not a folder of safetensors weights, so it cannot be read block by block; "
                           "convert it to a folder (save_pretrained) or drop --max-memory.")
+    record = None  # a welore checkpoint's, read with it
     if path.is_dir():
         if is_checkpoint(path):
-            model = load_checkpoint(path).model
+            checkpoint = load_checkpoint(path)
+            model, record = checkpoint.model, checkpoint.record
             if weights_dtype is not None:
                 model = model.to(weights_dtype)
         elif (path / "config.json").is_file():
@@ -230,9 +236,4 @@ def load_model(
     if device is not None:
         model = model.to(device)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=folder,
-                       record=_record(folder) if folder is not None else None)
-
-
-def _record(folder: Path) -> Record | None:
-    return read_record(folder) if is_checkpoint(folder) else None
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=folder, record=record)
